@@ -1,0 +1,584 @@
+"""A transformers cache whose older tokens are stored as chunked low-rank factors.
+
+`ChunkedSVDLayer` is built in the mould of transformers' `QuantizedLayer(DynamicLayer)`: the most recent
+tokens stay exact in ``self.keys`` / ``self.values`` (the residual window) and the first tokens stay exact as
+attention sinks; each time a chunk of ``chunk_size`` tokens ages out of the window it is factored into low rank
+(keys with their rotary embedding undone first), its rank chosen from a byte budget, and optionally quantised.
+`update` returns full-length keys and values — compressed chunks rebuilt, then re-rotated — so every attention
+implementation, mask and generation strategy works unchanged.
+
+Layout along the sequence of a layer, all ``(batch, kv_heads, ·, head_dim)``::
+
+    [ sinks (exact) | chunk 0 | chunk 1 | … (factors) | residual window (exact) ]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from chunked_decomp.config import CompressionConfig
+from chunked_decomp.decomposition import (
+    choose_ranks_adaptive,
+    choose_ranks_fixed,
+    factorize,
+    relative_error,
+)
+from chunked_decomp.factors import CompressedChunk, FactorCodec, FactorSet
+from chunked_decomp.rotary import rotate
+
+logger = logging.getLogger("chunked_decomp")
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Share of one chunk's allowance that may go to paying back bytes spent beyond the budget earlier (the exact
+# sink tokens): the debt is spread over the first few chunks instead of starving the first one.
+_MAX_REPAYMENT = 0.25
+
+
+@dataclass
+class LayerMemoryStats:
+    """Bytes and tokens of one layer. ``aged`` = sinks + compressed chunks (what the budget governs)."""
+
+    layer_idx: int
+    seq_length: int
+    exact_tokens: int
+    compressed_tokens: int
+    stored_bytes: int
+    aged_stored_bytes: int
+    uncompressed_bytes: int
+    aged_uncompressed_bytes: int
+    reference_bytes: int
+    aged_reference_bytes: int
+    mean_key_rank: float = 0.0
+    mean_value_rank: float = 0.0
+
+
+@dataclass
+class CacheMemoryStats:
+    """Totals over layers; ratios are ``stored / uncompressed`` (cache dtype) and ``stored / reference``."""
+
+    per_layer: list[LayerMemoryStats] = field(default_factory=list)
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(s, name) for s in self.per_layer)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self._sum("stored_bytes")
+
+    @property
+    def uncompressed_bytes(self) -> int:
+        return self._sum("uncompressed_bytes")
+
+    @property
+    def reference_bytes(self) -> int:
+        return self._sum("reference_bytes")
+
+    @property
+    def compressed_tokens(self) -> int:
+        return max((s.compressed_tokens for s in self.per_layer), default=0)
+
+    @property
+    def exact_tokens(self) -> int:
+        return max((s.exact_tokens for s in self.per_layer), default=0)
+
+    @property
+    def seq_length(self) -> int:
+        return max((s.seq_length for s in self.per_layer), default=0)
+
+    @property
+    def ratio(self) -> float:
+        """Everything stored ÷ an uncompressed cache of the model's dtype."""
+        return self.stored_bytes / self.uncompressed_bytes if self.uncompressed_bytes else 1.0
+
+    @property
+    def reference_ratio(self) -> float:
+        """Everything stored ÷ an uncompressed cache of the reference dtype."""
+        return self.stored_bytes / self.reference_bytes if self.reference_bytes else 1.0
+
+    @property
+    def aged_ratio(self) -> float:
+        """Sinks + compressed chunks ÷ their reference bytes: the quantity ``compression_ratio`` budgets."""
+        ref = self._sum("aged_reference_bytes")
+        return self._sum("aged_stored_bytes") / ref if ref else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "seq_length": self.seq_length,
+            "stored_bytes": self.stored_bytes,
+            "uncompressed_bytes": self.uncompressed_bytes,
+            "reference_bytes": self.reference_bytes,
+            "ratio": self.ratio,
+            "reference_ratio": self.reference_ratio,
+            "aged_ratio": self.aged_ratio,
+            "compressed_tokens": self.compressed_tokens,
+            "exact_tokens": self.exact_tokens,
+            "per_layer": [vars(s) for s in self.per_layer],
+        }
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class ChunkedSVDLayer(DynamicLayer):
+    """One layer's cache: exact sinks, low-rank chunks, exact residual window.
+
+    Args:
+        config: the compression options.
+        layer_idx: index of the layer (for logging and statistics).
+        inv_freq: (rotary_dim // 2,) inverse frequencies of the model's rotary embedding, or ``None`` for models
+            without one (GPT-2); keys are then factored as they are.
+    """
+
+    is_croppable = True
+
+    def __init__(self, config: CompressionConfig, layer_idx: int = 0, inv_freq: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.inv_freq = inv_freq
+        self.chunks: list[CompressedChunk] = []
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+        self.sink_region = config.num_sink_tokens
+        self.compression_seconds = 0.0
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype
+        self.batch, self.heads, _, self.head_dim = key_states.shape
+        self.v_head_dim = value_states.shape[-1]
+        self.sink_keys = key_states[..., :0, :]
+        self.sink_values = value_states[..., :0, :]
+        ref = self.config.reference_dtype
+        self.reference_element_size = (
+            _DTYPES[ref].itemsize if ref is not None else torch.empty((), dtype=self.dtype).element_size()
+        )
+        self.codec = FactorCodec(
+            quantize=self.config.use_quantization,
+            token_bits=self.config.quantization_bits,
+            channel_bits=self.config.basis_bits,
+            group_size=self.config.quant_group_size,
+            factor_dtype=_DTYPES[self.config.factor_dtype],
+        )
+
+    @property
+    def sink_length(self) -> int:
+        return 0 if self.sink_keys is None else self.sink_keys.shape[-2]
+
+    @property
+    def tail_length(self) -> int:
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    @property
+    def compressed_length(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.sink_length + self.compressed_length + self.tail_length
+
+    def _token_bytes(self, element_size: int) -> int:
+        """Bytes of one token (keys + values, whole batch) in an uncompressed cache of that element size."""
+        return self.batch * self.heads * (self.head_dim + self.v_head_dim) * element_size
+
+    def _aged_stored_bytes(self) -> int:
+        return _nbytes(self.sink_keys) + _nbytes(self.sink_values) + sum(c.nbytes for c in self.chunks)
+
+    def memory_stats(self) -> LayerMemoryStats:
+        """Bytes really held by this layer, and the bytes an uncompressed cache would hold."""
+        if not self.is_initialized:
+            return LayerMemoryStats(self.layer_idx, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        aged_tokens = self.sink_length + self.compressed_length
+        seq = self.get_seq_length()
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        aged_stored = self._aged_stored_bytes()
+        k_ranks = [sum(c.keys.ranks) / max(len(c.keys.ranks), 1) for c in self.chunks]
+        v_ranks = [sum(c.values.ranks) / max(len(c.values.ranks), 1) for c in self.chunks]
+        return LayerMemoryStats(
+            layer_idx=self.layer_idx,
+            seq_length=seq,
+            exact_tokens=self.sink_length + self.tail_length,
+            compressed_tokens=self.compressed_length,
+            stored_bytes=aged_stored + _nbytes(self.keys) + _nbytes(self.values),
+            aged_stored_bytes=aged_stored,
+            uncompressed_bytes=seq * self._token_bytes(elem),
+            aged_uncompressed_bytes=aged_tokens * self._token_bytes(elem),
+            reference_bytes=seq * self._token_bytes(self.reference_element_size),
+            aged_reference_bytes=aged_tokens * self._token_bytes(self.reference_element_size),
+            mean_key_rank=sum(k_ranks) / len(k_ranks) if k_ranks else 0.0,
+            mean_value_rank=sum(v_ranks) / len(v_ranks) if v_ranks else 0.0,
+        )
+
+    # ---- the transformers layer interface ----------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(batch, kv_heads, q_len, head_dim)`` states; return the full keys and values.
+
+        The returned tensors hold every cached token (compressed chunks rebuilt) followed by the new ones exactly;
+        chunks that age out of the residual window are compressed afterwards, for the next call.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.batch:
+            raise ValueError(
+                f"layer {self.layer_idx}: batch size changed from {self.batch} to {key_states.shape[0]} "
+                "without batch_select_indices / batch_repeat_interleave"
+            )
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys_out, values_out = self._full_states()
+        self._age_tokens(final=False)
+        return keys_out, values_out
+
+    def _full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.chunks:
+            if self.sink_length == 0:
+                return self.keys, self.values
+            return torch.cat([self.sink_keys, self.keys], -2), torch.cat([self.sink_values, self.values], -2)
+        rk, rv = self.reconstruct_compressed()
+        return (
+            torch.cat([self.sink_keys, rk, self.keys], dim=-2),
+            torch.cat([self.sink_values, rv, self.values], dim=-2),
+        )
+
+    def reconstruct_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of all compressed chunks, (batch, kv_heads, compressed_length, head_dim), cache dtype."""
+        keys, values = [], []
+        for c in self.chunks:
+            k = c.keys.reconstruct(torch.float32, self.device)
+            if c.keys_pre_rope:
+                pos = torch.arange(c.start, c.start + c.length, device=self.device)
+                k = rotate(k, pos, self.inv_freq)
+            keys.append(k.to(self.dtype))
+            values.append(c.values.reconstruct(self.dtype, self.device))
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        super().reset()
+        self.chunks = []
+        self.sink_keys = self.sink_values = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (negative, as in `DynamicLayer.crop`)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes a negative number of tokens to remove, got {tokens_to_remove} "
+                "(use -n to remove the last n tokens)"
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        new_len = max(self.get_seq_length() + tokens_to_remove, 0)
+        tail_start = self.sink_length + self.compressed_length
+        if new_len >= tail_start:
+            self.keys = self.keys[..., : new_len - tail_start, :]
+            self.values = self.values[..., : new_len - tail_start, :]
+            return
+        self.keys = self.keys[..., :0, :]
+        self.values = self.values[..., :0, :]
+        kept = []
+        for c in self.chunks:
+            if c.start + c.length <= new_len:
+                kept.append(c)
+            elif c.start < new_len:
+                kept.append(c.crop(new_len - c.start))
+        self.chunks = kept
+        if new_len < self.sink_length:
+            self.sink_keys = self.sink_keys[..., :new_len, :]
+            self.sink_values = self.sink_values[..., :new_len, :]
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+        self.sink_keys = self.sink_keys.index_select(0, index)
+        self.sink_values = self.sink_values.index_select(0, index)
+        self.chunks = [c.select_batch(index) for c in self.chunks]
+        self.batch = int(index.numel())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search: factors are reindexed, never re-compressed."""
+        self._select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            if indices.dtype == torch.bool:
+                indices = indices.nonzero().flatten()
+            self._select_batch(indices)
+
+    def offload(self):
+        """Offloading compressed layers is not supported; the compressed chunks stay on their device."""
+
+    def prefetch(self):
+        """See `offload`."""
+
+    # ---- compression -------------------------------------------------------------------------------------
+    def compress_all(self) -> None:
+        """Compress every exact token except the sinks, including a final partial chunk."""
+        if self.is_initialized:
+            self._age_tokens(final=True)
+
+    def _age_tokens(self, final: bool) -> None:
+        # Fill the sink region first: those tokens stay exact for good.
+        need = self.sink_region - self.sink_length
+        if need > 0 and self.tail_length > 0:
+            take = min(need, self.tail_length)
+            self.sink_keys = torch.cat([self.sink_keys, self.keys[..., :take, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, self.values[..., :take, :]], dim=-2)
+            self.keys = self.keys[..., take:, :]
+            self.values = self.values[..., take:, :]
+            if self.sink_length < self.sink_region:
+                return
+        sizes = self._chunk_sizes(final)
+        if not sizes:
+            return
+        if self.config.parallel_processing:
+            self._compress(sizes)
+        else:
+            for s in sizes:
+                self._compress([s])
+
+    def _chunk_sizes(self, final: bool) -> list[int]:
+        """Lengths of the chunks to compress now, oldest first."""
+        cfg = self.config
+        avail = self.tail_length - (0 if final else cfg.residual_length)
+        c = cfg.chunk_size
+        if avail <= 0 or (avail < c and not final):
+            return []
+        if not cfg.dynamic_chunking:
+            n = avail // c
+            sizes = [c] * n
+            if final and avail - n * c > 0:
+                sizes.append(avail - n * c)
+            return sizes
+        # Dynamic: longer sequences get longer chunks (the basis cost is spread over more tokens), and a span
+        # is split into near-equal chunks instead of leaving a short remainder.
+        target = 2 * c if self.get_seq_length() >= 32 * c else c
+        n = max(1, round(avail / target)) if final else max(1, avail // target)
+        span = avail if final else min(avail, n * target + (avail - n * target if avail - n * target < c else 0))
+        base, extra = divmod(span, n)
+        return [base + 1] * extra + [base] * (n - extra)
+
+    def _compress(self, sizes: list[int]) -> None:
+        """Factor the oldest ``sum(sizes)`` tail tokens into chunks of those sizes."""
+        import time
+
+        t0 = time.perf_counter()
+        total = sum(sizes)
+        start = self.sink_length + self.compressed_length
+        keys = self.keys[..., :total, :].to(torch.float32)
+        values = self.values[..., :total, :].to(torch.float32)
+        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+            raise ValueError(
+                f"layer {self.layer_idx}: keys or values contain NaN or inf at cache positions "
+                f"{start}..{start + total - 1}; they cannot be compressed (check the model's dtype/inputs)"
+            )
+        pre_rope = self.config.compress_keys_pre_rope and self.inv_freq is not None
+        if pre_rope:
+            keys = rotate(keys, torch.arange(start, start + total, device=keys.device), self.inv_freq, inverse=True)
+        offset = 0
+        # Chunks of equal length are factored in one batched call.
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(sizes):
+            groups.setdefault(s, []).append(i)
+        spans = []
+        acc = 0
+        for s in sizes:
+            spans.append((acc, s))
+            acc += s
+        factored: dict[int, tuple] = {}
+        for length, idxs in groups.items():
+            k = torch.stack([keys[..., spans[i][0] : spans[i][0] + length, :] for i in idxs], dim=0)
+            v = torch.stack([values[..., spans[i][0] : spans[i][0] + length, :] for i in idxs], dim=0)
+            kf = self._factor(k)
+            vf = self._factor(v)
+            for j, i in enumerate(idxs):
+                factored[i] = (kf, vf, j, k[j], v[j])
+        for i, s in enumerate(sizes):
+            kf, vf, j, k_orig, v_orig = factored[i]
+            chunk = self._build_chunk(start + offset, s, kf, vf, j, pre_rope)
+            if self.config.debug:
+                err_k = relative_error(k_orig, chunk.keys.reconstruct())
+                err_v = relative_error(v_orig, chunk.values.reconstruct())
+                chunk.info.update(key_error=err_k, value_error=err_v)
+                logger.info(
+                    "layer %d chunk @%d len %d: key ranks %s value ranks %s, %d bytes, rel. error K %.4f V %.4f",
+                    self.layer_idx, chunk.start, s, chunk.keys.ranks, chunk.values.ranks, chunk.nbytes, err_k, err_v,
+                )  # fmt: skip
+            self.chunks.append(chunk)
+            offset += s
+        self.keys = self.keys[..., total:, :]
+        self.values = self.values[..., total:, :]
+        self.compression_seconds += time.perf_counter() - t0
+
+    def _matrices(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n_chunks, batch, heads, T, d) → (n_chunks * batch * groups, T, columns)."""
+        n, b, h, t, d = x.shape
+        if self.config.head_mode == "joined":
+            return x.permute(0, 1, 3, 2, 4).reshape(n * b, t, h * d)
+        return x.reshape(n * b * h, t, d)
+
+    def _factor(self, x: torch.Tensor):
+        """Factor a stack of chunks x: (n_chunks, batch, heads, T, d); returns factors shaped per chunk/group."""
+        n, b, h, t, d = x.shape
+        g = 1 if self.config.head_mode == "joined" else h
+        rank_hint = self.config.target_rank
+        fac = factorize(self._matrices(x), self.config.resolved_factorizer, rank=rank_hint)
+        k = fac.spectrum.shape[-1]
+        cols = fac.channel_factor.shape[-1]
+        return (
+            fac.token_factor.reshape(n, b, g, t, k),
+            fac.channel_factor.reshape(n, b, g, k, cols),
+            fac.spectrum.reshape(n, b, g, k),
+        )
+
+    def _chunk_budget(self, length: int) -> float:
+        """Bytes this chunk may take: its share of the budget, plus credit or minus part of the debt so far."""
+        ref_token = self._token_bytes(self.reference_element_size)
+        rho = self.config.compression_ratio
+        allowance = rho * ref_token * length
+        aged_tokens = self.sink_length + self.compressed_length
+        balance = rho * ref_token * aged_tokens - self._aged_stored_bytes()
+        return allowance + max(balance, -_MAX_REPAYMENT * allowance)
+
+    def _build_chunk(self, start: int, length: int, kf, vf, j: int, pre_rope: bool) -> CompressedChunk:
+        cfg = self.config
+        b = self.batch
+        units = []  # (kind, group, token (b,T,k), channel (b,k,n), spectrum (b,k))
+        for kind, (tok, chan, spec) in (("k", kf), ("v", vf)):
+            for gi in range(tok.shape[2]):
+                units.append((kind, gi, tok[j, :, gi], chan[j, :, gi], spec[j, :, gi]))
+        full = [u[4].shape[-1] for u in units]
+        costs = [self.codec.cost(b, length, u[3].shape[-1]) for u in units]
+        floors = [min(f, math.ceil(cfg.min_rank_ratio * min(length, u[3].shape[-1]))) for f, u in zip(full, units)]
+        if not cfg.use_low_rank_approximation:
+            ranks = full
+        elif cfg.target_rank is not None:
+            ranks = [min(cfg.target_rank, f) for f in full]
+        else:
+            budget = self._chunk_budget(length)
+            if cfg.adaptive_rank:
+                energies = []
+                for u in units:
+                    e = u[4].double() ** 2
+                    e = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+                    energies.append(e.mean(0).float())
+                ranks = choose_ranks_adaptive(energies, costs, budget, floors)
+            else:
+                ranks = []
+                share = {"k": cfg.key_budget_share, "v": 1.0 - cfg.key_budget_share}
+                for kind in ("k", "v"):
+                    idx = [i for i, u in enumerate(units) if u[0] == kind]
+                    ranks += choose_ranks_fixed(
+                        [costs[i] for i in idx], budget * share[kind], [full[i] for i in idx], [floors[i] for i in idx]
+                    )
+        sets = {}
+        for kind, head_dim in (("k", self.head_dim), ("v", self.v_head_dim)):
+            pairs = []
+            for u, r in zip(units, ranks):
+                if u[0] == kind:
+                    pairs.append(self.codec.encode(u[2][..., :r], u[3][..., :r, :]))
+            sets[kind] = FactorSet(pairs, b, length, self.heads, head_dim, cfg.head_mode == "joined")
+        return CompressedChunk(start, length, sets["k"], sets["v"], pre_rope)
+
+
+class ChunkedSVDCache(Cache):
+    """A `Cache` of `ChunkedSVDLayer` for full-attention layers; sliding-window layers keep transformers' own
+    `DynamicSlidingWindowLayer` (they already bound their memory).
+
+    Build it with :meth:`from_model` (reads the layer types and the rotary embedding), or with ``num_layers``
+    for a model-agnostic cache without rotary handling.
+    """
+
+    def __init__(
+        self,
+        config: CompressionConfig | None = None,
+        num_layers: int | None = None,
+        inv_freq: torch.Tensor | None = None,
+        layer_types: list[str] | None = None,
+        sliding_windows: list[int | None] | None = None,
+    ):
+        self.compression_config = config if config is not None else CompressionConfig()
+        if layer_types is None:
+            if num_layers is None:
+                raise ValueError("ChunkedSVDCache needs num_layers or layer_types (or use ChunkedSVDCache.from_model)")
+            layer_types = ["full_attention"] * num_layers
+        sliding_windows = sliding_windows or [None] * len(layer_types)
+        layers = []
+        for i, (kind, window) in enumerate(zip(layer_types, sliding_windows)):
+            if kind == "full_attention":
+                layers.append(ChunkedSVDLayer(self.compression_config, i, inv_freq))
+            elif kind in ("sliding_attention", "chunked_attention") and window is not None:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                raise ValueError(
+                    f"layer {i} has type {kind!r}: ChunkedSVDCache supports full_attention and sliding_attention layers"
+                )
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config: CompressionConfig | None = None) -> ChunkedSVDCache:
+        """A cache for ``model`` (a transformers causal LM): its layer types and rotary frequencies."""
+        from chunked_decomp.model_utils import decoder_layout, rotary_inv_freq
+
+        layer_types, windows = decoder_layout(model)
+        return cls(config, inv_freq=rotary_inv_freq(model), layer_types=layer_types, sliding_windows=windows)
+
+    def compress_all(self) -> None:
+        """Compress every exact token of every layer except the sinks (e.g. right after a prefill)."""
+        for layer in self.layers:
+            if isinstance(layer, ChunkedSVDLayer):
+                layer.compress_all()
+
+    def set_left_padding(self, pad_lengths: list[int]) -> None:
+        """Keep the left-padding region exact (it precedes the real attention sinks of each row).
+
+        pad_lengths: number of padding tokens at the start of each batch row. Call before the first update.
+        """
+        extra = max(pad_lengths, default=0)
+        for layer in self.layers:
+            if isinstance(layer, ChunkedSVDLayer):
+                if layer.get_seq_length() > 0:
+                    raise ValueError("set_left_padding must be called before the cache holds tokens")
+                layer.sink_region = layer.config.num_sink_tokens + int(extra)
+
+    def memory_stats(self) -> CacheMemoryStats:
+        """Bytes held vs. an uncompressed cache, per layer and in total (sliding layers count as exact)."""
+        stats = CacheMemoryStats()
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, ChunkedSVDLayer):
+                stats.per_layer.append(layer.memory_stats())
+            elif layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
+                b = _nbytes(layer.keys) + _nbytes(layer.values)
+                seq = layer.get_seq_length()
+                stored_tokens = layer.keys.shape[-2]
+                per_tok = b // max(stored_tokens, 1)
+                stats.per_layer.append(
+                    LayerMemoryStats(i, seq, stored_tokens, 0, b, 0, per_tok * seq, 0, per_tok * seq, 0)
+                )
+        return stats
+
+    @property
+    def compression_seconds(self) -> float:
+        """Wall time spent compressing (factoring and quantising) so far."""
+        return sum(getattr(layer, "compression_seconds", 0.0) for layer in self.layers)

@@ -1,0 +1,231 @@
+"""`CompressionConfig`: every option of ChunkedDecomp in one validated dataclass.
+
+Command-line flags, YAML presets and code all land here, so defaults live in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_DTYPES = ("float16", "bfloat16", "float32")
+_QUANT_BITS = (2, 4, 8)
+_HEAD_MODES = ("per_head", "joined")
+_FACTORIZERS = ("gram", "randomized", "exact")
+
+
+@dataclass
+class CompressionConfig:
+    """Options of the chunked low-rank KV cache.
+
+    Budget
+        compression_ratio: stored bytes ÷ bytes of the same tokens in an uncompressed cache of
+            ``reference_dtype`` (the model's cache dtype when ``None``). It counts everything the cache keeps for
+            the tokens that have left the residual window: factors, quantisation scales and the exact sink tokens.
+            In (0, 1].
+        reference_dtype: dtype of the uncompressed cache the ratio refers to; ``"float16"`` gives the literature's
+            convention for a model that runs in float32 on CPU. ``None`` = the model's own cache dtype.
+
+    Chunking
+        chunk_size: tokens per compressed chunk (≥ 4).
+        residual_length: most recent tokens kept exact (≥ 0). A chunk is compressed when it ages out of this
+            window, so between ``residual_length`` and ``residual_length + chunk_size - 1`` recent tokens are exact.
+        num_sink_tokens: first tokens of the sequence kept exact forever (attention sinks, Xiao et al. 2023).
+        dynamic_chunking: at prefill, split the span to compress into near-equal chunks between ``chunk_size``
+            and ``2 * chunk_size`` tokens instead of leaving a short remainder in the exact window, and size
+            chunks up to ``2 * chunk_size`` when the sequence is long (``>= 32 * chunk_size`` tokens), which
+            spreads the fixed cost of each chunk's basis over more tokens.
+
+    Rank
+        use_low_rank_approximation: factor chunks into low rank (False = keep full rank and only quantise the
+            per-chunk basis coefficients, which needs ``use_quantization``).
+        adaptive_rank: choose ranks per chunk, layer, key/value and head from the singular-value energy within
+            the byte budget; otherwise one rank per chunk from the budget.
+        target_rank: fix the rank instead of deriving it from the budget (then the budget is a result).
+        min_rank_ratio: no rank below ``ceil(min_rank_ratio * full_rank)``; in [0, 1].
+        head_mode: ``"per_head"`` factors each KV head alone; ``"joined"`` factors the heads of a layer together
+            (one basis over ``kv_heads * head_dim`` columns).
+        compress_keys_pre_rope: undo the rotary embedding before factoring keys and redo it on reconstruction
+            (rotary models only; ignored for models without rotary embeddings).
+        key_budget_share: fraction of a chunk's byte budget given to keys (the rest to values) when
+            ``adaptive_rank`` is off; in (0, 1).
+
+    Factoriser and quantiser
+        use_fast_svd: factor with batched matrix products (Gram matrix + small symmetric eigensolver, or a
+            randomized range finder) instead of ``torch.linalg.svd``.
+        factorizer: ``"gram"``, ``"randomized"`` or ``"exact"``; ``None`` picks ``"gram"`` when ``use_fast_svd``
+            else ``"exact"``.
+        use_quantization: store factors as packed integers with per-group min/max scales.
+        quantization_bits: bits of the token coefficients (2, 4 or 8).
+        basis_bits: bits of the basis vectors (2, 4 or 8).
+        quant_group_size: values per quantisation group (≥ 8).
+        factor_dtype: dtype of unquantised factors and of quantisation scales.
+
+    Execution
+        parallel_processing: factor every chunk that ages out in one forward pass as one batched call (all chunks
+            of a layer at prefill) instead of one call per chunk.
+        enable_gradient_checkpointing: refused — the cache is an inference structure (see ``__post_init__``).
+        debug: log every compression with its ranks, bytes and relative error (also ``CHUNKED_DECOMP_DEBUG=1``).
+    """
+
+    compression_ratio: float = 0.25
+    reference_dtype: str | None = None
+    chunk_size: int = 64
+    residual_length: int = 64
+    num_sink_tokens: int = 4
+    dynamic_chunking: bool = False
+    use_low_rank_approximation: bool = True
+    adaptive_rank: bool = True
+    target_rank: int | None = None
+    min_rank_ratio: float = 0.0
+    head_mode: str = "per_head"
+    compress_keys_pre_rope: bool = True
+    key_budget_share: float = 0.5
+    use_fast_svd: bool = True
+    factorizer: str | None = None
+    use_quantization: bool = True
+    quantization_bits: int = 4
+    basis_bits: int = 8
+    quant_group_size: int = 64
+    factor_dtype: str = "float16"
+    parallel_processing: bool = True
+    enable_gradient_checkpointing: bool = False
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        self.compression_ratio = _number("compression_ratio", self.compression_ratio)
+        if not (0.0 < self.compression_ratio <= 1.0):
+            raise ValueError(f"compression_ratio must be in (0, 1], got {self.compression_ratio}")
+        if self.reference_dtype is not None and self.reference_dtype not in _DTYPES:
+            raise ValueError(f"reference_dtype must be one of {_DTYPES} or None, got {self.reference_dtype!r}")
+        _integer("chunk_size", self.chunk_size, minimum=4)
+        _integer("residual_length", self.residual_length, minimum=0)
+        _integer("num_sink_tokens", self.num_sink_tokens, minimum=0)
+        if self.target_rank is not None:
+            _integer("target_rank", self.target_rank, minimum=1)
+        self.min_rank_ratio = _number("min_rank_ratio", self.min_rank_ratio)
+        if not (0.0 <= self.min_rank_ratio <= 1.0):
+            raise ValueError(f"min_rank_ratio must be in [0, 1], got {self.min_rank_ratio}")
+        self.key_budget_share = _number("key_budget_share", self.key_budget_share)
+        if not (0.0 < self.key_budget_share < 1.0):
+            raise ValueError(f"key_budget_share must be in (0, 1), got {self.key_budget_share}")
+        if self.head_mode not in _HEAD_MODES:
+            raise ValueError(f"head_mode must be one of {_HEAD_MODES}, got {self.head_mode!r}")
+        if self.factorizer is not None and self.factorizer not in _FACTORIZERS:
+            raise ValueError(f"factorizer must be one of {_FACTORIZERS} or None, got {self.factorizer!r}")
+        for name in ("quantization_bits", "basis_bits"):
+            value = getattr(self, name)
+            if value not in _QUANT_BITS or isinstance(value, bool):
+                raise ValueError(f"{name} must be one of {_QUANT_BITS}, got {value!r}")
+        _integer("quant_group_size", self.quant_group_size, minimum=8)
+        if self.factor_dtype not in _DTYPES:
+            raise ValueError(f"factor_dtype must be one of {_DTYPES}, got {self.factor_dtype!r}")
+        for name in (
+            "dynamic_chunking",
+            "use_low_rank_approximation",
+            "adaptive_rank",
+            "compress_keys_pre_rope",
+            "use_fast_svd",
+            "use_quantization",
+            "parallel_processing",
+            "enable_gradient_checkpointing",
+            "debug",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.enable_gradient_checkpointing:
+            raise ValueError(
+                "enable_gradient_checkpointing does not apply: ChunkedDecomp compresses the KV cache at inference "
+                "time and changes no weight, so there is no backward pass to checkpoint. Enable it on the model "
+                "(model.gradient_checkpointing_enable()) for training, which uses no KV cache."
+            )
+        if not self.use_low_rank_approximation and not self.use_quantization:
+            raise ValueError(
+                "use_low_rank_approximation=False stores full-rank factors, which are larger than the chunk itself "
+                "unless use_quantization=True; enable one of them"
+            )
+        if not self.use_low_rank_approximation and self.target_rank is not None:
+            raise ValueError("target_rank does not apply when use_low_rank_approximation=False (full rank is kept)")
+        if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
+            self.debug = True
+
+    @property
+    def resolved_factorizer(self) -> str:
+        """The factoriser actually used: ``factorizer`` or the one ``use_fast_svd`` implies."""
+        if self.factorizer is not None:
+            return self.factorizer
+        return "gram" if self.use_fast_svd else "exact"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (round-trips through :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:
+        """Build from a dict, refusing unknown keys with the list of known ones."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a compression config must be a mapping of option names, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown compression option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, path: str | Path | None = None, **overrides: Any) -> CompressionConfig:
+        """Load a named preset from ``configs/compression_configs.yaml`` (or ``path``), then apply overrides."""
+        presets = load_presets(path)
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; available presets: {sorted(presets)}")
+        return cls.from_dict({**presets[name], **overrides})
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def presets_path() -> Path:
+    """Path of the packaged preset file (``configs/compression_configs.yaml`` in the repository)."""
+    return Path(str(resources.files("chunked_decomp") / "configs" / "compression_configs.yaml"))
+
+
+def load_presets(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Read presets with ``yaml.safe_load``; each preset is validated by building a `CompressionConfig`.
+
+    Raises ``ValueError`` naming the file for a missing file, malformed YAML or a bad preset.
+    """
+    path = Path(path) if path is not None else presets_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"cannot read presets file {str(path)!r}: {err.strerror or err}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"presets file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"presets file {str(path)!r} must map preset names to option mappings")
+    for name, values in data.items():
+        try:
+            CompressionConfig.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"preset {name!r} in {str(path)!r} is invalid: {err}") from err
+    return data

@@ -1,0 +1,199 @@
+"""Batched low-rank factorisation of chunks and rank choice under a byte budget (no transformers import).
+
+Every factoriser returns the same *projection* form for a batch of matrices ``x: (N, m, n)``:
+
+    x ≈ token_factor[:, :, :r] @ channel_factor[:, :r, :]
+
+with ``token_factor: (N, m, k)`` and ``channel_factor: (N, k, n)``, ``k = min(m, n)`` (or the sketch size for
+the randomized finder), ordered by decreasing singular value, and ``spectrum: (N, k)`` the singular values.
+One of the two factors is orthonormal (the one on the larger side), so the full-rank product is an orthogonal
+projection of ``x`` onto its own row or column space and reconstructs it exactly up to float32 rounding.
+
+Factorisers (Halko, Martinsson & Tropp 2011 for the randomized range finder):
+- ``exact``: ``torch.linalg.svd``. Reference; slow when batched on CPU and GPU (see MEASUREMENTS.md).
+- ``gram``: eigen-decomposition of the small Gram matrix (``n × n`` or ``m × m``) — one batched matrix product
+  and a small symmetric eigensolver; gives the whole spectrum, which adaptive ranks need.
+- ``randomized``: randomized range finder with power iterations, orthonormalised by shifted Cholesky-QR2,
+  i.e. matrix products and ``(r+p) × (r+p)`` Cholesky factorisations only; gives the top ``r + p`` triplets.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Factorization:
+    """Projection-form factors of a batch of matrices (see module docstring).
+
+    token_factor: (N, m, k) float32; channel_factor: (N, k, n) float32; spectrum: (N, k) float32, descending.
+    """
+
+    token_factor: torch.Tensor
+    channel_factor: torch.Tensor
+    spectrum: torch.Tensor
+
+    def reconstruct(self, rank: int | None = None) -> torch.Tensor:
+        """x̂ with the first ``rank`` components (all when ``None``): (N, m, n)."""
+        k = self.spectrum.shape[-1] if rank is None else rank
+        return self.token_factor[..., :k] @ self.channel_factor[..., :k, :]
+
+
+def factorize_exact(x: torch.Tensor, rank: int | None = None) -> Factorization:
+    """Truncated SVD through ``torch.linalg.svd``. x: (N, m, n) → `Factorization` (k = min(m, n))."""
+    x = x.to(torch.float32)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    m, n = x.shape[-2:]
+    if n <= m:
+        return Factorization(u * s.unsqueeze(-2), vh, s)
+    return Factorization(u, s.unsqueeze(-1) * vh, s)
+
+
+def factorize_gram(x: torch.Tensor, rank: int | None = None) -> Factorization:
+    """SVD through the eigen-decomposition of the smaller Gram matrix. x: (N, m, n) → `Factorization`.
+
+    With ``n <= m`` the basis ``V`` of ``xᵀx`` is orthonormal and ``x ≈ (x V_r) V_rᵀ``; otherwise ``U`` of ``x xᵀ``
+    and ``x ≈ U_r (U_rᵀ x)``. Neither divides by a singular value, so rank-deficient and all-zero matrices are safe.
+    """
+    x = x.to(torch.float32)
+    m, n = x.shape[-2:]
+    if n <= m:
+        gram = x.transpose(-1, -2) @ x
+        evals, evecs = torch.linalg.eigh(gram)
+        evals, evecs = evals.flip(-1), evecs.flip(-1)
+        spectrum = evals.clamp_min(0).sqrt()
+        return Factorization(x @ evecs, evecs.transpose(-1, -2), spectrum)
+    gram = x @ x.transpose(-1, -2)
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    spectrum = evals.clamp_min(0).sqrt()
+    return Factorization(evecs, evecs.transpose(-1, -2) @ x, spectrum)
+
+
+def _cholesky_qr(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormalise the columns of y: (N, m, q) by shifted Cholesky-QR2 (matrix products only)."""
+    for _ in range(2):
+        gram = y.transpose(-1, -2) @ y
+        q = gram.shape[-1]
+        # A shift proportional to the Gram's scale keeps Cholesky defined on rank-deficient chunks
+        # (Fukaya et al. 2020, shifted CholeskyQR); the second pass restores orthogonality.
+        shift = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30) / q
+        gram = gram + shift[..., None, None] * torch.eye(q, dtype=y.dtype, device=y.device)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):
+            gram = gram + 1e-3 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(
+                q, dtype=y.dtype, device=y.device
+            )
+            chol = torch.linalg.cholesky(gram)
+        y = torch.linalg.solve_triangular(chol.transpose(-1, -2), y, upper=True, left=False)
+    return y
+
+
+def factorize_randomized(
+    x: torch.Tensor, rank: int | None = None, oversample: int = 8, power_iters: int = 2, seed: int = 0
+) -> Factorization:
+    """Randomized range finder. x: (N, m, n) → `Factorization` with ``k = min(rank + oversample, m, n)``.
+
+    When the sketch covers the whole space (``rank + oversample >= min(m, n)``) it falls back to
+    :func:`factorize_gram`, which is then as cheap and exact.
+    """
+    x = x.to(torch.float32)
+    m, n = x.shape[-2:]
+    k_full = min(m, n)
+    q = k_full if rank is None else min(rank + oversample, k_full)
+    if q >= k_full:
+        return factorize_gram(x)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=torch.float32).to(x.device)
+    y = _cholesky_qr(x @ omega)
+    xt = x.transpose(-1, -2)
+    for _ in range(power_iters):
+        y = _cholesky_qr(x @ _cholesky_qr(xt @ y))
+    b = y.transpose(-1, -2) @ x  # (N, q, n)
+    small = factorize_gram(b.transpose(-1, -2))  # bᵀ: (N, n, q) with q <= n
+    # bᵀ ≈ (bᵀ W) Wᵀ, so b ≈ W (Wᵀ b) and x ≈ y W (Wᵀ b), with y W orthonormal.
+    w = small.channel_factor.transpose(-1, -2)  # (N, q, q)
+    return Factorization(y @ w, w.transpose(-1, -2) @ b, small.spectrum)
+
+
+FACTORIZERS: dict[str, Callable[..., Factorization]] = {
+    "exact": factorize_exact,
+    "gram": factorize_gram,
+    "randomized": factorize_randomized,
+}
+
+
+def factorize(x: torch.Tensor, method: str = "gram", rank: int | None = None) -> Factorization:
+    """Factor a batch x: (N, m, n) with the named factoriser (``exact``, ``gram`` or ``randomized``)."""
+    try:
+        fn = FACTORIZERS[method]
+    except KeyError:
+        raise ValueError(f"factorizer must be one of {sorted(FACTORIZERS)}, got {method!r}") from None
+    if x.dim() != 3:
+        raise ValueError(f"factorize expects a batch of matrices (N, m, n), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot factor keys or values containing NaN or inf")
+    return fn(x, rank)
+
+
+def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """‖x − x̂‖_F / ‖x‖_F (0 for an all-zero x reconstructed exactly)."""
+    num = (x.float() - x_hat.float()).norm()
+    den = x.float().norm()
+    if den == 0:
+        return float(num)
+    return float(num / den)
+
+
+def choose_ranks_fixed(
+    unit_cost: Sequence[Callable[[int], int]], budget: float, full_ranks: Sequence[int], min_ranks: Sequence[int]
+) -> list[int]:
+    """The largest common rank r (at least each unit's floor) whose total bytes fit ``budget``.
+
+    unit_cost[u](r): bytes unit u stores at rank r. Returns one rank per unit.
+    """
+    best = [min(f, m) for f, m in zip(full_ranks, min_ranks)]
+    for r in range(1, max(full_ranks) + 1):
+        ranks = [max(min(r, f), m) for f, m in zip(full_ranks, min_ranks)]
+        if sum(c(k) for c, k in zip(unit_cost, ranks)) > budget:
+            break
+        best = ranks
+    return best
+
+
+def choose_ranks_adaptive(
+    energies: Sequence[torch.Tensor],
+    unit_cost: Sequence[Callable[[int], int]],
+    budget: float,
+    min_ranks: Sequence[int],
+) -> list[int]:
+    """Greedy energy-per-byte allocation of rank across units within ``budget`` bytes.
+
+    energies[u]: (k_u,) share of unit u's squared Frobenius norm carried by each component, descending.
+    Components are taken in order of energy gained per byte added, each unit's floor first; because energies
+    are sorted within a unit, every unit keeps a prefix of its spectrum. Returns one rank per unit.
+    """
+    ranks = [min(int(m), int(e.numel())) for m, e in zip(min_ranks, energies)]
+    spent = sum(c(r) for c, r in zip(unit_cost, ranks))
+    heap: list[tuple[float, int]] = []
+    for u, e in enumerate(energies):
+        if ranks[u] < e.numel():
+            step = unit_cost[u](ranks[u] + 1) - unit_cost[u](ranks[u])
+            heap.append((-float(e[ranks[u]]) / max(step, 1), u))
+    heapq.heapify(heap)
+    while heap:
+        _, u = heapq.heappop(heap)
+        step = unit_cost[u](ranks[u] + 1) - unit_cost[u](ranks[u])
+        if spent + step > budget:
+            continue
+        ranks[u] += 1
+        spent += step
+        e = energies[u]
+        if ranks[u] < e.numel():
+            nstep = unit_cost[u](ranks[u] + 1) - unit_cost[u](ranks[u])
+            heapq.heappush(heap, (-float(e[ranks[u]]) / max(nstep, 1), u))
+    return ranks

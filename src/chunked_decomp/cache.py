@@ -345,8 +345,9 @@ class ChunkedSVDLayer(DynamicLayer):
             take = min(need, self.tail_length)
             self.sink_keys = torch.cat([self.sink_keys, self.keys[..., :take, :]], dim=-2)
             self.sink_values = torch.cat([self.sink_values, self.values[..., :take, :]], dim=-2)
-            self.keys = self.keys[..., take:, :]
-            self.values = self.values[..., take:, :]
+            # clone: a view would keep the whole incoming buffer alive behind the few tokens it shows.
+            self.keys = self.keys[..., take:, :].clone()
+            self.values = self.values[..., take:, :].clone()
             if self.sink_length < self.sink_region:
                 return
         sizes = self._chunk_sizes(final)
@@ -375,7 +376,9 @@ class ChunkedSVDLayer(DynamicLayer):
         # is split into near-equal chunks instead of leaving a short remainder.
         target = 2 * c if self.get_seq_length() >= 32 * c else c
         n = max(1, round(avail / target)) if final else max(1, avail // target)
-        span = avail if final else min(avail, n * target + (avail - n * target if avail - n * target < c else 0))
+        span = (
+            avail if final else min(avail, n * target + (avail - n * target if avail - n * target < c else 0))
+        )
         base, extra = divmod(span, n)
         return [base + 1] * extra + [base] * (n - extra)
 
@@ -395,7 +398,9 @@ class ChunkedSVDLayer(DynamicLayer):
             )
         pre_rope = self.config.compress_keys_pre_rope and self.inv_freq is not None
         if pre_rope:
-            keys = rotate(keys, torch.arange(start, start + total, device=keys.device), self.inv_freq, inverse=True)
+            keys = rotate(
+                keys, torch.arange(start, start + total, device=keys.device), self.inv_freq, inverse=True
+            )
         offset = 0
         # Chunks of equal length are factored in one batched call.
         groups: dict[int, list[int]] = {}
@@ -427,8 +432,9 @@ class ChunkedSVDLayer(DynamicLayer):
                 )  # fmt: skip
             self.chunks.append(chunk)
             offset += s
-        self.keys = self.keys[..., total:, :]
-        self.values = self.values[..., total:, :]
+        # clone: a view would keep the just-compressed tokens' exact storage alive (memory_stats would undercount).
+        self.keys = self.keys[..., total:, :].clone()
+        self.values = self.values[..., total:, :].clone()
         self.compression_seconds += time.perf_counter() - t0
 
     def _matrices(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,7 +476,9 @@ class ChunkedSVDLayer(DynamicLayer):
                 units.append((kind, gi, tok[j, :, gi], chan[j, :, gi], spec[j, :, gi]))
         full = [u[4].shape[-1] for u in units]
         costs = [self.codec.cost(b, length, u[3].shape[-1]) for u in units]
-        floors = [min(f, math.ceil(cfg.min_rank_ratio * min(length, u[3].shape[-1]))) for f, u in zip(full, units)]
+        floors = [
+            min(f, math.ceil(cfg.min_rank_ratio * min(length, u[3].shape[-1]))) for f, u in zip(full, units)
+        ]
         if not cfg.use_low_rank_approximation:
             ranks = full
         elif cfg.target_rank is not None:
@@ -490,7 +498,10 @@ class ChunkedSVDLayer(DynamicLayer):
                 for kind in ("k", "v"):
                     idx = [i for i, u in enumerate(units) if u[0] == kind]
                     ranks += choose_ranks_fixed(
-                        [costs[i] for i in idx], budget * share[kind], [full[i] for i in idx], [floors[i] for i in idx]
+                        [costs[i] for i in idx],
+                        budget * share[kind],
+                        [full[i] for i in idx],
+                        [floors[i] for i in idx],
                     )
         sets = {}
         for kind, head_dim in (("k", self.head_dim), ("v", self.v_head_dim)):
@@ -521,7 +532,9 @@ class ChunkedSVDCache(Cache):
         self.compression_config = config if config is not None else CompressionConfig()
         if layer_types is None:
             if num_layers is None:
-                raise ValueError("ChunkedSVDCache needs num_layers or layer_types (or use ChunkedSVDCache.from_model)")
+                raise ValueError(
+                    "ChunkedSVDCache needs num_layers or layer_types (or use ChunkedSVDCache.from_model)"
+                )
             layer_types = ["full_attention"] * num_layers
         sliding_windows = sliding_windows or [None] * len(layer_types)
         layers = []

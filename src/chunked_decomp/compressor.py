@@ -82,7 +82,9 @@ class ChunkedDecomp:
             )
 
     # ---- caches -------------------------------------------------------------------------------------------
-    def make_cache(self, model: torch.nn.Module, attention_mask: torch.Tensor | None = None) -> ChunkedSVDCache:
+    def make_cache(
+        self, model: torch.nn.Module, attention_mask: torch.Tensor | None = None
+    ) -> ChunkedSVDCache:
         """A fresh compressed cache for ``model``; left padding in ``attention_mask`` is kept exact."""
         cache = ChunkedSVDCache.from_model(model, self.config)
         pads = left_padding(attention_mask)
@@ -99,7 +101,9 @@ class ChunkedDecomp:
         """
         self.validate_for(model)
         if _MARK in model.__dict__:
-            raise ValueError("this model is already wired to a ChunkedDecomp cache; call restore(model) first")
+            raise ValueError(
+                "this model is already wired to a ChunkedDecomp cache; call restore(model) first"
+            )
         name = cache_kwarg_name(model)
         forward = model.forward
         generate = model.generate

@@ -103,7 +103,9 @@ class CompressionConfig:
         if not (0.0 < self.compression_ratio <= 1.0):
             raise ValueError(f"compression_ratio must be in (0, 1], got {self.compression_ratio}")
         if self.reference_dtype is not None and self.reference_dtype not in _DTYPES:
-            raise ValueError(f"reference_dtype must be one of {_DTYPES} or None, got {self.reference_dtype!r}")
+            raise ValueError(
+                f"reference_dtype must be one of {_DTYPES} or None, got {self.reference_dtype!r}"
+            )
         _integer("chunk_size", self.chunk_size, minimum=4)
         _integer("residual_length", self.residual_length, minimum=0)
         _integer("num_sink_tokens", self.num_sink_tokens, minimum=0)
@@ -151,7 +153,9 @@ class CompressionConfig:
                 "unless use_quantization=True; enable one of them"
             )
         if not self.use_low_rank_approximation and self.target_rank is not None:
-            raise ValueError("target_rank does not apply when use_low_rank_approximation=False (full rank is kept)")
+            raise ValueError(
+                "target_rank does not apply when use_low_rank_approximation=False (full rank is kept)"
+            )
         if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
             self.debug = True
 
@@ -170,7 +174,9 @@ class CompressionConfig:
     def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:
         """Build from a dict, refusing unknown keys with the list of known ones."""
         if not isinstance(values, dict):
-            raise ValueError(f"a compression config must be a mapping of option names, got {type(values).__name__}")
+            raise ValueError(
+                f"a compression config must be a mapping of option names, got {type(values).__name__}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -35,10 +35,18 @@ class FactorCodec:
         if token.shape[-1] == 0:
             return None, None
         if not self.quantize:
-            return token.to(self.factor_dtype).contiguous(), channel.to(self.factor_dtype).contiguous()
+            # copy=True: a slice of the batched factorisation is often already contiguous, and keeping it as a
+            # view would hold every chunk's full-rank factors alive.
+            fmt = torch.contiguous_format
+            return (
+                token.to(self.factor_dtype, copy=True, memory_format=fmt),
+                channel.to(self.factor_dtype, copy=True, memory_format=fmt),
+            )
         return (
             quantize(token, self.token_bits, self.group_size, group_dim=-2, scale_dtype=self.factor_dtype),
-            quantize(channel, self.channel_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype),
+            quantize(
+                channel, self.channel_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype
+            ),
         )
 
     def cost(self, batch: int, m: int, n: int) -> Callable[[int], int]:
@@ -96,13 +104,18 @@ class FactorSet:
 
     @property
     def ranks(self) -> list[int]:
-        return [0 if t is None else (t.shape[-1] if isinstance(t, QuantizedTensor) else t.shape[-1]) for t, _ in self.pairs]
+        return [
+            0 if t is None else (t.shape[-1] if isinstance(t, QuantizedTensor) else t.shape[-1])
+            for t, _ in self.pairs
+        ]
 
     @property
     def nbytes(self) -> int:
         return sum(_nbytes(t) + _nbytes(c) for t, c in self.pairs)
 
-    def reconstruct(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+    def reconstruct(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    ) -> torch.Tensor:
         """(batch, heads, T, head_dim) in ``dtype``."""
         n = self.heads * self.head_dim if self.joined else self.head_dim
         outs = []
@@ -158,7 +171,12 @@ class CompressedChunk:
 
     def crop(self, length: int) -> CompressedChunk:
         return CompressedChunk(
-            self.start, length, self.keys.crop(length), self.values.crop(length), self.keys_pre_rope, self.info
+            self.start,
+            length,
+            self.keys.crop(length),
+            self.values.crop(length),
+            self.keys_pre_rope,
+            self.info,
         )
 
     def select_batch(self, index: torch.Tensor) -> CompressedChunk:

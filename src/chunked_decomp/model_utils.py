@@ -9,7 +9,9 @@ def text_config(model: torch.nn.Module):
     """The decoder's text config of a transformers model."""
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError(f"expected a transformers PreTrainedModel, got {type(model).__name__} without a .config")
+        raise ValueError(
+            f"expected a transformers PreTrainedModel, got {type(model).__name__} without a .config"
+        )
     get = getattr(config, "get_text_config", None)
     return get(decoder=True) if get is not None else config
 
@@ -66,9 +68,9 @@ def rotary_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
 def cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     """(num_layers, kv_heads, head_dim) of a decoder."""
     cfg = text_config(model)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     kv = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     return int(layers), int(kv), int(head_dim)

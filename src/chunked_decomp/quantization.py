@@ -58,7 +58,9 @@ class QuantizedTensor:
         """Keep the first ``length`` entries along ``group_dim`` (which must not be the last, packed dim)."""
         dim = self.group_dim % len(self.shape)
         if dim == len(self.shape) - 1:
-            raise ValueError("slice_prefix needs the groups to run along a dimension other than the packed one")
+            raise ValueError(
+                "slice_prefix needs the groups to run along a dimension other than the packed one"
+            )
         n_groups = -(-length // self.group_size)
         shape = list(self.shape)
         shape[dim] = length

@@ -22,7 +22,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotate(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def rotate(
+    keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
     """Apply ``R(positions)`` (or its inverse) to keys.
 
     keys: (batch, heads, seq, head_dim), any float dtype; positions: (seq,) integer or float;

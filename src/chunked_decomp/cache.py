@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from chunked_decomp.config import CompressionConfig
-from chunked_decomp.decomposition import (
-    choose_ranks_adaptive,
-    choose_ranks_fixed,
-    factorize,
-    relative_error,
-)
-from chunked_decomp.factors import CompressedChunk, FactorCodec, FactorSet
+from chunked_decomp.decomposition import choose_ranks_linear, factorize, relative_error, single_thread_lapack
+from chunked_decomp.factors import CompressedChunk, FactorCodec, FactorSet, SharedRows, take_rank
 from chunked_decomp.rotary import rotate
 
 logger = logging.getLogger("chunked_decomp")
@@ -147,6 +143,8 @@ class ChunkedSVDLayer(DynamicLayer):
         self.sink_values: torch.Tensor | None = None
         self.sink_region = config.num_sink_tokens
         self.compression_seconds = 0.0
+        # basis_sharing="layer": one basis per kind ("k"/"v"), (groups, columns, columns), rows = components.
+        self.shared_bases: dict[str, torch.Tensor] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -190,7 +188,10 @@ class ChunkedSVDLayer(DynamicLayer):
         return self.batch * self.heads * (self.head_dim + self.v_head_dim) * element_size
 
     def _aged_stored_bytes(self) -> int:
-        return _nbytes(self.sink_keys) + _nbytes(self.sink_values) + sum(c.nbytes for c in self.chunks)
+        bases = sum(_nbytes(b) for b in self.shared_bases.values())
+        return (
+            _nbytes(self.sink_keys) + _nbytes(self.sink_values) + bases + sum(c.nbytes for c in self.chunks)
+        )
 
     def memory_stats(self) -> LayerMemoryStats:
         """Bytes really held by this layer, and the bytes an uncompressed cache would hold."""
@@ -271,6 +272,7 @@ class ChunkedSVDLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.chunks = []
+        self.shared_bases = {}
         self.sink_keys = self.sink_values = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -353,11 +355,13 @@ class ChunkedSVDLayer(DynamicLayer):
         sizes = self._chunk_sizes(final)
         if not sizes:
             return
-        if self.config.parallel_processing:
-            self._compress(sizes)
-        else:
-            for s in sizes:
-                self._compress([s])
+        # Small tensors: one thread is faster, and immune to the collapse of threaded kernels on busy cores.
+        with single_thread_lapack():
+            if self.config.parallel_processing:
+                self._compress(sizes)
+            else:
+                for s in sizes:
+                    self._compress([s])
 
     def _chunk_sizes(self, final: bool) -> list[int]:
         """Lengths of the chunks to compress now, oldest first."""
@@ -383,9 +387,7 @@ class ChunkedSVDLayer(DynamicLayer):
         return [base + 1] * extra + [base] * (n - extra)
 
     def _compress(self, sizes: list[int]) -> None:
-        """Factor the oldest ``sum(sizes)`` tail tokens into chunks of those sizes."""
-        import time
-
+        """Factor the oldest ``sum(sizes)`` tail tokens into chunks of those sizes (equal sizes batched)."""
         t0 = time.perf_counter()
         total = sum(sizes)
         start = self.sink_length + self.compressed_length
@@ -401,28 +403,24 @@ class ChunkedSVDLayer(DynamicLayer):
             keys = rotate(
                 keys, torch.arange(start, start + total, device=keys.device), self.inv_freq, inverse=True
             )
-        offset = 0
-        # Chunks of equal length are factored in one batched call.
-        groups: dict[int, list[int]] = {}
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        by_length: dict[int, list[int]] = {}
         for i, s in enumerate(sizes):
-            groups.setdefault(s, []).append(i)
-        spans = []
-        acc = 0
-        for s in sizes:
-            spans.append((acc, s))
-            acc += s
-        factored: dict[int, tuple] = {}
-        for length, idxs in groups.items():
-            k = torch.stack([keys[..., spans[i][0] : spans[i][0] + length, :] for i in idxs], dim=0)
-            v = torch.stack([values[..., spans[i][0] : spans[i][0] + length, :] for i in idxs], dim=0)
-            kf = self._factor(k)
-            vf = self._factor(v)
+            by_length.setdefault(s, []).append(i)
+        encoded: dict[int, tuple] = {}
+        for length, idxs in by_length.items():
+            k = torch.stack([keys[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
+            v = torch.stack([values[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
+            ek, ev = self._factor(k, "k"), self._factor(v, "v")
             for j, i in enumerate(idxs):
-                factored[i] = (kf, vf, j, k[j], v[j])
+                encoded[i] = (ek, ev, j)
+        # Chunks are built oldest first: each one's byte budget depends on what the earlier ones stored.
         for i, s in enumerate(sizes):
-            kf, vf, j, k_orig, v_orig = factored[i]
-            chunk = self._build_chunk(start + offset, s, kf, vf, j, pre_rope)
+            ek, ev, j = encoded[i]
+            chunk = self._build_chunk(start + offsets[i], s, ek, ev, j, pre_rope)
             if self.config.debug:
+                k_orig = keys[..., offsets[i] : offsets[i] + s, :]
+                v_orig = values[..., offsets[i] : offsets[i] + s, :]
                 err_k = relative_error(k_orig, chunk.keys.reconstruct())
                 err_v = relative_error(v_orig, chunk.values.reconstruct())
                 chunk.info.update(key_error=err_k, value_error=err_v)
@@ -431,8 +429,7 @@ class ChunkedSVDLayer(DynamicLayer):
                     self.layer_idx, chunk.start, s, chunk.keys.ranks, chunk.values.ranks, chunk.nbytes, err_k, err_v,
                 )  # fmt: skip
             self.chunks.append(chunk)
-            offset += s
-        # clone: a view would keep the just-compressed tokens' exact storage alive (memory_stats would undercount).
+        # Copies, so the slices do not keep the whole pre-compression buffer alive.
         self.keys = self.keys[..., total:, :].clone()
         self.values = self.values[..., total:, :].clone()
         self.compression_seconds += time.perf_counter() - t0
@@ -444,19 +441,48 @@ class ChunkedSVDLayer(DynamicLayer):
             return x.permute(0, 1, 3, 2, 4).reshape(n * b, t, h * d)
         return x.reshape(n * b * h, t, d)
 
-    def _factor(self, x: torch.Tensor):
-        """Factor a stack of chunks x: (n_chunks, batch, heads, T, d); returns factors shaped per chunk/group."""
+    def _factor(self, x: torch.Tensor, kind: str) -> tuple:
+        """Factor and encode a stack of chunks x: (n_chunks, batch, heads, T, d) at full rank.
+
+        Returns ``(token_t, channel, energy)``: encoded factors shaped (n_chunks, groups, batch, k, T) and
+        (n_chunks, groups, batch, k, columns) — or, with a shared basis, one `SharedRows` per group — and
+        energy (n_chunks, groups, k), the share of each component in the squared norm, averaged over the batch.
+        """
         n, b, h, t, d = x.shape
         g = 1 if self.config.head_mode == "joined" else h
-        rank_hint = self.config.target_rank
-        fac = factorize(self._matrices(x), self.config.resolved_factorizer, rank=rank_hint)
-        k = fac.spectrum.shape[-1]
-        cols = fac.channel_factor.shape[-1]
-        return (
-            fac.token_factor.reshape(n, b, g, t, k),
-            fac.channel_factor.reshape(n, b, g, k, cols),
-            fac.spectrum.reshape(n, b, g, k),
+        mats = self._matrices(x)
+        cols = mats.shape[-1]
+        if self.config.basis_sharing == "layer":
+            xg = mats.reshape(n, b, g, t, cols)
+            basis = self._shared_basis(kind, xg)  # (g, cols, cols), float32 copy of the stored basis
+            coeffs = torch.einsum("nbgtc,gkc->nbgtk", xg, basis)
+            token_t = coeffs.permute(0, 2, 1, 4, 3)
+            energy = coeffs.double().pow(2).sum(3)  # (n, b, g, k)
+            energy = (energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)
+            # Ranks keep a prefix of the basis order: make the shares non-increasing along it.
+            energy = energy.flip(-1).cummax(-1).values.flip(-1).float()
+            stored = self.shared_bases[kind]
+            channel = [SharedRows(stored[gi], cols) for gi in range(g)]
+            return self.codec.encode_tokens(token_t.contiguous()), channel, energy
+        fac = factorize(
+            mats, self.config.resolved_factorizer, rank=self.config.target_rank, check_finite=False
         )
+        k = fac.spectrum.shape[-1]
+        token_t = fac.token_factor.reshape(n, b, g, t, k).permute(0, 2, 1, 4, 3)
+        channel = fac.channel_factor.reshape(n, b, g, k, cols).permute(0, 2, 1, 3, 4)
+        energy = fac.spectrum.reshape(n, b, g, k).permute(0, 2, 1, 3).double() ** 2
+        energy = (energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)).mean(2).float()
+        token_enc, channel_enc = self.codec.encode(token_t.contiguous(), channel.contiguous())
+        return token_enc, channel_enc, energy
+
+    def _shared_basis(self, kind: str, xg: torch.Tensor) -> torch.Tensor:
+        """The layer's basis for ``kind``, computed from xg: (n, batch, groups, T, columns) on first use."""
+        if kind not in self.shared_bases:
+            gram = torch.einsum("nbgtc,nbgtd->gcd", xg, xg)
+            _, evecs = torch.linalg.eigh(gram)
+            rows = evecs.flip(-1).transpose(-1, -2).contiguous()
+            self.shared_bases[kind] = rows.to(self.codec.factor_dtype)
+        return self.shared_bases[kind].to(torch.float32)
 
     def _chunk_budget(self, length: int) -> float:
         """Bytes this chunk may take: its share of the budget, plus credit or minus part of the debt so far."""
@@ -467,49 +493,49 @@ class ChunkedSVDLayer(DynamicLayer):
         balance = rho * ref_token * aged_tokens - self._aged_stored_bytes()
         return allowance + max(balance, -_MAX_REPAYMENT * allowance)
 
-    def _build_chunk(self, start: int, length: int, kf, vf, j: int, pre_rope: bool) -> CompressedChunk:
+    def _choose_ranks(
+        self, length: int, energies: torch.Tensor, kinds: list[str], cols: list[int]
+    ) -> list[int]:
+        """Ranks of the units (key/value × group) of one chunk. energies: (units, k)."""
         cfg = self.config
-        b = self.batch
-        units = []  # (kind, group, token (b,T,k), channel (b,k,n), spectrum (b,k))
-        for kind, (tok, chan, spec) in (("k", kf), ("v", vf)):
-            for gi in range(tok.shape[2]):
-                units.append((kind, gi, tok[j, :, gi], chan[j, :, gi], spec[j, :, gi]))
-        full = [u[4].shape[-1] for u in units]
-        costs = [self.codec.cost(b, length, u[3].shape[-1]) for u in units]
-        floors = [
-            min(f, math.ceil(cfg.min_rank_ratio * min(length, u[3].shape[-1]))) for f, u in zip(full, units)
-        ]
+        k = energies.shape[-1]
         if not cfg.use_low_rank_approximation:
-            ranks = full
-        elif cfg.target_rank is not None:
-            ranks = [min(cfg.target_rank, f) for f in full]
-        else:
-            budget = self._chunk_budget(length)
-            if cfg.adaptive_rank:
-                energies = []
-                for u in units:
-                    e = u[4].double() ** 2
-                    e = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
-                    energies.append(e.mean(0).float())
-                ranks = choose_ranks_adaptive(energies, costs, budget, floors)
-            else:
-                ranks = []
-                share = {"k": cfg.key_budget_share, "v": 1.0 - cfg.key_budget_share}
-                for kind in ("k", "v"):
-                    idx = [i for i, u in enumerate(units) if u[0] == kind]
-                    ranks += choose_ranks_fixed(
-                        [costs[i] for i in idx],
-                        budget * share[kind],
-                        [full[i] for i in idx],
-                        [floors[i] for i in idx],
-                    )
+            return [k] * len(kinds)
+        if cfg.target_rank is not None:
+            return [min(cfg.target_rank, k)] * len(kinds)
+        shared = cfg.basis_sharing == "layer"
+        per_rank = [self.codec.rank_cost(self.batch, length, c, shared) for c in cols]
+        floors = [min(k, math.ceil(cfg.min_rank_ratio * k)) for _ in kinds]
+        budget = self._chunk_budget(length)
+        if cfg.adaptive_rank:
+            weights = torch.tensor([cfg.key_weight if kd == "k" else 1.0 for kd in kinds])[:, None]
+            return choose_ranks_linear(energies * weights, per_rank, budget, floors)
+        ranks = []
+        for kind, share in (("k", cfg.key_budget_share), ("v", 1.0 - cfg.key_budget_share)):
+            idx = [i for i, kd in enumerate(kinds) if kd == kind]
+            unit = sum(per_rank[i] for i in idx)
+            r = int(budget * share // unit) if unit else k
+            ranks += [max(min(r, k), floors[i]) for i in idx]
+        return ranks
+
+    def _build_chunk(
+        self, start: int, length: int, ek: tuple, ev: tuple, j: int, pre_rope: bool
+    ) -> CompressedChunk:
+        units = []  # (kind, token_t, channel, energy) for chunk j
+        for kind, (tok, chan, energy) in (("k", ek), ("v", ev)):
+            for gi in range(energy.shape[1]):
+                units.append(
+                    (kind, tok[j, gi], chan[gi] if isinstance(chan, list) else chan[j, gi], energy[j, gi])
+                )
+        ranks = self._choose_ranks(
+            length, torch.stack([u[3] for u in units]), [u[0] for u in units], [u[2].shape[-1] for u in units]
+        )
         sets = {}
         for kind, head_dim in (("k", self.head_dim), ("v", self.v_head_dim)):
-            pairs = []
-            for u, r in zip(units, ranks):
-                if u[0] == kind:
-                    pairs.append(self.codec.encode(u[2][..., :r], u[3][..., :r, :]))
-            sets[kind] = FactorSet(pairs, b, length, self.heads, head_dim, cfg.head_mode == "joined")
+            pairs = [(take_rank(u[1], r), take_rank(u[2], r)) for u, r in zip(units, ranks) if u[0] == kind]
+            sets[kind] = FactorSet(
+                pairs, self.batch, length, self.heads, head_dim, self.config.head_mode == "joined"
+            )
         return CompressedChunk(start, length, sets["k"], sets["v"], pre_rope)
 
 

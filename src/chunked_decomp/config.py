@@ -18,6 +18,7 @@ _DTYPES = ("float16", "bfloat16", "float32")
 _QUANT_BITS = (2, 4, 8)
 _HEAD_MODES = ("per_head", "joined")
 _FACTORIZERS = ("gram", "randomized", "exact")
+_BASIS_SHARING = ("none", "layer")
 
 
 @dataclass
@@ -49,12 +50,19 @@ class CompressionConfig:
             the byte budget; otherwise one rank per chunk from the budget.
         target_rank: fix the rank instead of deriving it from the budget (then the budget is a result).
         min_rank_ratio: no rank below ``ceil(min_rank_ratio * full_rank)``; in [0, 1].
+        basis_sharing: ``"none"`` gives every chunk its own basis (channel factor); ``"layer"`` computes one
+            basis per layer, kind and head from the first span compressed and projects every later chunk on it,
+            so a chunk stores only its token coefficients (its rank still chosen per chunk) and the basis is
+            stored once (in ``factor_dtype``).
         head_mode: ``"per_head"`` factors each KV head alone; ``"joined"`` factors the heads of a layer together
             (one basis over ``kv_heads * head_dim`` columns).
         compress_keys_pre_rope: undo the rotary embedding before factoring keys and redo it on reconstruction
             (rotary models only; ignored for models without rotary embeddings).
         key_budget_share: fraction of a chunk's byte budget given to keys (the rest to values) when
             ``adaptive_rank`` is off; in (0, 1).
+        key_weight: with ``adaptive_rank``, the energy share of key components is multiplied by this before
+            components are ranked by energy per byte (> 1 favours keys, whose errors pass through the softmax);
+            > 0.
 
     Factoriser and quantiser
         use_fast_svd: factor with batched matrix products (Gram matrix + small symmetric eigensolver, or a
@@ -85,8 +93,10 @@ class CompressionConfig:
     target_rank: int | None = None
     min_rank_ratio: float = 0.0
     head_mode: str = "per_head"
+    basis_sharing: str = "none"
     compress_keys_pre_rope: bool = True
     key_budget_share: float = 0.5
+    key_weight: float = 1.0
     use_fast_svd: bool = True
     factorizer: str | None = None
     use_quantization: bool = True
@@ -117,8 +127,13 @@ class CompressionConfig:
         self.key_budget_share = _number("key_budget_share", self.key_budget_share)
         if not (0.0 < self.key_budget_share < 1.0):
             raise ValueError(f"key_budget_share must be in (0, 1), got {self.key_budget_share}")
+        self.key_weight = _number("key_weight", self.key_weight)
+        if not self.key_weight > 0:
+            raise ValueError(f"key_weight must be > 0, got {self.key_weight}")
         if self.head_mode not in _HEAD_MODES:
             raise ValueError(f"head_mode must be one of {_HEAD_MODES}, got {self.head_mode!r}")
+        if self.basis_sharing not in _BASIS_SHARING:
+            raise ValueError(f"basis_sharing must be one of {_BASIS_SHARING}, got {self.basis_sharing!r}")
         if self.factorizer is not None and self.factorizer not in _FACTORIZERS:
             raise ValueError(f"factorizer must be one of {_FACTORIZERS} or None, got {self.factorizer!r}")
         for name in ("quantization_bits", "basis_bits"):

@@ -128,15 +128,20 @@ FACTORIZERS: dict[str, Callable[..., Factorization]] = {
 }
 
 
-def factorize(x: torch.Tensor, method: str = "gram", rank: int | None = None) -> Factorization:
-    """Factor a batch x: (N, m, n) with the named factoriser (``exact``, ``gram`` or ``randomized``)."""
+def factorize(
+    x: torch.Tensor, method: str = "gram", rank: int | None = None, check_finite: bool = True
+) -> Factorization:
+    """Factor a batch x: (N, m, n) with the named factoriser (``exact``, ``gram`` or ``randomized``).
+
+    ``check_finite=False`` skips the NaN/inf scan for callers that already made it.
+    """
     try:
         fn = FACTORIZERS[method]
     except KeyError:
         raise ValueError(f"factorizer must be one of {sorted(FACTORIZERS)}, got {method!r}") from None
     if x.dim() != 3:
         raise ValueError(f"factorize expects a batch of matrices (N, m, n), got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x).all():
         raise ValueError("cannot factor keys or values containing NaN or inf")
     with single_thread_lapack():
         return fn(x, rank)
@@ -144,7 +149,7 @@ def factorize(x: torch.Tensor, method: str = "gram", rank: int | None = None) ->
 
 @contextmanager
 def single_thread_lapack() -> Iterator[None]:
-    """Run small batched LAPACK calls (eigh, svd, cholesky) on one thread.
+    """Run small batched work (eigh, svd, cholesky, and the cache's compression) on one thread.
 
     The batch is many tiny matrices, which threading does not speed up; and threaded LAPACK collapses when the
     cores are shared (measured here: a batched 64×64 ``eigh`` took 4.7 s on 2 busy threads and 0.05 s on one).
@@ -220,3 +225,30 @@ def choose_ranks_adaptive(
             nstep = unit_cost[u](ranks[u] + 1) - unit_cost[u](ranks[u])
             heapq.heappush(heap, (-float(e[ranks[u]]) / max(nstep, 1), u))
     return ranks
+
+
+def choose_ranks_linear(
+    energies: torch.Tensor, rank_cost: Sequence[int], budget: float, min_ranks: Sequence[int]
+) -> list[int]:
+    """Energy-per-byte rank allocation when every component of a unit costs the same bytes (vectorised).
+
+    energies: (units, k), each row the share of that unit's squared norm per component, descending;
+    rank_cost[u]: bytes of one component of unit u; min_ranks[u]: floor. Components are taken in order of
+    energy per byte while the total fits ``budget``; each unit keeps a prefix of its spectrum because its
+    scores are sorted. Returns one rank per unit.
+    """
+    units, k = energies.shape
+    cost = torch.tensor(rank_cost, dtype=torch.float64)
+    floors = torch.tensor(min_ranks, dtype=torch.long).clamp(max=k)
+    spent = float((floors.double() * cost).sum())
+    score = energies.double() / cost.clamp_min(1)[:, None]
+    taken = torch.arange(k)[None, :] < floors[:, None]
+    score = score.masked_fill(taken, float("-inf"))
+    order = score.flatten().argsort(descending=True)
+    order = order[torch.isfinite(score.flatten()[order])]
+    steps = cost[order // k]
+    fits = torch.cumsum(steps, 0) <= (budget - spent)
+    n_take = int(fits.long().cumprod(0).sum())
+    ranks = floors.clone()
+    ranks += torch.bincount(order[:n_take] // k, minlength=units)
+    return ranks.tolist()

@@ -17,12 +17,34 @@ import torch
 
 from chunked_decomp.quantization import QuantizedTensor, quantize, quantized_nbytes
 
-Factor = torch.Tensor | QuantizedTensor | None
+
+@dataclass
+class SharedRows:
+    """The first ``rank`` rows of a basis shared by every chunk of a layer (``basis_sharing="layer"``).
+
+    basis: (columns, columns), row j = component j, held once by the layer — so a chunk stores no channel
+    factor and these rows count 0 bytes here (the layer counts the basis once).
+    """
+
+    basis: torch.Tensor
+    rank: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rank, self.basis.shape[-1])
+
+
+Factor = torch.Tensor | QuantizedTensor | SharedRows | None
 
 
 @dataclass
 class FactorCodec:
-    """How factors are stored: quantised (bits, group size) or cast to ``factor_dtype``."""
+    """How factors are stored: quantised (bits, group size) or cast to ``factor_dtype``.
+
+    The token factor is kept transposed, ``(batch, r, T)``, so both factors have the rank on dim -2 and their
+    values run along the last dim: quantisation groups and bit packing both run along tokens (resp. channels)
+    within one component, every component gets its own scales, and the bytes are exactly linear in the rank.
+    """
 
     quantize: bool
     token_bits: int
@@ -30,49 +52,69 @@ class FactorCodec:
     group_size: int
     factor_dtype: torch.dtype
 
-    def encode(self, token: torch.Tensor, channel: torch.Tensor) -> tuple[Factor, Factor]:
-        """token: (batch, T, r), channel: (batch, r, n) float32 → stored factors (None when r == 0)."""
-        if token.shape[-1] == 0:
-            return None, None
+    def encode(self, token_t: torch.Tensor, channel: torch.Tensor) -> tuple[Factor, Factor]:
+        """token_t: (..., k, T), channel: (..., k, n) float32 → stored factors at full rank k.
+
+        Take a rank-r part with :func:`take_rank`; each component (row) is encoded on its own, so slicing
+        rows of the encoded factors equals encoding the sliced factors.
+        """
         if not self.quantize:
-            # copy=True: a slice of the batched factorisation is often already contiguous, and keeping it as a
-            # view would hold every chunk's full-rank factors alive.
-            fmt = torch.contiguous_format
-            return (
-                token.to(self.factor_dtype, copy=True, memory_format=fmt),
-                channel.to(self.factor_dtype, copy=True, memory_format=fmt),
-            )
+            return token_t.to(self.factor_dtype), channel.to(self.factor_dtype)
         return (
-            quantize(token, self.token_bits, self.group_size, group_dim=-2, scale_dtype=self.factor_dtype),
+            quantize(token_t, self.token_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype),
             quantize(
                 channel, self.channel_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype
             ),
         )
 
+    def encode_tokens(self, token_t: torch.Tensor) -> Factor:
+        """Only the token factor (..., k, T), for chunks whose channel factor is a shared basis."""
+        if not self.quantize:
+            return token_t.to(self.factor_dtype)
+        return quantize(
+            token_t, self.token_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype
+        )
+
+    def rank_cost(self, batch: int, m: int, n: int, shared_basis: bool = False) -> int:
+        """Bytes one rank (one component) costs for a (batch, m, n) matrix: a token row plus a channel row
+        (no channel row when the basis is shared by the layer)."""
+        scale_bytes = torch.empty((), dtype=self.factor_dtype).element_size()
+        channel_rows = 0 if shared_basis else 1
+        if not self.quantize:
+            return batch * (m + n * channel_rows) * scale_bytes
+        return quantized_nbytes(
+            (batch, 1, m), self.token_bits, self.group_size, -1, scale_bytes
+        ) + channel_rows * (
+            quantized_nbytes((batch, 1, n), self.channel_bits, self.group_size, -1, scale_bytes)
+        )
+
     def cost(self, batch: int, m: int, n: int) -> Callable[[int], int]:
         """bytes(r) stored for a (batch, m, n) matrix at rank r."""
-        scale_bytes = torch.empty((), dtype=self.factor_dtype).element_size()
+        per_rank = self.rank_cost(batch, m, n)
+        return lambda r: r * per_rank
 
-        def bytes_at(r: int) -> int:
-            if r == 0:
-                return 0
-            if not self.quantize:
-                return batch * (m * r + r * n) * scale_bytes
-            return quantized_nbytes((batch, m, r), self.token_bits, self.group_size, -2, scale_bytes) + (
-                quantized_nbytes((batch, r, n), self.channel_bits, self.group_size, -1, scale_bytes)
-            )
 
-        return bytes_at
+def take_rank(f: Factor, r: int) -> Factor:
+    """The first ``r`` components (rows on dim -2) of an encoded factor, copied; ``None`` when r == 0."""
+    if f is None or r == 0:
+        return None
+    if isinstance(f, SharedRows):
+        return SharedRows(f.basis, r)
+    if isinstance(f, QuantizedTensor):
+        return f.narrow_prefix(-2, r)
+    return f[..., :r, :].clone()
 
 
 def _decode(f: Factor, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(f, SharedRows):
+        return f.basis[: f.rank].to(dtype)
     if isinstance(f, QuantizedTensor):
         return f.dequantize().to(dtype)
     return f.to(dtype)
 
 
 def _nbytes(f: Factor) -> int:
-    if f is None:
+    if f is None or isinstance(f, SharedRows):
         return 0
     if isinstance(f, QuantizedTensor):
         return f.nbytes
@@ -80,8 +122,8 @@ def _nbytes(f: Factor) -> int:
 
 
 def _map(f: Factor, fn_tensor: Callable, fn_q: Callable) -> Factor:
-    if f is None:
-        return None
+    if f is None or isinstance(f, SharedRows):
+        return f
     if isinstance(f, QuantizedTensor):
         return fn_q(f)
     return fn_tensor(f)
@@ -91,7 +133,7 @@ def _map(f: Factor, fn_tensor: Callable, fn_q: Callable) -> Factor:
 class FactorSet:
     """Factors of one kind (keys or values) of one chunk.
 
-    pairs: one ``(token, channel)`` per group; token: (batch, T, r_g), channel: (batch, r_g, n_g).
+    pairs: one ``(token_t, channel)`` per group; token_t: (batch, r_g, T) (transposed), channel: (batch, r_g, n_g).
     heads, head_dim: layout to rebuild ``(batch, heads, T, head_dim)``; ``joined`` when one group spans all heads.
     """
 
@@ -104,10 +146,7 @@ class FactorSet:
 
     @property
     def ranks(self) -> list[int]:
-        return [
-            0 if t is None else (t.shape[-1] if isinstance(t, QuantizedTensor) else t.shape[-1])
-            for t, _ in self.pairs
-        ]
+        return [0 if t is None else t.shape[-2] for t, _ in self.pairs]
 
     @property
     def nbytes(self) -> int:
@@ -123,7 +162,7 @@ class FactorSet:
             if token is None:
                 outs.append(torch.zeros(self.batch, self.length, n, dtype=dtype, device=device))
             else:
-                outs.append(_decode(token, dtype) @ _decode(channel, dtype))
+                outs.append(_decode(token, dtype).transpose(-1, -2) @ _decode(channel, dtype))
         if self.joined:
             x = outs[0].reshape(self.batch, self.length, self.heads, self.head_dim)
             return x.transpose(1, 2)
@@ -133,10 +172,10 @@ class FactorSet:
         """Keep the first ``length`` tokens (token factors are sliced; channel factors are shared)."""
 
         def cut_t(t: torch.Tensor) -> torch.Tensor:
-            return t[:, :length].clone()
+            return t[..., :length].clone()
 
         def cut_q(q: QuantizedTensor) -> QuantizedTensor:
-            return q.slice_prefix(length)
+            return q.narrow_prefix(-1, length)
 
         pairs = [(_map(t, cut_t, cut_q), c) for t, c in self.pairs]
         return FactorSet(pairs, self.batch, length, self.heads, self.head_dim, self.joined)

@@ -75,6 +75,30 @@ class QuantizedTensor:
             dtype=self.dtype,
         )
 
+    def narrow_prefix(self, dim: int, length: int) -> QuantizedTensor:
+        """Keep the first ``length`` entries along any ``dim`` (packed, grouped or plain); copies, so the result
+        holds only its own bytes."""
+        nd = len(self.shape)
+        dim = dim % nd
+        shape = list(self.shape)
+        shape[dim] = length
+        gdim = self.group_dim % nd
+        if dim == nd - 1:
+            codes = self.codes[..., : -(-length * self.bits // 8)]
+        else:
+            codes = self.codes.narrow(dim, 0, length)
+        n_par = -(-length // self.group_size) if dim == gdim else length
+        return QuantizedTensor(
+            codes=codes.clone(),
+            scale=self.scale.narrow(dim, 0, n_par).clone(),
+            minimum=self.minimum.narrow(dim, 0, n_par).clone(),
+            shape=tuple(shape),
+            bits=self.bits,
+            group_size=self.group_size,
+            group_dim=self.group_dim,
+            dtype=self.dtype,
+        )
+
     def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
         """Select entries of a leading (batch-like) dimension that is neither packed nor grouped."""
         dim = dim % len(self.shape)
@@ -91,6 +115,22 @@ class QuantizedTensor:
             group_size=self.group_size,
             group_dim=self.group_dim,
             dtype=self.dtype,
+        )
+
+    def __getitem__(self, index: int | tuple[int, ...]) -> QuantizedTensor:
+        """Index leading dimensions (neither packed nor grouped) with integers: ``q[i, j]``."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) >= len(self.shape) - 1 or (self.group_dim % len(self.shape)) < len(index):
+            raise IndexError("only leading dimensions that are neither packed nor grouped can be indexed")
+        return QuantizedTensor(
+            self.codes[index],
+            self.scale[index],
+            self.minimum[index],
+            tuple(self.shape[len(index) :]),
+            self.bits,
+            self.group_size,
+            self.group_dim,
+            self.dtype,
         )
 
     def to(self, device: torch.device | str) -> QuantizedTensor:

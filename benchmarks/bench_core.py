@@ -64,7 +64,9 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/core_budget.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    context_len, cont_len, prompt_len, new_tokens = (512, 128, 600, 32) if args.quick else (1024, 512, 1500, 128)
+    context_len, cont_len, prompt_len, new_tokens = (
+        (512, 128, 600, 32) if args.quick else (1024, 512, 1500, 128)
+    )
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     ids = load_token_ids(tokenizer, load_texts("wikipedia"))
@@ -101,7 +103,9 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    print(f"\nSmolLM2-135M float32 CPU, preset {args.preset!r}, context {context_len}, continuation {cont_len}")
+    print(
+        f"\nSmolLM2-135M float32 CPU, preset {args.preset!r}, context {context_len}, continuation {cont_len}"
+    )
     print(f"baseline perplexity {base.perplexity:.3f}")
     head = (
         f"{'ρ16':>6} {'stored/16bit':>12} {'stored/fp32':>11} {'ppl':>8} {'Δppl':>7} "

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedSVDCache, CompressionConfig
 from chunked_decomp.compat import cache_kwarg_name
 from chunked_decomp.factors import SharedRows
+from conftest import tiny_llama
 
 
 def _run(model, cfg: CompressionConfig, ids: torch.Tensor, split: int):
@@ -97,7 +97,7 @@ def test_key_weight_moves_rank_to_keys() -> None:
     ranks = {}
     for w in (1.0, 8.0):
         cfg = CompressionConfig(
-            chunk_size=64, residual_length=0, num_sink_tokens=0, key_weight=w, compression_ratio=0.2
+            chunk_size=64, residual_length=0, num_sink_tokens=0, key_weight=w, compression_ratio=0.08
         )
         cache = ChunkedSVDCache(cfg, num_layers=1)
         cache.update(k, v, 0)

@@ -386,6 +386,7 @@ class ChunkedSVDLayer(DynamicLayer):
         base, extra = divmod(span, n)
         return [base + 1] * extra + [base] * (n - extra)
 
+    @torch.no_grad()
     def _compress(self, sizes: list[int]) -> None:
         """Factor the oldest ``sum(sizes)`` tail tokens into chunks of those sizes (equal sizes batched)."""
         t0 = time.perf_counter()

@@ -84,7 +84,7 @@ class CompressionConfig:
 
     compression_ratio: float = 0.25
     reference_dtype: str | None = None
-    chunk_size: int = 64
+    chunk_size: int = 256
     residual_length: int = 64
     num_sink_tokens: int = 4
     dynamic_chunking: bool = False
@@ -96,12 +96,12 @@ class CompressionConfig:
     basis_sharing: str = "none"
     compress_keys_pre_rope: bool = True
     key_budget_share: float = 0.5
-    key_weight: float = 1.0
+    key_weight: float = 4.0
     use_fast_svd: bool = True
     factorizer: str | None = None
     use_quantization: bool = True
     quantization_bits: int = 4
-    basis_bits: int = 8
+    basis_bits: int = 4
     quant_group_size: int = 64
     factor_dtype: str = "float16"
     parallel_processing: bool = True

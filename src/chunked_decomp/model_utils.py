@@ -16,12 +16,25 @@ def text_config(model: torch.nn.Module):
     return get(decoder=True) if get is not None else config
 
 
+# Bidirectional encoders: transformers can still build a "causal LM head" for some of them (BertLMHeadModel),
+# which generates only when the config is explicitly switched to decoder mode.
+ENCODER_ONLY_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "camembert",
+     "mpnet", "ernie", "modernbert", "xlm", "flaubert", "squeezebert", "mobilebert", "convbert", "funnel"}
+)  # fmt: skip
+
+
 def check_decoder_only(model: torch.nn.Module) -> None:
     """Refuse models that keep no self-attention KV cache (encoder-only) or that are encoder-decoders."""
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
     name = type(model).__name__
+    if getattr(config, "model_type", None) in ENCODER_ONLY_TYPES and not getattr(config, "is_decoder", False):
+        raise ValueError(
+            f"{name} ({config.model_type}) is an encoder-only model: it attends to the whole input at once and keeps "
+            "no key-value cache, so there is nothing to compress. Use a decoder-only causal LM (AutoModelForCausalLM)."
+        )
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
             f"{name} is an encoder-decoder model; ChunkedDecomp compresses the self-attention KV cache of "

@@ -1,0 +1,311 @@
+"""ChunkedDecomp against its peers, every method through the same protocols at equal stored bytes.
+
+Rows: the uncompressed cache, ChunkedDecomp (a preset at each budget), transformers' QuantizedCache (quanto 4
+and 2 bits) and every kvpress press at each budget (only where kvpress imports: it needs transformers<5.3, see
+``scripts/setup_peers_env.sh``). Columns: ρ (stored bytes ÷ an uncompressed 16-bit cache), the ratio against the
+model's own dtype, stored bytes, continuation perplexity and its increase, recall perplexity and its increase,
+passkey accuracy. Protocols: :mod:`chunked_decomp.evaluation.perplexity` and
+:mod:`chunked_decomp.evaluation.passkey` (MEASUREMENTS.md describes "continuation" and "recall").
+
+Run from the repository root, in the main environment and in the peers environment::
+
+    python benchmarks/compare_peers.py --quick                 # about 2 minutes here (no kvpress rows)
+    .venv-peers/bin/python benchmarks/compare_peers.py --quick # + kvpress rows
+    python benchmarks/compare_peers.py                         # every budget and press, longer passkeys
+
+It prints a table, writes JSON and CSV (``--output-dir``, default ``benchmarks/results``, one file per
+transformers version) and ends with one JSON line summarising the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chunked_decomp.evaluation.methods import FullCache, KVMethod, chunked_method, method_from_spec
+from chunked_decomp.evaluation.passkey import passkey_accuracy
+from chunked_decomp.evaluation.peers import (
+    KVPRESS_PRESSES,
+    KVPressMethod,
+    QuantizedCacheMethod,
+    kvpress_available,
+)
+from chunked_decomp.evaluation.perplexity import continuation_perplexity, recall_perplexity
+
+FULL_BUDGETS = (0.5, 0.25, 0.125)
+QUICK_BUDGETS = (0.25,)
+QUICK_PRESSES = ("knorm", "snapkv", "expectedattention")
+
+
+def build_methods(args: argparse.Namespace) -> list[KVMethod]:
+    """The rows, in table order."""
+    if args.methods:
+        methods = [method_from_spec(spec) for spec in args.methods]
+        if not any(isinstance(m, FullCache) for m in methods):
+            methods.insert(0, FullCache())
+        return methods
+    methods: list[KVMethod] = [FullCache()]
+    methods += [chunked_method(args.preset, budget) for budget in args.budgets]
+    methods += [QuantizedCacheMethod(nbits=4), QuantizedCacheMethod(nbits=2)]
+    if kvpress_available():
+        for press in args.presses:
+            methods += [KVPressMethod(press, budget) for budget in args.budgets]
+    return methods
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_method(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    token_ids: torch.Tensor,
+    method: KVMethod,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    row: dict[str, Any] = {"method": method.name}
+    sync(device)
+    t0 = time.perf_counter()
+    cont = continuation_perplexity(
+        model,
+        method,
+        token_ids,
+        context_len=args.context_len,
+        continuation_len=args.continuation_len,
+        start=args.start,
+    )
+    row.update(
+        rho=cont.ratio,
+        ratio_cache_dtype=cont.ratio_cache_dtype,
+        stored_bytes=cont.stored_bytes,
+        reference_bytes=cont.reference_bytes,
+        continuation_ppl=cont.perplexity,
+    )
+    if not args.no_recall:
+        recall = recall_perplexity(model, method, token_ids, start=args.start)
+        row["recall_ppl"] = recall.perplexity
+        row["recall_rho"] = recall.ratio
+    if not args.no_passkey:
+        passkey = passkey_accuracy(
+            model,
+            tokenizer,
+            method,
+            lengths=args.passkey_lengths,
+            depths=args.passkey_depths,
+            trials_per_cell=args.passkey_trials,
+            seed=args.seed,
+        )
+        row["passkey_acc"] = passkey.accuracy
+        row["passkey_by_length"] = {str(k): v for k, v in passkey.by_length.items()}
+        row["passkey_trials"] = [
+            {k: t[k] for k in ("length", "depth", "correct", "output")} for t in passkey.trials
+        ]
+    sync(device)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def add_increases(rows: list[dict[str, Any]]) -> None:
+    base = next(r for r in rows if r["method"] == "full")
+    for row in rows:
+        for key in ("continuation_ppl", "recall_ppl"):
+            if key in row:
+                row[key.replace("_ppl", "_increase_pct")] = 100.0 * (row[key] / base[key] - 1.0)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = [
+        "method",
+        "ρ16",
+        "ρdtype",
+        "stored MB",
+        "cont ppl",
+        "cont +%",
+        "recall ppl",
+        "recall +%",
+        "passkey",
+        "s",
+    ]
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["method"], *(["error"] + ["-"] * (len(header) - 2))])
+            continue
+        lines.append(
+            [
+                r["method"],
+                f"{r['rho']:.3f}",
+                f"{r['ratio_cache_dtype']:.3f}",
+                f"{r['stored_bytes'] / 2**20:.2f}",
+                f"{r['continuation_ppl']:.3f}",
+                f"{r['continuation_increase_pct']:+.1f}",
+                f"{r['recall_ppl']:.3f}" if "recall_ppl" in r else "-",
+                f"{r['recall_increase_pct']:+.1f}" if "recall_ppl" in r else "-",
+                f"{r['passkey_acc']:.2f}" if "passkey_acc" in r else "-",
+                f"{r['seconds']:.0f}",
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        str(c).ljust(w) if i == 0 else str(c).rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), sep, *(fmt(line) for line in lines)])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="budget 0.25 only, 3 presses, short passkeys")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="model name or path (default: the embedded one)"
+    )
+    parser.add_argument("--dataset", default="wikipedia", help="text for the perplexity protocols")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--preset", default="balanced", help="ChunkedDecomp preset run at every budget")
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", help=f"ρ vs a 16-bit cache (default {FULL_BUDGETS})"
+    )
+    parser.add_argument("--presses", nargs="+", help=f"kvpress presses (default {sorted(KVPRESS_PRESSES)})")
+    parser.add_argument(
+        "--methods", nargs="+", help="explicit method specs instead (e.g. full quanto4 chunked@0.25)"
+    )
+    parser.add_argument("--context-len", type=int, default=1024)
+    parser.add_argument("--continuation-len", type=int, default=512)
+    parser.add_argument("--start", type=int, default=5000)
+    parser.add_argument("--passkey-lengths", type=int, nargs="+")
+    parser.add_argument("--passkey-depths", type=float, nargs="+")
+    parser.add_argument("--passkey-trials", type=int, default=1, help="random passkeys per (length, depth)")
+    parser.add_argument("--no-passkey", action="store_true")
+    parser.add_argument("--no-recall", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first method that fails")
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if args.budgets is None:
+        args.budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS
+    if args.presses is None:
+        args.presses = QUICK_PRESSES if args.quick else tuple(KVPRESS_PRESSES)
+    if args.passkey_lengths is None:
+        args.passkey_lengths = (1024,) if args.quick else (1024, 2048)
+    if args.passkey_depths is None:
+        args.passkey_depths = (0.1, 0.5, 0.9) if args.quick else (0.0, 0.25, 0.5, 0.75, 1.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import transformers
+
+    from chunked_decomp.data import load_texts, load_token_ids
+    from chunked_decomp.loading import load_model_and_tokenizer
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    token_ids = load_token_ids(tokenizer, load_texts(args.dataset))
+    methods = build_methods(args)
+    if not kvpress_available():
+        print("kvpress not importable here (needs transformers<5.3): no kvpress rows", file=sys.stderr)
+    rows = []
+    for method in methods:
+        try:
+            row = run_method(model, tokenizer, token_ids, method, args)
+        except Exception as err:  # one broken method must not lose the others' rows
+            if args.fail_fast or isinstance(method, FullCache):
+                raise
+            print(f"  {method.name}: FAILED {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            rows.append({"method": method.name, "error": f"{type(err).__name__}: {err}"})
+            continue
+        rows.append(row)
+        print(
+            f"  {row['method']}: ρ {row['rho']:.3f}, continuation {row['continuation_ppl']:.3f}, "
+            f"{row['seconds']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    add_increases(rows)
+    table = format_table(rows)
+    print(table)
+
+    meta = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvpress": _version("kvpress"),
+        "optimum_quanto": _version("optimum-quanto"),
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "protocols": {
+            "continuation": {
+                "context_len": args.context_len,
+                "continuation_len": args.continuation_len,
+                "start": args.start,
+            },
+            "recall": {"passage_len": 512, "filler_len": 512, "repeat_len": 256, "start": args.start},
+            "passkey": {
+                "lengths": list(args.passkey_lengths),
+                "depths": list(args.passkey_depths),
+                "trials_per_cell": args.passkey_trials,
+                "seed": args.seed,
+            },
+        },
+        "seconds": time.perf_counter() - t_start,
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"compare_peers{'_quick' if args.quick else ''}-transformers{transformers.__version__}"
+    json_path, csv_path = args.output_dir / f"{stem}.json", args.output_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, (dict, list))]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
+    summary = {r["method"]: round(r["continuation_increase_pct"], 2) for r in rows if "error" not in r}
+    print(
+        json.dumps(
+            {
+                "benchmark": "compare_peers",
+                "seconds": round(meta["seconds"], 1),
+                "continuation_increase_pct": summary,
+            }
+        )
+    )
+    return 0
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,9 +9,14 @@ passkey accuracy. Protocols: :mod:`chunked_decomp.evaluation.perplexity` and
 
 Run from the repository root, in the main environment and in the peers environment::
 
-    python benchmarks/compare_peers.py --quick                 # about 2 minutes here (no kvpress rows)
-    .venv-peers/bin/python benchmarks/compare_peers.py --quick # + kvpress rows
-    python benchmarks/compare_peers.py                         # every budget and press, longer passkeys
+    bash scripts/setup_peers_env.sh                            # once: .venv-peers with kvpress (about 5 min)
+    python benchmarks/compare_peers.py --quick                 # 4 rows, about 5 min (no kvpress rows)
+    .venv-peers/bin/python benchmarks/compare_peers.py --quick # + 3 kvpress rows, about 7 min
+    python benchmarks/compare_peers.py                         # budgets 0.5/0.25/0.125, passkeys 1k and 2k
+    .venv-peers/bin/python benchmarks/compare_peers.py         # + 15 kvpress rows, about an hour
+
+(Times on this project's 2-core CPU machine, one torch thread, SmolLM2-135M in float32; ``--quick`` runs budget
+0.25 only, three presses, passkeys of 1,024 tokens at three depths. A row costs about 1-1.5 min in quick mode.)
 
 It prints a table, writes JSON and CSV (``--output-dir``, default ``benchmarks/results``, one file per
 transformers version) and ends with one JSON line summarising the run.
@@ -193,7 +198,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-passkey", action="store_true")
     parser.add_argument("--no-recall", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 0 = torch's choice. Default 1: on a shared 2-core machine, threaded LAPACK and\n"
+        "matmuls under contention made the quick run 3-13x slower (28 min instead of 8)",
+    )
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first method that fails")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

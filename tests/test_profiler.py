@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import pytest
@@ -50,10 +51,13 @@ def test_compressed_cache_is_smaller_at_every_step(profiled):
 def test_memory_samples_cover_the_block():
     profiler = MemoryProfiler(interval=0.002)
     with profiler.profile_inference("alloc") as seg:
-        block = torch.ones(8 * 1024 * 1024, dtype=torch.float64)  # 64 MB
-        block.add_(1)
+        # A fresh anonymous mapping, every page written: resident whatever the allocator kept from earlier tests
+        # (a torch tensor may reuse memory that is already resident, and then RSS does not move).
+        block = mmap.mmap(-1, 64 * 1024 * 1024)
+        for offset in range(0, len(block), mmap.PAGESIZE):
+            block[offset] = 1
         time.sleep(0.05)
-        del block
+        block.close()
     assert len(seg.memory) >= 5
     assert seg.start <= seg.memory[1][0] <= seg.end
     assert seg.peak_bytes - seg.start_bytes >= 50 * 1024 * 1024

@@ -263,7 +263,9 @@ class ChunkedSVDLayer(DynamicLayer):
             values.append(c.values.reconstruct(self.dtype, self.device))
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.3 passes cache_position instead
+            query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
@@ -271,6 +273,9 @@ class ChunkedSVDLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        # transformers < 5.3 zeroes the exact tensors in place instead of dropping them: drop them here too.
+        self.keys = self.values = None
+        self.is_initialized = False
         self.chunks = []
         self.shared_bases = {}
         self.sink_keys = self.sink_values = None

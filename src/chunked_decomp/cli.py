@@ -143,7 +143,10 @@ def reduction_type(text: str) -> float:
 def preset_type(text: str) -> str:
     from chunked_decomp.config import load_presets
 
-    names = sorted(load_presets())
+    try:
+        names = sorted(load_presets())
+    except ValueError as err:  # a broken presets file: say why, not argparse's bare "invalid value"
+        raise argparse.ArgumentTypeError(" ".join(str(err).split())) from None
     if text not in names:
         raise argparse.ArgumentTypeError(f"unknown preset {text!r}; choose from {', '.join(names)}")
     return text

@@ -6,7 +6,6 @@ import mmap
 import time
 
 import pytest
-import torch
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig

@@ -253,15 +253,21 @@ class ChunkedSVDLayer(DynamicLayer):
 
     def reconstruct_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of all compressed chunks, (batch, kv_heads, compressed_length, head_dim), cache dtype."""
-        keys, values = [], []
-        for c in self.chunks:
-            k = c.keys.reconstruct(torch.float32, self.device)
-            if c.keys_pre_rope:
-                pos = torch.arange(c.start, c.start + c.length, device=self.device)
-                k = rotate(k, pos, self.inv_freq)
-            keys.append(k.to(self.dtype))
-            values.append(c.values.reconstruct(self.dtype, self.device))
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        keys = torch.cat([c.keys.reconstruct(torch.float32, self.device) for c in self.chunks], dim=-2)
+        values = torch.cat([c.values.reconstruct(self.dtype, self.device) for c in self.chunks], dim=-2)
+        rotated = [c.keys_pre_rope for c in self.chunks]
+        if any(rotated):
+            # Chunks are contiguous from the sinks on, so one rotation covers them all.
+            start = self.chunks[0].start
+            pos = torch.arange(start, start + keys.shape[-2], device=keys.device)
+            if all(rotated):
+                keys = rotate(keys, pos, self.inv_freq)
+            else:
+                mask = torch.cat([torch.full((c.length,), c.keys_pre_rope) for c in self.chunks]).to(
+                    keys.device
+                )
+                keys = torch.where(mask[:, None], rotate(keys, pos, self.inv_freq), keys)
+        return keys.to(self.dtype), values
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # transformers < 5.3 passes cache_position instead

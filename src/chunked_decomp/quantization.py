@@ -49,6 +49,17 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """Rebuild the tensor in ``dtype`` with ``shape``."""
+        n = self.shape[-1]
+        if self.group_dim % len(self.shape) == len(self.shape) - 1 and n % self.group_size == 0:
+            # Fast path (every factor the cache stores): groups tile the last dim, so scales broadcast.
+            codes = unpack_codes(self.codes, self.bits, n)
+            codes = codes.reshape(*codes.shape[:-1], n // self.group_size, self.group_size).to(torch.float32)
+            out = torch.addcmul(
+                self.minimum.to(torch.float32).unsqueeze(-1),
+                codes,
+                self.scale.to(torch.float32).unsqueeze(-1),
+            )
+            return out.reshape(self.shape).to(self.dtype)
         codes = unpack_codes(self.codes, self.bits, self.shape[-1]).to(torch.float32)
         scale = _expand_groups(self.scale.to(torch.float32), self.group_dim, self.group_size, self.shape)
         minimum = _expand_groups(self.minimum.to(torch.float32), self.group_dim, self.group_size, self.shape)
@@ -225,12 +236,21 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes << shifts).sum(dim=-1, dtype=torch.uint8)
 
 
+_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    key = (bits, device)
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(8 // bits, device=device, dtype=torch.uint8) * bits
+    return _SHIFTS[key]
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: (..., ceil(n * bits / 8)) uint8 → (..., n) uint8."""
     if bits == 8:
         return packed
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+    shifts = _shifts(bits, packed.device)
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(-1) >> shifts) & mask
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]

@@ -62,7 +62,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--quick", action="store_true", help="context 512 / continuation 128 / 32 new tokens")
     parser.add_argument("--output", default="benchmarks/results/core_budget.json")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: immune to the collapse of threads on busy cores)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     context_len, cont_len, prompt_len, new_tokens = (
         (512, 128, 600, 32) if args.quick else (1024, 512, 1500, 128)

@@ -230,6 +230,66 @@ def seeded_repeat(model, prompt: torch.Tensor, new_tokens: int, seed: int) -> di
     }
 
 
+@torch.no_grad()
+def fixed_context_cycles(model, cd: ChunkedDecomp, prompt: torch.Tensor, cycles: int) -> dict[str, Any]:
+    """Decode from the same context again and again: RSS at each cycle's start must stay flat if nothing leaks.
+
+    The prompt (1, P) is prefilled once; each cycle then decodes ``chunk_size + residual_length`` tokens — at
+    least one chunk is factored and quantised per cycle — and crops the cache back to P tokens. Every cycle
+    starts from the same cache contents (from the second one on), so memory that keeps rising from cycle to cycle
+    would be a leak, while memory that follows the context within a cycle is not.
+    """
+    name = cache_kwarg_name(model)
+    out = model(prompt, use_cache=True)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    del out
+    base = cache.get_seq_length()
+    steps = cd.config.chunk_size + cd.config.residual_length
+    starts = []
+    for cycle in range(cycles):
+        gc.collect()
+        starts.append(
+            {
+                "cycle": cycle,
+                "rss_bytes": current_rss_bytes(),
+                "cache_bytes": cache_nbytes(cache),
+                "gc_objects": len(gc.get_objects()),
+                "chunks_per_layer": len(cache.layers[0].chunks),
+            }
+        )
+        t0, peak = time.perf_counter(), 0
+        before = cache.compression_seconds
+        for _ in range(steps):
+            out = model(token, **{name: cache}, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            del out
+            peak = max(peak, current_rss_bytes())
+        starts[-1].update(
+            peak_rss_bytes=peak,
+            seconds=time.perf_counter() - t0,
+            compressed_this_cycle=cache.compression_seconds > before,
+        )
+        cache.crop(-(cache.get_seq_length() - base))
+        print(
+            f"  cycle {cycle + 1}/{cycles}: RSS at start {starts[-1]['rss_bytes'] / _MB:.1f} MB, "
+            f"peak {peak / _MB:.1f} MB, {steps} steps in {starts[-1]['seconds']:.0f} s",
+            flush=True,
+        )
+    rss = [s["rss_bytes"] for s in starts[1:]]  # from the second cycle on, every cycle starts alike
+    _, slope = _fit_line([float(i) for i in range(len(rss))], [float(r) for r in rss])
+    return {
+        "context": base,
+        "steps_per_cycle": steps,
+        "cycles": starts,
+        "rss_start_growth_mb": (starts[-1]["rss_bytes"] - starts[1]["rss_bytes"]) / _MB
+        if cycles > 1
+        else 0.0,
+        "rss_start_slope_mb_per_cycle": slope / _MB,
+        "gc_objects_growth": starts[-1]["gc_objects"] - starts[1]["gc_objects"] if cycles > 1 else 0,
+        "every_cycle_compressed": all(s["compressed_this_cycle"] for s in starts),
+    }
+
+
 # ---- one run per process ------------------------------------------------------------------------------------
 
 
@@ -241,13 +301,16 @@ def _prompt(tokenizer, length: int) -> torch.Tensor:
 
 
 def worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One run in this process: ``"compressed"``, ``"uncompressed"`` (DynamicCache) or ``"repeat"``."""
+    """One run in this process: ``"compressed"``, ``"uncompressed"`` (DynamicCache), ``"repeat"`` or ``"cycles"``."""
     from chunked_decomp.loading import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # float32, CPU
     cd = ChunkedDecomp.from_preset(args.preset)
+    if kind == "cycles":
+        cd.compress_model(model)
+        return fixed_context_cycles(model, cd, _prompt(tokenizer, args.cycle_context), args.cycles)
     if kind == "repeat":
         cd.compress_model(model)
         result = seeded_repeat(
@@ -288,6 +351,7 @@ def _spawn(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "--prompt_tokens", str(args.prompt_tokens), "--repeat_tokens", str(args.repeat_tokens),
         "--repeat_prompt_tokens", str(args.repeat_prompt_tokens), "--seed", str(args.seed),
         "--gc_every", str(args.gc_every), "--threads", str(args.threads), *(["--sample"] if args.sample else []),
+        "--cycles", str(args.cycles), "--cycle_context", str(args.cycle_context),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run([sys.executable, str(Path(__file__).resolve()), *flags], check=True, env=env)
@@ -309,14 +373,22 @@ def _rolling_median(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
-    """Memory (RSS − start, cache bytes, their difference) and step latency against the decoding step."""
+def plot(
+    runs: dict[str, dict[str, Any]], path: Path, title: str, cycles: dict[str, Any] | None = None
+) -> Path:
+    """Memory (RSS − start, cache bytes, their difference) and step latency against the decoding step; with
+    ``cycles``, a last panel of RSS at the start and peak of each fixed-context cycle."""
     from matplotlib.figure import Figure
 
     from chunked_decomp.benchmarking.plots import save_figure
 
-    fig = Figure(figsize=(11, 10), layout="constrained")
-    mem, lat, cpu = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(11, 13 if cycles else 10), layout="constrained")
+    if cycles:
+        mem, lat, cpu, cyc = fig.subplots(4, 1, height_ratios=[3, 2, 2, 2])
+        lat.sharex(mem)
+        cpu.sharex(mem)
+    else:
+        mem, lat, cpu = fig.subplots(3, 1, sharex=True)
     styles = {"compressed": "-", "uncompressed": ":"}
     colors = {"rss": "tab:blue", "cache": "tab:orange", "diff": "tab:green"}
     for label, run in runs.items():
@@ -350,6 +422,25 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
         axis.grid(alpha=0.3)
     for axis in (lat, cpu):
         axis.legend(fontsize=8, loc="upper left")
+    if cycles:
+        rows = cycles["cycles"]
+        first = rows[0]["rss_bytes"]
+        x = [r["cycle"] + 1 for r in rows]
+        cyc.plot(x, [(r["rss_bytes"] - first) / _MB for r in rows], "o-", label="RSS at the cycle's start")
+        cyc.plot(
+            x, [(r["peak_rss_bytes"] - first) / _MB for r in rows], "s--", label="RSS peak within the cycle"
+        )
+        cyc.plot(
+            x, [(r["cache_bytes"] - rows[0]["cache_bytes"]) / _MB for r in rows], "^:", label="cache bytes"
+        )
+        cyc.set_xlabel(
+            f"fixed-context cycle: decode {cycles['steps_per_cycle']} tokens from a {cycles['context']}-token "
+            "context (compressing a chunk), then crop back"
+        )
+        cyc.set_ylabel("MB since cycle 1's start")
+        cyc.axhline(0, color="black", lw=0.5)
+        cyc.grid(alpha=0.3)
+        cyc.legend(fontsize=8, loc="upper left")
     return save_figure(fig, path)
 
 
@@ -407,12 +498,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=512,
         help="prompt of the seeded repeat; long enough that the prefill compresses a chunk (default: %(default)s)",
     )
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        default=None,
+        help="fixed-context cycles (decode chunk_size + residual_length tokens, crop back) (default: 8; --quick 3; "
+        "0 skips them)",
+    )
+    parser.add_argument("--cycle_context", type=int, default=600, help="context the cycles return to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample", action="store_true", help="seeded sampling in the soak instead of greedy")
     parser.add_argument("--gc_every", type=int, default=256, help="steps between gc object counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/soak.json)")
-    parser.add_argument("--worker", choices=["compressed", "uncompressed", "repeat"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=["compressed", "uncompressed", "repeat", "cycles"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--worker_output", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tokens is None:
@@ -421,6 +522,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeat_tokens = 64 if args.quick else 256
     if args.baseline_tokens is None:
         args.baseline_tokens = args.tokens
+    if args.cycles is None:
+        args.cycles = 3 if args.quick else 8
     return args
 
 
@@ -448,6 +551,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.baseline_tokens > 0:
             print(f"uncompressed DynamicCache: {args.baseline_tokens} decoding steps", flush=True)
             runs["uncompressed"] = _spawn("uncompressed", args, Path(tmp))
+        cycles = None
+        if args.cycles > 0:
+            print(
+                f"fixed-context cycles: {args.cycles} × decode and crop back to {args.cycle_context}",
+                flush=True,
+            )
+            cycles = _spawn("cycles", args, Path(tmp))
 
     summaries = {label: summarize(run) for label, run in runs.items()}
     comp = summaries["compressed"]
@@ -465,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Soak: SmolLM2-135M float32 CPU, {args.prompt_tokens}-token prompt + {args.tokens} decoded tokens, "
         f"ChunkedDecomp '{args.preset}' vs DynamicCache"
     )
-    png = plot(runs, output.with_suffix(".png"), title)
+    png = plot(runs, output.with_suffix(".png"), title, cycles)
     command = "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
         "benchmark": "soak",
@@ -482,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_wall_s": time.perf_counter() - t_start,
         "summary": summaries,
         "seeded_repeat": repeat,
+        "fixed_context_cycles": cycles,
         "plot": str(png.relative_to(RESULTS.parent.parent))
         if png.is_relative_to(RESULTS.parent.parent)
         else str(png),
@@ -498,6 +609,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{'identical' if repeat['identical_with_same_seed'] else 'DIFFERENT'} with the same seed; "
         f"{repeat['tokens_differing_with_other_seed']} of {args.repeat_tokens} tokens differ with seed {args.seed + 1}"
     )
+    if cycles is not None:
+        print(
+            f"fixed-context cycles ({cycles['context']} tokens, +{cycles['steps_per_cycle']} and back, "
+            f"{args.cycles} cycles): RSS at cycle start {cycles['rss_start_growth_mb']:+.1f} MB from cycle 2 to "
+            f"{args.cycles} ({cycles['rss_start_slope_mb_per_cycle']:+.2f} MB per cycle), gc objects "
+            f"{cycles['gc_objects_growth']:+d}"
+        )
     print(f"wrote {output} and {png}")
     brief = {k: v for k, v in result.items() if k not in ("traces", "gc_objects")}
     brief["seeded_repeat"] = {k: v for k, v in repeat.items() if k != "tokens"}

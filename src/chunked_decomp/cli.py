@@ -271,7 +271,7 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="C",
-        help="tokens per compressed chunk, >= 4 (default: the preset's, else 64)",
+        help="tokens per compressed chunk, >= 4 (default: the preset's, else 256)",
     )
     _add_common(p, "compress")
     _add_protocol(p)

@@ -118,6 +118,7 @@ def _sandbox(root: Path) -> tuple[dict[str, str], dict[str, Path]]:
 # ---- kill and resume -----------------------------------------------------------------------------------------
 
 RATIOS = ["0.5", "0.25", "0.125"]
+POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and the sandbox paths are POSIX")
 CHUNKS = ["8", "16"]
 
 # The child of the second kill: the real command line, except that the first cell file it is about to move into
@@ -269,6 +270,7 @@ def killed_sweep(assets, tmp_path_factory) -> dict:
     pytest.fail("the sweep finished every cell before it could be killed, three times")
 
 
+@POSIX_ONLY
 def test_sweep_killed_twice_resumes_with_every_cell_once(killed_sweep):
     import pandas as pd
 
@@ -304,6 +306,7 @@ def test_sweep_killed_twice_resumes_with_every_cell_once(killed_sweep):
     _check_no_corrupt_file(out)
 
 
+@POSIX_ONLY
 def test_command_line_writes_nothing_outside_the_output_dir(killed_sweep, assets):
     dirs = killed_sweep["dirs"]
     assert [p.name for p in dirs["cwd"].iterdir()] == ["out"]

@@ -437,6 +437,7 @@ def plot(
             f"fixed-context cycle: decode {cycles['steps_per_cycle']} tokens from a {cycles['context']}-token "
             "context (compressing a chunk), then crop back"
         )
+        cyc.set_xticks(x)
         cyc.set_ylabel("MB since cycle 1's start")
         cyc.axhline(0, color="black", lw=0.5)
         cyc.grid(alpha=0.3)

@@ -2,8 +2,9 @@
 
 On a GPU the peak is CUDA's allocator peak (``torch.cuda.max_memory_allocated``) over the block. On CPU it is
 the peak resident set size of the process during the block, sampled by a background thread (``/proc/self/status``
-VmRSS, or psutil when present) every ``interval`` seconds, so short spikes between samples can be missed;
-``VmHWM`` (the kernel's own high-water mark) is read too and used when it rose inside the block.
+VmRSS, or psutil when present) every ``interval`` seconds. On Linux the kernel's own high-water mark
+(``VmHWM``) is reset at the start of the block (``/proc/self/clear_refs``) and read at its end, so a spike
+between two samples is still counted; where the reset is not allowed, short spikes between samples can be missed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def _status_kb(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_bytes() -> int:
@@ -92,6 +103,7 @@ class MemoryTracker:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
+            self._hwm_reset = _reset_hwm()
             self.start_bytes = current_rss_bytes()
             self._hwm_start = _status_kb("VmHWM")
             self.peak_bytes = self.start_bytes
@@ -119,7 +131,7 @@ class MemoryTracker:
             rss = current_rss_bytes()
             self.peak_bytes = max(self.peak_bytes, rss)
             hwm = _status_kb("VmHWM")
-            if hwm is not None and self._hwm_start is not None and hwm > self._hwm_start:
+            if hwm is not None and self._hwm_start is not None and (self._hwm_reset or hwm > self._hwm_start):
                 self.peak_bytes = max(self.peak_bytes, hwm * 1024)
         cache = self._cache() if callable(self._cache) else self._cache
         if cache is not None:

@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="context 512 / continuation 128 / 32 new tokens")
     parser.add_argument("--output", default="benchmarks/results/core_budget.json")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: immune to the collapse of threads on busy cores)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: immune to the collapse of threads on busy cores)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

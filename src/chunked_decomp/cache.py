@@ -25,7 +25,8 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from chunked_decomp.config import CompressionConfig
 from chunked_decomp.decomposition import choose_ranks_linear, factorize, relative_error, single_thread_lapack
 from chunked_decomp.factors import CompressedChunk, FactorCodec, FactorSet, SharedRows, take_rank
-from chunked_decomp.rotary import rotate
+from chunked_decomp.packed import PackedFactors
+from chunked_decomp.rotary import rotate, rotate_range
 
 logger = logging.getLogger("chunked_decomp")
 
@@ -139,6 +140,8 @@ class ChunkedSVDLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.inv_freq = inv_freq
         self.chunks: list[CompressedChunk] = []
+        # The chunks' factors packed for a fast rebuild; None = to build, False = layout not packable.
+        self._packed: tuple | bool | None = None
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         self.sink_region = config.num_sink_tokens
@@ -253,21 +256,36 @@ class ChunkedSVDLayer(DynamicLayer):
 
     def reconstruct_compressed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of all compressed chunks, (batch, kv_heads, compressed_length, head_dim), cache dtype."""
-        keys = torch.cat([c.keys.reconstruct(torch.float32, self.device) for c in self.chunks], dim=-2)
-        values = torch.cat([c.values.reconstruct(self.dtype, self.device) for c in self.chunks], dim=-2)
+        packed = self._packed_factors()
+        if packed is not None:
+            keys, values = packed[0].reconstruct(), packed[1].reconstruct().to(self.dtype)
+        else:
+            keys = torch.cat([c.keys.reconstruct(torch.float32, self.device) for c in self.chunks], dim=-2)
+            values = torch.cat([c.values.reconstruct(self.dtype, self.device) for c in self.chunks], dim=-2)
         rotated = [c.keys_pre_rope for c in self.chunks]
         if any(rotated):
             # Chunks are contiguous from the sinks on, so one rotation covers them all.
             start = self.chunks[0].start
-            pos = torch.arange(start, start + keys.shape[-2], device=keys.device)
             if all(rotated):
-                keys = rotate(keys, pos, self.inv_freq)
+                keys = rotate_range(keys, start, self.inv_freq)
             else:
+                pos = torch.arange(start, start + keys.shape[-2], device=keys.device)
                 mask = torch.cat([torch.full((c.length,), c.keys_pre_rope) for c in self.chunks]).to(
                     keys.device
                 )
                 keys = torch.where(mask[:, None], rotate(keys, pos, self.inv_freq), keys)
         return keys.to(self.dtype), values
+
+    def _packed_factors(self) -> tuple[PackedFactors, PackedFactors] | None:
+        """The chunks' factors packed for a batched rebuild (built when the chunks changed), or None where
+        their layout is not one `PackedFactors` handles."""
+        if self._packed is None:
+            k_sets, v_sets = [c.keys for c in self.chunks], [c.values for c in self.chunks]
+            if PackedFactors.supports(k_sets) and PackedFactors.supports(v_sets):
+                self._packed = (PackedFactors(k_sets), PackedFactors(v_sets))
+            else:
+                self._packed = False
+        return self._packed or None
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # transformers < 5.3 passes cache_position instead
@@ -283,6 +301,7 @@ class ChunkedSVDLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.chunks = []
+        self._packed = None
         self.shared_bases = {}
         self.sink_keys = self.sink_values = None
 
@@ -310,6 +329,7 @@ class ChunkedSVDLayer(DynamicLayer):
             elif c.start < new_len:
                 kept.append(c.crop(new_len - c.start))
         self.chunks = kept
+        self._packed = None
         if new_len < self.sink_length:
             self.sink_keys = self.sink_keys[..., :new_len, :]
             self.sink_values = self.sink_values[..., :new_len, :]
@@ -323,6 +343,7 @@ class ChunkedSVDLayer(DynamicLayer):
         self.sink_keys = self.sink_keys.index_select(0, index)
         self.sink_values = self.sink_values.index_select(0, index)
         self.chunks = [c.select_batch(index) for c in self.chunks]
+        self._packed = None
         self.batch = int(index.numel())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -441,6 +462,7 @@ class ChunkedSVDLayer(DynamicLayer):
                     self.layer_idx, chunk.start, s, chunk.keys.ranks, chunk.values.ranks, chunk.nbytes, err_k, err_v,
                 )  # fmt: skip
             self.chunks.append(chunk)
+            self._packed = None
         # Copies, so the slices do not keep the whole pre-compression buffer alive.
         self.keys = self.keys[..., total:, :].clone()
         self.values = self.values[..., total:, :].clone()

@@ -236,23 +236,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes << shifts).sum(dim=-1, dtype=torch.uint8)
 
 
-_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    key = (bits, device)
-    if key not in _SHIFTS:
-        _SHIFTS[key] = torch.arange(8 // bits, device=device, dtype=torch.uint8) * bits
-    return _SHIFTS[key]
-
-
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: (..., ceil(n * bits / 8)) uint8 → (..., n) uint8."""
     if bits == 8:
         return packed
-    shifts = _shifts(bits, packed.device)
     mask = (1 << bits) - 1
-    codes = (packed.unsqueeze(-1) >> shifts) & mask
+    per_byte = 8 // bits
+    # One shift-and-mask per code position, stacked: a few times faster than broadcasting a shift tensor.
+    parts = (
+        [packed & mask]
+        + [(packed >> (i * bits)) & mask for i in range(1, per_byte - 1)]
+        + [packed >> (8 - bits)]
+    )
+    codes = torch.stack(parts, dim=-1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]
 
 

@@ -22,6 +22,58 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+_TABLES: list[tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+_TABLES_KEPT = 4
+
+
+def _cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """cos and sin of ``positions × inv_freq``: two (seq, rot_dim) float32 tensors."""
+    freqs = positions.to(device=device, dtype=torch.float32)[:, None]
+    freqs = freqs * inv_freq.to(device=device, dtype=torch.float32)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _range_cos_sin(
+    start: int, length: int, inv_freq: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """`_cos_sin` of ``start … start + length - 1``; the last few ranges are kept, because every layer of a
+    decoding step asks for the same one."""
+    key = (start, length, str(device))
+    for k, freq, cos, sin in _TABLES:
+        if k == key and freq.shape == inv_freq.shape and torch.equal(freq, inv_freq.to(freq.device)):
+            return cos, sin
+    cos, sin = _cos_sin(torch.arange(start, start + length, device=device), inv_freq, device)
+    _TABLES.insert(0, (key, inv_freq.detach().to(device=device, dtype=torch.float32).clone(), cos, sin))
+    del _TABLES[_TABLES_KEPT:]
+    return cos, sin
+
+
+def _apply(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    rot_dim = cos.shape[-1]
+    if inverse:
+        sin = -sin
+    k_rot, k_pass = k[..., :rot_dim], k[..., rot_dim:]
+    out = k_rot * cos + _rotate_half(k_rot) * sin
+    if k_pass.shape[-1] == 0:
+        return out
+    return torch.cat((out, k_pass), dim=-1)
+
+
+def rotate_range(
+    keys: torch.Tensor, start: int, inv_freq: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
+    """`rotate` at the consecutive positions ``start … start + seq - 1``, with cached cos/sin tables.
+
+    keys: (batch, heads, seq, head_dim); returns float32.
+    """
+    k = keys.to(torch.float32)
+    cos, sin = _range_cos_sin(int(start), k.shape[-2], inv_freq, k.device)
+    return _apply(k, cos, sin, inverse)
+
+
 def rotate(
     keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
 ) -> torch.Tensor:
@@ -30,15 +82,6 @@ def rotate(
     keys: (batch, heads, seq, head_dim), any float dtype; positions: (seq,) integer or float;
     inv_freq: (rotary_dim // 2,) float. Computed in float32, returned in float32.
     """
-    rot_dim = 2 * inv_freq.shape[-1]
     k = keys.to(torch.float32)
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(device=k.device, dtype=torch.float32)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    if inverse:
-        sin = -sin
-    k_rot, k_pass = k[..., :rot_dim], k[..., rot_dim:]
-    out = k_rot * cos + _rotate_half(k_rot) * sin
-    if k_pass.shape[-1] == 0:
-        return out
-    return torch.cat((out, k_pass), dim=-1)
+    cos, sin = _cos_sin(positions, inv_freq, k.device)
+    return _apply(k, cos, sin, inverse)

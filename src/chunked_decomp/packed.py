@@ -1,0 +1,196 @@
+"""Batched reconstruction of all compressed chunks of one layer (no transformers import).
+
+Rebuilding chunk by chunk costs some twenty small tensor operations per chunk, head and step, and that overhead,
+not arithmetic, dominated decoding (about 1 ms per chunk and layer on a CPU core). `PackedFactors` lays out the
+factors of one kind (keys or values) of every chunk of a layer in a few flat buffers and turns each chunk's
+factors into views of them, so no byte is held twice and the stored-byte count is unchanged. A rebuild is then
+one dequantisation per buffer and one zero-padded batched matrix product per run of equal-length chunks.
+
+Covers the layouts the presets use: one factor pair per KV head, either all quantised (groups along the last
+dimension) or all plain tensors. Other layouts (heads joined, a basis shared by the
+layer) keep the chunk-by-chunk path; :meth:`PackedFactors.supports` says which.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chunked_decomp.factors import FactorSet, SharedRows
+from chunked_decomp.quantization import QuantizedTensor, unpack_codes
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+class _FlatRole:
+    """One role (token or channel factors) of one kind: every factor's storage concatenated in chunk, head order.
+
+    After construction each factor's tensors are views of the flat buffers. ``offsets[i]`` is where factor ``i``
+    starts, as (code or plain-value offset, group offset); a span of factors whose rows all have the same
+    length is dequantised in one go by :meth:`rows`.
+    """
+
+    def __init__(self, factors: list[torch.Tensor | QuantizedTensor]):
+        self.quantized = isinstance(factors[0], QuantizedTensor)
+        self.offsets = [(0, 0)]
+        if self.quantized:
+            q0 = factors[0]
+            self.bits, self.group_size = q0.bits, q0.group_size
+            self.codes = torch.cat([f.codes.reshape(-1) for f in factors])
+            self.scale = torch.cat([f.scale.reshape(-1) for f in factors])
+            self.minimum = torch.cat([f.minimum.reshape(-1) for f in factors])
+            for f in factors:
+                c, g = self.offsets[-1]
+                f.codes = self.codes[c : c + f.codes.numel()].view(f.codes.shape)
+                f.scale = self.scale[g : g + f.scale.numel()].view(f.scale.shape)
+                f.minimum = self.minimum[g : g + f.minimum.numel()].view(f.minimum.shape)
+                self.offsets.append((c + f.codes.numel(), g + f.scale.numel()))
+            self.views = factors
+        else:
+            self.data = torch.cat([f.reshape(-1) for f in factors])
+            self.views = []
+            for f in factors:
+                c, _ = self.offsets[-1]
+                self.views.append(self.data[c : c + f.numel()].view(f.shape))
+                self.offsets.append((c + f.numel(), 0))
+
+    def rows(self, first: int, last: int, n: int) -> torch.Tensor:
+        """Factors ``first … last - 1``, whose rows all hold ``n`` values, as (rows, n) float32."""
+        (c0, g0), (c1, g1) = self.offsets[first], self.offsets[last]
+        if not self.quantized:
+            return self.data[c0:c1].view(-1, n).to(torch.float32)
+        width = -(-n * self.bits // 8)
+        codes = unpack_codes(self.codes[c0:c1].view(-1, width), self.bits, n)
+        groups = -(-n // self.group_size)
+        scale = self.scale[g0:g1].view(-1, groups).to(torch.float32)
+        minimum = self.minimum[g0:g1].view(-1, groups).to(torch.float32)
+        if n % self.group_size == 0:
+            codes = codes.reshape(-1, groups, self.group_size).to(torch.float32)
+            return torch.addcmul(minimum.unsqueeze(-1), codes, scale.unsqueeze(-1)).view(-1, n)
+        scale = scale.repeat_interleave(self.group_size, dim=-1)[:, :n]
+        minimum = minimum.repeat_interleave(self.group_size, dim=-1)[:, :n]
+        return torch.addcmul(minimum, codes.to(torch.float32), scale)
+
+
+class PackedFactors:
+    """The factors of one kind of a layer's chunks, packed for a batched rebuild.
+
+    Args:
+        sets: the chunks' `FactorSet` of this kind, oldest first (consecutive in the cache), all per head with the
+            same batch, heads and head_dim; their factors become views of this object's buffers.
+    """
+
+    def __init__(self, sets: list[FactorSet]):
+        if not self.supports(sets):
+            raise ValueError(
+                "PackedFactors needs per-head factor sets without a shared basis (see supports())"
+            )
+        s0 = sets[0]
+        self.batch, self.heads, self.head_dim = s0.batch, s0.heads, s0.head_dim
+        self.length = sum(s.length for s in sets)
+        tokens, channels = [], []
+        slots = []  # (set index, head) of each stored pair, in buffer order
+        for ci, s in enumerate(sets):
+            for h, (t, c) in enumerate(s.pairs):
+                if t is not None:
+                    tokens.append(t)
+                    channels.append(c)
+                    slots.append((ci, h))
+        self.token = _FlatRole(tokens) if tokens else None
+        self.channel = _FlatRole(channels) if channels else None
+        if self.token is not None and not self.token.quantized:
+            # Plain tensors cannot be re-pointed in place: put the views into the pairs.
+            for (ci, h), tv, cv in zip(slots, self.token.views, self.channel.views):
+                sets[ci].pairs[h] = (tv, cv)
+        # Runs of consecutive chunks of equal length, each rebuilt by one padded batched product.
+        self.runs = []
+        factor_idx = 0
+        i = 0
+        while i < len(sets):
+            j = i
+            while j < len(sets) and sets[j].length == sets[i].length:
+                j += 1
+            length = sets[i].length
+            ranks = [[r for r in sets[c].ranks] for c in range(i, j)]
+            width = max([max(r) for r in ranks] + [1])
+            dest = []
+            n_factors = 0
+            for cl, rs in enumerate(ranks):
+                for h, r in enumerate(rs):
+                    if r == 0:
+                        continue
+                    n_factors += 1
+                    for b in range(self.batch):
+                        base = ((cl * self.batch + b) * self.heads + h) * width
+                        dest.extend(range(base, base + r))
+            self.runs.append(
+                dict(
+                    chunks=j - i,
+                    length=length,
+                    width=width,
+                    dest=torch.tensor(dest, dtype=torch.int64, device=self._device(sets)),
+                    factors=(factor_idx, factor_idx + n_factors),
+                )
+            )
+            factor_idx += n_factors
+            i = j
+
+    @staticmethod
+    def _device(sets: list[FactorSet]) -> torch.device:
+        for s in sets:
+            for t, _ in s.pairs:
+                if t is not None:
+                    return t.codes.device if isinstance(t, QuantizedTensor) else t.device
+        return torch.device("cpu")
+
+    @staticmethod
+    def supports(sets: list[FactorSet]) -> bool:
+        """Whether these sets have a layout this class packs (see the module docstring)."""
+        if not sets or any(s.joined for s in sets):
+            return False
+        s0 = sets[0]
+        kinds = set()
+        for s in sets:
+            if (s.batch, s.heads, s.head_dim) != (s0.batch, s0.heads, s0.head_dim) or len(s.pairs) != s.heads:
+                return False
+            for t, c in s.pairs:
+                if t is None:
+                    continue
+                if isinstance(c, SharedRows) or c is None:
+                    return False
+                for f in (t, c):
+                    if isinstance(f, QuantizedTensor):
+                        if f.group_dim % len(f.shape) != len(f.shape) - 1:
+                            return False
+                        kinds.add(("q", f.bits if f is t else -f.bits, f.group_size))
+                    else:
+                        kinds.add(("t", f.dtype))
+        quantized = {k[0] for k in kinds}
+        # Token factors share one format, channel factors another (all quantised or all plain).
+        return len(quantized) <= 1 and len(kinds) <= 2
+
+    def reconstruct(self) -> torch.Tensor:
+        """Every chunk of this kind rebuilt: (batch, heads, total length, head_dim), float32."""
+        device = self.runs[0]["dest"].device
+        if self.token is None:
+            return torch.zeros(self.batch, self.heads, self.length, self.head_dim, device=device)
+        outs = []
+        for run in self.runs:
+            n, t, w = run["chunks"], run["length"], run["width"]
+            p = n * self.batch * self.heads
+            first, last = run["factors"]
+            if first == last:
+                outs.append(torch.zeros(self.batch, self.heads, n * t, self.head_dim, device=device))
+                continue
+            tok = self.token.rows(first, last, t)
+            chan = self.channel.rows(first, last, self.head_dim)
+            u = tok.new_zeros(p * w, t).index_copy_(0, run["dest"], tok)
+            v = chan.new_zeros(p * w, self.head_dim).index_copy_(0, run["dest"], chan)
+            x = torch.bmm(u.view(p, w, t).transpose(1, 2), v.view(p, w, self.head_dim))
+            x = x.view(n, self.batch, self.heads, t, self.head_dim).permute(1, 2, 0, 3, 4)
+            outs.append(x.reshape(self.batch, self.heads, n * t, self.head_dim))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)

@@ -183,7 +183,9 @@ def test_stored_bytes_are_the_bytes_really_held(setting, model_name) -> None:
     for layer in chunked_layers(cache):
         layer.reconstruct_compressed()  # packs the chunks' factors into shared buffers: still counted once
         tensors = [layer.keys, layer.values, layer.sink_keys, layer.sink_values]
-        tensors += [f for chunk in layer.chunks for fs in (chunk.keys, chunk.values) for p in fs.pairs for f in p]
+        tensors += [
+            f for chunk in layer.chunks for fs in (chunk.keys, chunk.values) for p in fs.pairs for f in p
+        ]
         held = {s.data_ptr(): s.nbytes() for t in tensors for s in storages(t) if s.nbytes()}
         assert sum(held.values()) == layer.memory_stats().stored_bytes
 

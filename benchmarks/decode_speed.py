@@ -1,0 +1,153 @@
+"""Decode speed and memory at long context: the compressed cache against transformers' `DynamicCache`.
+
+On the default model (SmolLM2-135M, float32, CPU, one thread unless ``--threads``), for each context length a
+Wikipedia prompt of that many tokens is prefilled, then ``--steps`` single-token decoding steps are timed (greedy,
+one forward call each). Caches: ``dynamic`` (uncompressed) and ``chunked`` (the ``--preset``, wired in with
+``ChunkedDecomp.applied``). The two alternate within each of ``--repeats`` rounds, so both see the same machine
+load; the table gives medians of the per-step times, tokens/s and the ratio chunked ÷ dynamic (above 1 = faster).
+For each run it also records the cache's stored bytes and the process's peak RSS increase over the decoding steps
+(`MemoryTracker`), so the transient working set of the rebuild shows next to the bytes saved.
+
+    python benchmarks/decode_speed.py                      # contexts 1024 2048 4096, ~15 min on a 2-core CPU
+    python benchmarks/decode_speed.py --contexts 8192      # long: prefill alone takes minutes
+    python benchmarks/decode_speed.py --quick              # contexts 512 1024, 8 steps, 1 round
+
+Prints a table; writes ``benchmarks/results/decode_speed.json`` atomically (last stdout line: the JSON summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker
+from chunked_decomp.compat import cache_kwarg_name, output_cache
+from chunked_decomp.data import load_texts, load_token_ids
+from chunked_decomp.io import atomic_write_json
+from chunked_decomp.loading import load_model_and_tokenizer
+from chunked_decomp.memory import cache_nbytes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@torch.no_grad()
+def time_decode(model, prompt: torch.Tensor, steps: int) -> dict:
+    """Prefill prompt (1, P) with the model's default cache, then time ``steps`` greedy single-token steps."""
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    prefill_s = time.perf_counter() - t0
+    cache = output_cache(out)
+    name = cache_kwarg_name(model)
+    token = out.logits[:, -1:].argmax(-1)
+    times = []
+    with MemoryTracker(device="cpu") as mt:
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = model(input_ids=token, use_cache=True, **{name: cache})
+            times.append(time.perf_counter() - t)
+            token = out.logits[:, -1:].argmax(-1)
+    return {
+        "prefill_seconds": prefill_s,
+        "step_seconds": times,
+        "median_step_seconds": statistics.median(times),
+        "cache_bytes": cache_nbytes(cache),
+        "peak_rss_increase_mb": mt.get_peak_increase(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--preset", default="balanced")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/decode_speed.json)"
+    )
+    args = parser.parse_args()
+    for flag in ("steps", "repeats", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if any(c < 16 for c in args.contexts):
+        parser.error(f"--contexts must each be >= 16 tokens, got {args.contexts}")
+    if args.quick:
+        args.contexts, args.steps, args.repeats = [512, 1024], 8, 1
+    output = (
+        Path(args.output) if args.output else RESULTS / f"decode_speed{'_quick' if args.quick else ''}.json"
+    )
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=max(args.contexts) + 1)
+    config = CompressionConfig.from_preset(args.preset)
+    results: dict[int, dict[str, list[dict]]] = {c: {"dynamic": [], "chunked": []} for c in args.contexts}
+    for rnd in range(args.repeats):
+        for ctx in args.contexts:
+            prompt = ids[:ctx].unsqueeze(0)
+            for kind in ("dynamic", "chunked") if rnd % 2 == 0 else ("chunked", "dynamic"):
+                if kind == "chunked":
+                    with ChunkedDecomp(config=config).applied(model):
+                        r = time_decode(model, prompt, args.steps)
+                else:
+                    r = time_decode(model, prompt, args.steps)
+                results[ctx][kind].append(r)
+                print(
+                    f"round {rnd + 1} context {ctx} {kind}: {1 / r['median_step_seconds']:.2f} tok/s, "
+                    f"cache {r['cache_bytes'] / 2**20:.1f} MiB",
+                    flush=True,
+                )
+
+    rows = []
+    for ctx in args.contexts:
+        med = {k: statistics.median(s for r in v for s in r["step_seconds"]) for k, v in results[ctx].items()}
+        mem = {k: statistics.median(r["peak_rss_increase_mb"] for r in v) for k, v in results[ctx].items()}
+        cache = {k: v[-1]["cache_bytes"] for k, v in results[ctx].items()}
+        rows.append(
+            {
+                "context": ctx,
+                "dynamic_tok_s": 1 / med["dynamic"],
+                "chunked_tok_s": 1 / med["chunked"],
+                "speed_ratio": med["dynamic"] / med["chunked"],
+                "dynamic_cache_mib": cache["dynamic"] / 2**20,
+                "chunked_cache_mib": cache["chunked"] / 2**20,
+                "dynamic_decode_peak_rss_increase_mb": mem["dynamic"],
+                "chunked_decode_peak_rss_increase_mb": mem["chunked"],
+            }
+        )
+    print(f"\nSmolLM2-135M float32 CPU, {args.threads} thread(s), preset {args.preset!r}, medians of "
+          f"{args.steps} steps x {args.repeats} round(s)")  # fmt: skip
+    print(f"{'context':>7} {'dynamic tok/s':>13} {'chunked tok/s':>13} {'ratio':>6} {'cache MiB dyn/chk':>18} "
+          f"{'decode peak +MB dyn/chk':>24}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['context']:>7} {r['dynamic_tok_s']:>13.2f} {r['chunked_tok_s']:>13.2f} {r['speed_ratio']:>6.2f} "
+            f"{r['dynamic_cache_mib']:>8.1f}/{r['chunked_cache_mib']:<9.1f} "
+            f"{r['dynamic_decode_peak_rss_increase_mb']:>11.1f}/{r['chunked_decode_peak_rss_increase_mb']:<12.1f}"
+        )
+    summary = {
+        "benchmark": "decode_speed",
+        "model": "smollm2-135m",
+        "dtype": "float32",
+        "preset": args.preset,
+        "threads": args.threads,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "rows": rows,
+        "raw": {str(c): v for c, v in results.items()},
+    }
+    atomic_write_json(output, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "raw"}))
+
+
+if __name__ == "__main__":
+    main()

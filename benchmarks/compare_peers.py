@@ -44,6 +44,7 @@ from chunked_decomp.evaluation.peers import (
     kvpress_available,
 )
 from chunked_decomp.evaluation.perplexity import continuation_perplexity, recall_perplexity
+from chunked_decomp.io import atomic_open, atomic_write_json
 
 FULL_BUDGETS = (0.5, 0.25, 0.125)
 QUICK_BUDGETS = (0.25,)
@@ -287,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = f"compare_peers{'_quick' if args.quick else ''}-transformers{transformers.__version__}"
     json_path, csv_path = args.output_dir / f"{stem}.json", args.output_dir / f"{stem}.csv"
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    atomic_write_json(json_path, {"meta": meta, "rows": rows})
     columns: list[str] = []
     for row in rows:
         columns += [k for k, v in row.items() if k not in columns and not isinstance(v, (dict, list))]
-    with csv_path.open("w", newline="") as f:
+    with atomic_open(csv_path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -142,6 +142,7 @@ class ChunkedSVDLayer(DynamicLayer):
         self.chunks: list[CompressedChunk] = []
         # The chunks' factors packed for a fast rebuild; None = to build, False = layout not packable.
         self._packed: tuple | bool | None = None
+        self._rank_costs: dict[tuple[int, int, int], int] = {}
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         self.sink_region = config.num_sink_tokens
@@ -426,31 +427,58 @@ class ChunkedSVDLayer(DynamicLayer):
         start = self.sink_length + self.compressed_length
         keys = self.keys[..., :total, :].to(torch.float32)
         values = self.values[..., :total, :].to(torch.float32)
-        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        # A NaN or inf anywhere makes the sum non-finite: one cheap reduction first, the exact test only then
+        # (a sum of huge finite values may overflow).
+        if not bool(torch.isfinite(keys.sum() + values.sum())) and not (
+            torch.isfinite(keys).all() and torch.isfinite(values).all()
+        ):
             raise ValueError(
                 f"layer {self.layer_idx}: keys or values contain NaN or inf at cache positions "
                 f"{start}..{start + total - 1}; they cannot be compressed (check the model's dtype/inputs)"
             )
         pre_rope = self.config.compress_keys_pre_rope and self.inv_freq is not None
         if pre_rope:
-            keys = rotate(
-                keys, torch.arange(start, start + total, device=keys.device), self.inv_freq, inverse=True
-            )
+            keys = rotate_range(keys, start, self.inv_freq, inverse=True)
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         by_length: dict[int, list[int]] = {}
         for i, s in enumerate(sizes):
             by_length.setdefault(s, []).append(i)
-        encoded: dict[int, tuple] = {}
+        factored: dict[int, tuple] = {}
         for length, idxs in by_length.items():
             k = torch.stack([keys[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
             v = torch.stack([values[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
-            ek, ev = self._factor(k, "k"), self._factor(v, "v")
-            for j, i in enumerate(idxs):
-                encoded[i] = (ek, ev, j)
-        # Chunks are built oldest first: each one's byte budget depends on what the earlier ones stored.
+            factored[length] = (self._factor(k, "k"), self._factor(v, "v"))
+        # Ranks oldest chunk first: each one's byte budget depends on what the earlier ones store, which the
+        # ranks fix exactly (bytes are linear in the rank), so no factor is encoded before all ranks are known.
+        ranks: list[list[int]] = []
+        pending_tokens = pending_bytes = 0
         for i, s in enumerate(sizes):
-            ek, ev, j = encoded[i]
-            chunk = self._build_chunk(start + offsets[i], s, ek, ev, j, pre_rope)
+            fk, fv = factored[s]
+            j = by_length[s].index(i)
+            units = [
+                (kind, f.energy[j, gi], f.columns)
+                for kind, f in (("k", fk), ("v", fv))
+                for gi in range(f.groups)
+            ]
+            r = self._choose_ranks(
+                s, torch.stack([u[1] for u in units]), [u[0] for u in units], [u[2] for u in units],
+                pending_tokens, pending_bytes,
+            )  # fmt: skip
+            ranks.append(r)
+            pending_tokens += s
+            pending_bytes += sum(ri * self._rank_cost(s, u[2]) for ri, u in zip(r, units))
+        # Encode each length group once, cut to the largest rank any of its chunks keeps.
+        encoded: dict[int, tuple] = {}
+        for length, idxs in by_length.items():
+            fk, fv = factored[length]
+            g = fk.groups
+            top_k = max(max(ranks[i][:g]) for i in idxs)
+            top_v = max(max(ranks[i][g:]) for i in idxs)
+            encoded[length] = (self._encode(fk, top_k), self._encode(fv, top_v))
+        for i, s in enumerate(sizes):
+            ek, ev = encoded[s]
+            j = by_length[s].index(i)
+            chunk = self._build_chunk(start + offsets[i], s, ek, ev, j, ranks[i], pre_rope)
             if self.config.debug:
                 k_orig = keys[..., offsets[i] : offsets[i] + s, :]
                 v_orig = values[..., offsets[i] : offsets[i] + s, :]
@@ -475,13 +503,8 @@ class ChunkedSVDLayer(DynamicLayer):
             return x.permute(0, 1, 3, 2, 4).reshape(n * b, t, h * d)
         return x.reshape(n * b * h, t, d)
 
-    def _factor(self, x: torch.Tensor, kind: str) -> tuple:
-        """Factor and encode a stack of chunks x: (n_chunks, batch, heads, T, d) at full rank.
-
-        Returns ``(token_t, channel, energy)``: encoded factors shaped (n_chunks, groups, batch, k, T) and
-        (n_chunks, groups, batch, k, columns) — or, with a shared basis, one `SharedRows` per group — and
-        energy (n_chunks, groups, k), the share of each component in the squared norm, averaged over the batch.
-        """
+    def _factor(self, x: torch.Tensor, kind: str) -> _Factored:
+        """Factor a stack of chunks x: (n_chunks, batch, heads, T, d) at full rank, in float32 (not yet encoded)."""
         n, b, h, t, d = x.shape
         g = 1 if self.config.head_mode == "joined" else h
         mats = self._matrices(x)
@@ -496,8 +519,7 @@ class ChunkedSVDLayer(DynamicLayer):
             # Ranks keep a prefix of the basis order: make the shares non-increasing along it.
             energy = energy.flip(-1).cummax(-1).values.flip(-1).float()
             stored = self.shared_bases[kind]
-            channel = [SharedRows(stored[gi], cols) for gi in range(g)]
-            return self.codec.encode_tokens(token_t.contiguous()), channel, energy
+            return _Factored(token_t, [SharedRows(stored[gi], cols) for gi in range(g)], energy, g, cols)
         fac = factorize(
             mats, self.config.resolved_factorizer, rank=self.config.target_rank, check_finite=False
         )
@@ -506,8 +528,17 @@ class ChunkedSVDLayer(DynamicLayer):
         channel = fac.channel_factor.reshape(n, b, g, k, cols).permute(0, 2, 1, 3, 4)
         energy = fac.spectrum.reshape(n, b, g, k).permute(0, 2, 1, 3).double() ** 2
         energy = (energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)).mean(2).float()
-        token_enc, channel_enc = self.codec.encode(token_t.contiguous(), channel.contiguous())
-        return token_enc, channel_enc, energy
+        return _Factored(token_t, channel, energy, g, cols)
+
+    def _encode(self, f: _Factored, top: int) -> tuple:
+        """Encode the first ``top`` components of every factor of ``f`` (components are encoded one by one, so
+        this equals encoding all and keeping a prefix). Returns (token, channel) as stored, each
+        (n_chunks, groups, batch, top, ·), the channel a list of `SharedRows` with a shared basis."""
+        top = max(top, 1)
+        token_t = f.token_t[..., :top, :].contiguous()
+        if isinstance(f.channel, list):
+            return self.codec.encode_tokens(token_t), f.channel
+        return self.codec.encode(token_t, f.channel[..., :top, :].contiguous())
 
     def _shared_basis(self, kind: str, xg: torch.Tensor) -> torch.Tensor:
         """The layer's basis for ``kind``, computed from xg: (n, batch, groups, T, columns) on first use."""
@@ -518,17 +549,34 @@ class ChunkedSVDLayer(DynamicLayer):
             self.shared_bases[kind] = rows.to(self.codec.factor_dtype)
         return self.shared_bases[kind].to(torch.float32)
 
-    def _chunk_budget(self, length: int) -> float:
-        """Bytes this chunk may take: its share of the budget, plus credit or minus part of the debt so far."""
+    def _chunk_budget(self, length: int, pending_tokens: int = 0, pending_bytes: int = 0) -> float:
+        """Bytes this chunk may take: its share of the budget, plus credit or minus part of the debt so far.
+
+        ``pending_*``: tokens and bytes of the chunks of the same compression step decided before this one.
+        """
         ref_token = self._token_bytes(self.reference_element_size)
         rho = self.config.compression_ratio
         allowance = rho * ref_token * length
-        aged_tokens = self.sink_length + self.compressed_length
-        balance = rho * ref_token * aged_tokens - self._aged_stored_bytes()
+        aged_tokens = self.sink_length + self.compressed_length + pending_tokens
+        balance = rho * ref_token * aged_tokens - self._aged_stored_bytes() - pending_bytes
         return allowance + max(balance, -_MAX_REPAYMENT * allowance)
 
+    def _rank_cost(self, length: int, columns: int) -> int:
+        """Bytes one component of a (batch, length, columns) unit costs."""
+        key = (self.batch, length, columns)
+        if key not in self._rank_costs:
+            shared = self.config.basis_sharing == "layer"
+            self._rank_costs[key] = self.codec.rank_cost(self.batch, length, columns, shared)
+        return self._rank_costs[key]
+
     def _choose_ranks(
-        self, length: int, energies: torch.Tensor, kinds: list[str], cols: list[int]
+        self,
+        length: int,
+        energies: torch.Tensor,
+        kinds: list[str],
+        cols: list[int],
+        pending_tokens: int = 0,
+        pending_bytes: int = 0,
     ) -> list[int]:
         """Ranks of the units (key/value × group) of one chunk. energies: (units, k)."""
         cfg = self.config
@@ -537,10 +585,9 @@ class ChunkedSVDLayer(DynamicLayer):
             return [k] * len(kinds)
         if cfg.target_rank is not None:
             return [min(cfg.target_rank, k)] * len(kinds)
-        shared = cfg.basis_sharing == "layer"
-        per_rank = [self.codec.rank_cost(self.batch, length, c, shared) for c in cols]
+        per_rank = [self._rank_cost(length, c) for c in cols]
         floors = [min(k, math.ceil(cfg.min_rank_ratio * k)) for _ in kinds]
-        budget = self._chunk_budget(length)
+        budget = self._chunk_budget(length, pending_tokens, pending_bytes)
         if cfg.adaptive_rank:
             weights = torch.tensor([cfg.key_weight if kd == "k" else 1.0 for kd in kinds])[:, None]
             return choose_ranks_linear(energies * weights, per_rank, budget, floors)
@@ -553,17 +600,13 @@ class ChunkedSVDLayer(DynamicLayer):
         return ranks
 
     def _build_chunk(
-        self, start: int, length: int, ek: tuple, ev: tuple, j: int, pre_rope: bool
+        self, start: int, length: int, ek: tuple, ev: tuple, j: int, ranks: list[int], pre_rope: bool
     ) -> CompressedChunk:
-        units = []  # (kind, token_t, channel, energy) for chunk j
-        for kind, (tok, chan, energy) in (("k", ek), ("v", ev)):
-            for gi in range(energy.shape[1]):
-                units.append(
-                    (kind, tok[j, gi], chan[gi] if isinstance(chan, list) else chan[j, gi], energy[j, gi])
-                )
-        ranks = self._choose_ranks(
-            length, torch.stack([u[3] for u in units]), [u[0] for u in units], [u[2].shape[-1] for u in units]
-        )
+        """Chunk ``j`` of encoded length-group factors ``ek``/``ev``, at ``ranks`` (key groups, then value groups)."""
+        units = []  # (kind, token_t, channel) of chunk j
+        for kind, (tok, chan) in (("k", ek), ("v", ev)):
+            for gi in range(len(chan) if isinstance(chan, list) else chan.shape[1]):
+                units.append((kind, tok[j, gi], chan[gi] if isinstance(chan, list) else chan[j, gi]))
         sets = {}
         for kind, head_dim in (("k", self.head_dim), ("v", self.v_head_dim)):
             pairs = [(take_rank(u[1], r), take_rank(u[2], r)) for u, r in zip(units, ranks) if u[0] == kind]
@@ -571,6 +614,21 @@ class ChunkedSVDLayer(DynamicLayer):
                 pairs, self.batch, length, self.heads, head_dim, self.config.head_mode == "joined"
             )
         return CompressedChunk(start, length, sets["k"], sets["v"], pre_rope)
+
+
+@dataclass
+class _Factored:
+    """Float factors of a stack of equal-length chunks of one kind, before encoding.
+
+    token_t: (n_chunks, groups, batch, k, T); channel: (n_chunks, groups, batch, k, columns) or one `SharedRows`
+    per group; energy: (n_chunks, groups, k), each component's share of the squared norm (batch mean).
+    """
+
+    token_t: torch.Tensor
+    channel: torch.Tensor | list
+    energy: torch.Tensor
+    groups: int
+    columns: int
 
 
 class ChunkedSVDCache(Cache):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -237,18 +238,18 @@ def choose_ranks_linear(
     energy per byte while the total fits ``budget``; each unit keeps a prefix of its spectrum because its
     scores are sorted. Returns one rank per unit.
     """
-    units, k = energies.shape
-    cost = torch.tensor(rank_cost, dtype=torch.float64)
-    floors = torch.tensor(min_ranks, dtype=torch.long).clamp(max=k)
-    spent = float((floors.double() * cost).sum())
-    score = energies.double() / cost.clamp_min(1)[:, None]
-    taken = torch.arange(k)[None, :] < floors[:, None]
-    score = score.masked_fill(taken, float("-inf"))
-    order = score.flatten().argsort(descending=True)
-    order = order[torch.isfinite(score.flatten()[order])]
-    steps = cost[order // k]
-    fits = torch.cumsum(steps, 0) <= (budget - spent)
-    n_take = int(fits.long().cumprod(0).sum())
-    ranks = floors.clone()
-    ranks += torch.bincount(order[:n_take] // k, minlength=units)
-    return ranks.tolist()
+    # numpy: a few hundred scores, where each torch call would cost more than its work.
+    e = energies.detach().to("cpu", torch.float64).numpy()
+    units, k = e.shape
+    cost = np.asarray(rank_cost, dtype=np.float64)
+    floors = np.minimum(np.asarray(min_ranks, dtype=np.int64), k)
+    spent = float((floors * cost).sum())
+    score = e / np.maximum(cost, 1)[:, None]
+    score[np.arange(k)[None, :] < floors[:, None]] = -np.inf
+    flat = score.ravel()
+    order = np.argsort(-flat, kind="stable")
+    order = order[np.isfinite(flat[order])]
+    fits = np.cumsum(cost[order // k]) <= (budget - spent)
+    n_take = int(np.cumprod(fits).sum())
+    ranks = floors + np.bincount(order[:n_take] // k, minlength=units)
+    return [int(r) for r in ranks]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -204,8 +205,9 @@ class CompressedChunk:
     keys_pre_rope: bool
     info: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
+        """Bytes stored (fixed once built: cropping or batch selection makes a new chunk)."""
         return self.keys.nbytes + self.values.nbytes
 
     def crop(self, length: int) -> CompressedChunk:

@@ -232,8 +232,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], dim=-1)
     codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.uint8) * bits
-    return (codes << shifts).sum(dim=-1, dtype=torch.uint8)
+    # OR-ing shifted slices is several times faster than a uint8 sum over a broadcast shift.
+    packed = codes[..., 0].clone()
+    for i in range(1, per_byte):
+        packed |= codes[..., i] << (i * bits)
+    return packed
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from chunked_decomp.decomposition import (
     choose_ranks_adaptive,
     choose_ranks_fixed,
+    choose_ranks_linear,
     factorize,
     factorize_randomized,
     relative_error,
@@ -277,3 +278,53 @@ def test_rotate_matches_transformers_llama() -> None:
     cos, sin = rope(keys, pos[None].expand(2, -1))
     _, expected = apply_rotary_pos_emb(keys, keys, cos, sin)
     assert torch.allclose(rotate(keys, pos, rope.inv_freq), expected, atol=1e-5)
+
+
+# ---- choose_ranks_linear: the allocation the cache uses --------------------------------------------------------
+
+
+def test_choose_ranks_linear_hand_computed() -> None:
+    # Unit 0 costs 10 bytes per component, unit 1 costs 20; scores = energy / cost.
+    energies = torch.tensor([[0.5, 0.3, 0.2], [0.9, 0.08, 0.02]])
+    # Scores: u0 0.05 0.03 0.02, u1 0.045 0.004 0.001 → order u0c0, u1c0, u0c1, u0c2, u1c1, u1c2.
+    assert choose_ranks_linear(energies, [10, 20], budget=30, min_ranks=[0, 0]) == [1, 1]
+    assert choose_ranks_linear(energies, [10, 20], budget=50, min_ranks=[0, 0]) == [3, 1]
+    assert choose_ranks_linear(energies, [10, 20], budget=49, min_ranks=[0, 0]) == [2, 1]
+    # Floors are paid first; then the best remaining component that fits... and the walk stops at the first misfit.
+    assert choose_ranks_linear(energies, [10, 20], budget=40, min_ranks=[0, 2]) == [0, 2]
+    assert choose_ranks_linear(energies, [10, 20], budget=0, min_ranks=[1, 1]) == [1, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    units=st.integers(1, 6),
+    k=st.integers(1, 12),
+    budget=st.floats(0, 400),
+)
+def test_choose_ranks_linear_equals_the_greedy_reference_at_equal_costs(seed, units, k, budget) -> None:
+    g = torch.Generator().manual_seed(seed)
+    energies = torch.rand(units, k, generator=g).sort(dim=-1, descending=True).values
+    floors = torch.randint(0, k + 1, (units,), generator=g).tolist()
+    cost = 7
+    linear = choose_ranks_linear(energies, [cost] * units, budget, floors)
+    greedy = choose_ranks_adaptive(list(energies), [lambda r: cost * r] * units, budget, floors)
+    assert linear == greedy
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), units=st.integers(1, 6), k=st.integers(1, 12), budget=st.floats(0, 2000))
+def test_choose_ranks_linear_takes_the_best_components_within_budget(seed, units, k, budget) -> None:
+    g = torch.Generator().manual_seed(seed)
+    energies = torch.rand(units, k, generator=g).sort(dim=-1, descending=True).values
+    costs = torch.randint(1, 40, (units,), generator=g).tolist()
+    floors = torch.randint(0, k + 1, (units,), generator=g).tolist()
+    ranks = choose_ranks_linear(energies, costs, budget, floors)
+    assert all(f <= r <= k for f, r in zip(floors, ranks))
+    extra = sum((r - f) * c for r, f, c in zip(ranks, floors, costs))
+    assert extra <= max(budget - sum(f * c for f, c in zip(floors, costs)), 0) + 1e-9
+    # Every component taken beyond the floors scores at least as well as every one left out.
+    taken = [float(energies[u, j]) / costs[u] for u in range(units) for j in range(floors[u], ranks[u])]
+    left = [float(energies[u, j]) / costs[u] for u in range(units) for j in range(ranks[u], k)]
+    if taken and left:
+        assert min(taken) >= max(left) - 1e-12

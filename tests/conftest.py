@@ -113,6 +113,22 @@ def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def make_bpe_tokenizer(text: str):
+    """A small byte-pair tokenizer (128 tokens, Metaspace pre-tokenizer) trained offline on ``text``'s paragraphs,
+    with ``<pad>``, ``</s>`` and ``<unk>`` special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"])
+    tok.train_from_iterator(text.split("\n\n"), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory() -> Callable[..., torch.nn.Module]:
     return make_tiny_model

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from chunked_decomp.cli import main
-from conftest import make_tiny_model
+from conftest import make_bpe_tokenizer, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -52,20 +52,6 @@ WORDS = [
 ]
 
 
-def _tokenizer(text: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"])
-    tok.train_from_iterator(text.split("\n\n"), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama and a tiny BERT saved with an offline BPE tokenizer, a text file and an empty one."""
@@ -74,7 +60,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) + "." for _ in range(60))
     (root / "text.txt").write_text(text, encoding="utf-8")
     (root / "empty.txt").write_text("\n \n\t\n", encoding="utf-8")
-    tokenizer = _tokenizer(text)
+    tokenizer = make_bpe_tokenizer(text)
     for name, model in (("llama", make_tiny_model("llama")), ("bert", make_tiny_model("bert"))):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from chunked_decomp.evaluation.methods import FullCache, method_from_spec
 from chunked_decomp.evaluation.passkey import (
@@ -15,6 +15,7 @@ from chunked_decomp.evaluation.passkey import (
     greedy_decode,
     passkey_accuracy,
 )
+from conftest import make_tiny_model
 
 
 class CharTokenizer:
@@ -34,16 +35,7 @@ def tokenizer() -> CharTokenizer:
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_model("llama")
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])

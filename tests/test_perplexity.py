@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from chunked_decomp.evaluation.methods import FullCache, KVMethod, chunked_method, method_from_spec
 from chunked_decomp.evaluation.peers import KVPRESS_PRESSES, kvpress_available
@@ -18,22 +18,14 @@ from chunked_decomp.evaluation.perplexity import (
     recall_perplexity,
     streaming_perplexity,
 )
+from conftest import make_tiny_model
 
 VOCAB = 128
 
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_model("llama")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ import torch
 from chunked_decomp import ChunkedDecomp
 from chunked_decomp.cli import main
 from chunked_decomp.compat import cache_kwarg_name, output_cache
-from conftest import make_tiny_model, random_ids
+from conftest import make_bpe_tokenizer, make_tiny_model, random_ids
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -59,18 +59,7 @@ WORDS = [
 
 
 def _save_tiny_model(folder: Path, text: str) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(
-        text.split("\n\n"), trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"])
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tokenizer = make_bpe_tokenizer(text)
     make_tiny_model("llama").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

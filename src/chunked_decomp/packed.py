@@ -125,7 +125,8 @@ class PackedFactors:
                         continue
                     n_factors += 1
                     for b in range(self.batch):
-                        base = ((cl * self.batch + b) * self.heads + h) * width
+                        # Products ordered (batch, head, chunk): the result is (batch, heads, tokens, d) as is.
+                        base = ((b * self.heads + h) * (j - i) + cl) * width
                         dest.extend(range(base, base + r))
             self.runs.append(
                 dict(
@@ -191,6 +192,5 @@ class PackedFactors:
             u = tok.new_zeros(p * w, t).index_copy_(0, run["dest"], tok)
             v = chan.new_zeros(p * w, self.head_dim).index_copy_(0, run["dest"], chan)
             x = torch.bmm(u.view(p, w, t).transpose(1, 2), v.view(p, w, self.head_dim))
-            x = x.view(n, self.batch, self.heads, t, self.head_dim).permute(1, 2, 0, 3, 4)
-            outs.append(x.reshape(self.batch, self.heads, n * t, self.head_dim))
+            outs.append(x.view(self.batch, self.heads, n * t, self.head_dim))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)

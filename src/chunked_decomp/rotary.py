@@ -56,7 +56,7 @@ def _apply(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool)
     if inverse:
         sin = -sin
     k_rot, k_pass = k[..., :rot_dim], k[..., rot_dim:]
-    out = k_rot * cos + _rotate_half(k_rot) * sin
+    out = (k_rot * cos).addcmul_(_rotate_half(k_rot), sin)
     if k_pass.shape[-1] == 0:
         return out
     return torch.cat((out, k_pass), dim=-1)

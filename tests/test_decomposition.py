@@ -290,7 +290,7 @@ def test_choose_ranks_linear_hand_computed() -> None:
     assert choose_ranks_linear(energies, [10, 20], budget=30, min_ranks=[0, 0]) == [1, 1]
     assert choose_ranks_linear(energies, [10, 20], budget=50, min_ranks=[0, 0]) == [3, 1]
     assert choose_ranks_linear(energies, [10, 20], budget=49, min_ranks=[0, 0]) == [2, 1]
-    # Floors are paid first; then the best remaining component that fits... and the walk stops at the first misfit.
+    # Floors are paid first from the same budget; the walk stops at the first component that does not fit.
     assert choose_ranks_linear(energies, [10, 20], budget=40, min_ranks=[0, 2]) == [0, 2]
     assert choose_ranks_linear(energies, [10, 20], budget=0, min_ranks=[1, 1]) == [1, 1]
 

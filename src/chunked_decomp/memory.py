@@ -5,6 +5,8 @@ the peak resident set size of the process during the block, sampled by a backgro
 VmRSS, or psutil when present) every ``interval`` seconds. On Linux the kernel's own high-water mark
 (``VmHWM``) is reset at the start of the block (``/proc/self/clear_refs``) and read at its end, so a spike
 between two samples is still counted; where the reset is not allowed, short spikes between samples can be missed.
+The mark is per process: a tracker started inside another one resets it, so for the time before that the outer
+tracker has only its own samples (its peak can be low then, never high).
 """
 
 from __future__ import annotations

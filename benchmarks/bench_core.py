@@ -7,7 +7,8 @@ apart (the first at token 5,000, the window of earlier reports) and gives the fi
 increase (mean log-perplexity) and the worst window. Budgets ρ are relative to a 16-bit
 cache (the literature's convention); the float32 cache the CPU model really keeps is twice as large, so both
 ratios are reported. Then greedy generation of 128 tokens after a 1,500-token prompt, compressed vs. not: tokens
-agreeing before the first difference and in total; and the time spent compressing vs. the forward passes.
+agreeing before the first difference and in total; and the time spent compressing vs. the forward passes
+(prefill: median of ``--timing_runs`` runs).
 
     python benchmarks/bench_core.py                      # full run (a few minutes on 2 cores)
     python benchmarks/bench_core.py --quick              # smaller, for a smoke test

@@ -443,6 +443,8 @@ class ChunkedSVDLayer(DynamicLayer):
         by_length: dict[int, list[int]] = {}
         for i, s in enumerate(sizes):
             by_length.setdefault(s, []).append(i)
+        # Chunk i is chunk number j of its length group's stacked factors.
+        slot = {i: j for idxs in by_length.values() for j, i in enumerate(idxs)}
         factored: dict[int, tuple] = {}
         for length, idxs in by_length.items():
             k = torch.stack([keys[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
@@ -454,7 +456,7 @@ class ChunkedSVDLayer(DynamicLayer):
         pending_tokens = pending_bytes = 0
         for i, s in enumerate(sizes):
             fk, fv = factored[s]
-            j = by_length[s].index(i)
+            j = slot[i]
             units = [
                 (kind, f.energy[j, gi], f.columns)
                 for kind, f in (("k", fk), ("v", fv))
@@ -477,7 +479,7 @@ class ChunkedSVDLayer(DynamicLayer):
             encoded[length] = (self._encode(fk, top_k), self._encode(fv, top_v))
         for i, s in enumerate(sizes):
             ek, ev = encoded[s]
-            j = by_length[s].index(i)
+            j = slot[i]
             chunk = self._build_chunk(start + offsets[i], s, ek, ev, j, ranks[i], pre_rope)
             if self.config.debug:
                 k_orig = keys[..., offsets[i] : offsets[i] + s, :]

@@ -29,9 +29,10 @@ def _prod(xs) -> int:
 class _FlatRole:
     """One role (token or channel factors) of one kind: every factor's storage concatenated in chunk, head order.
 
-    After construction each factor's tensors are views of the flat buffers. ``offsets[i]`` is where factor ``i``
-    starts, as (code or plain-value offset, group offset); a span of factors whose rows all have the same
-    length is dequantised in one go by :meth:`rows`.
+    After construction each factor's tensors are views of the flat buffers: quantised factors are re-pointed in
+    place; plain tensors cannot be, so their views are in ``views`` for the caller to put back. ``offsets[i]`` is
+    where factor ``i`` starts, as (code or plain-value offset, group offset); a span of factors whose rows all
+    have the same length is dequantised in one go by :meth:`rows`.
     """
 
     def __init__(self, factors: list[torch.Tensor | QuantizedTensor]):
@@ -49,7 +50,6 @@ class _FlatRole:
                 f.scale = self.scale[g : g + f.scale.numel()].view(f.scale.shape)
                 f.minimum = self.minimum[g : g + f.minimum.numel()].view(f.minimum.shape)
                 self.offsets.append((c + f.codes.numel(), g + f.scale.numel()))
-            self.views = factors
         else:
             self.data = torch.cat([f.reshape(-1) for f in factors])
             self.views = []
@@ -107,6 +107,7 @@ class PackedFactors:
             for (ci, h), tv, cv in zip(slots, self.token.views, self.channel.views):
                 sets[ci].pairs[h] = (tv, cv)
         # Runs of consecutive chunks of equal length, each rebuilt by one padded batched product.
+        device = self._device(sets)
         self.runs = []
         factor_idx = 0
         i = 0
@@ -115,7 +116,7 @@ class PackedFactors:
             while j < len(sets) and sets[j].length == sets[i].length:
                 j += 1
             length = sets[i].length
-            ranks = [[r for r in sets[c].ranks] for c in range(i, j)]
+            ranks = [sets[c].ranks for c in range(i, j)]
             width = max([max(r) for r in ranks] + [1])
             dest = []
             n_factors = 0
@@ -133,7 +134,7 @@ class PackedFactors:
                     chunks=j - i,
                     length=length,
                     width=width,
-                    dest=torch.tensor(dest, dtype=torch.int64, device=self._device(sets)),
+                    dest=torch.tensor(dest, dtype=torch.int64, device=device),
                     factors=(factor_idx, factor_idx + n_factors),
                 )
             )

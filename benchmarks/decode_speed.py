@@ -2,9 +2,12 @@
 
 On the default model (SmolLM2-135M, float32, CPU, one thread unless ``--threads``), for each context length a
 Wikipedia prompt of that many tokens is prefilled, then ``--steps`` single-token decoding steps are timed (greedy,
-one forward call each). Caches: ``dynamic`` (uncompressed) and ``chunked`` (the ``--preset``, wired in with
-``ChunkedDecomp.applied``). The two alternate within each of ``--repeats`` rounds, so both see the same machine
-load; the table gives medians of the per-step times, tokens/s and the ratio chunked ÷ dynamic (above 1 = faster).
+one forward call each). Caches: ``dynamic`` (uncompressed) and one compressed cache per ``--modes`` entry (the
+``--preset``, wired in with ``ChunkedDecomp.applied``): ``rebuild`` (compressed chunks rebuilt each step, the
+model's own attention), ``factored`` (attention over the factors: values factored, pre-rotary keys rebuilt) and
+``factored_post_rope`` (keys factored after the rotary embedding, so neither is rebuilt). The caches alternate
+within each of ``--repeats`` rounds, so all see the same machine load; the table gives medians of the per-step
+times, tokens/s and the ratio compressed ÷ dynamic speed (above 1 = faster).
 For each run it also records the cache's stored bytes and the process's peak RSS increase over the decoding steps
 (`MemoryTracker`), so the transient working set of the rebuild shows next to the bytes saved.
 
@@ -34,6 +37,11 @@ from chunked_decomp.loading import load_model_and_tokenizer
 from chunked_decomp.memory import cache_nbytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODES = {
+    "rebuild": {},
+    "factored": {"decode_attention": "factored"},
+    "factored_post_rope": {"decode_attention": "factored", "compress_keys_pre_rope": False},
+}
 
 
 @torch.no_grad()
@@ -67,6 +75,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--preset", default="balanced")
+    parser.add_argument(
+        "--modes", nargs="+", default=["rebuild", "factored", "factored_post_rope"], choices=list(MODES)
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
@@ -87,14 +98,15 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=max(args.contexts) + 1)
-    config = CompressionConfig.from_preset(args.preset)
-    results: dict[int, dict[str, list[dict]]] = {c: {"dynamic": [], "chunked": []} for c in args.contexts}
+    configs = {m: CompressionConfig.from_preset(args.preset, **MODES[m]) for m in args.modes}
+    kinds = ["dynamic", *args.modes]
+    results: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in kinds} for c in args.contexts}
     for rnd in range(args.repeats):
         for ctx in args.contexts:
             prompt = ids[:ctx].unsqueeze(0)
-            for kind in ("dynamic", "chunked") if rnd % 2 == 0 else ("chunked", "dynamic"):
-                if kind == "chunked":
-                    with ChunkedDecomp(config=config).applied(model):
+            for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+                if kind in configs:
+                    with ChunkedDecomp(config=configs[kind]).applied(model):
                         r = time_decode(model, prompt, args.steps)
                 else:
                     r = time_decode(model, prompt, args.steps)
@@ -109,34 +121,31 @@ def main() -> None:
     for ctx in args.contexts:
         med = {k: statistics.median(s for r in v for s in r["step_seconds"]) for k, v in results[ctx].items()}
         mem = {k: statistics.median(r["peak_rss_increase_mb"] for r in v) for k, v in results[ctx].items()}
-        cache = {k: v[-1]["cache_bytes"] for k, v in results[ctx].items()}
-        rows.append(
-            {
-                "context": ctx,
-                "dynamic_tok_s": 1 / med["dynamic"],
-                "chunked_tok_s": 1 / med["chunked"],
-                "speed_ratio": med["dynamic"] / med["chunked"],
-                "dynamic_cache_mib": cache["dynamic"] / 2**20,
-                "chunked_cache_mib": cache["chunked"] / 2**20,
-                "dynamic_decode_peak_rss_increase_mb": mem["dynamic"],
-                "chunked_decode_peak_rss_increase_mb": mem["chunked"],
-            }
-        )
+        row = {"context": ctx}
+        for k in kinds:
+            row[f"{k}_tok_s"] = 1 / med[k]
+            row[f"{k}_cache_mib"] = results[ctx][k][-1]["cache_bytes"] / 2**20
+            row[f"{k}_decode_peak_rss_increase_mb"] = mem[k]
+            if k != "dynamic":
+                row[f"{k}_speed_ratio"] = med["dynamic"] / med[k]
+        rows.append(row)
     print(f"\nSmolLM2-135M float32 CPU, {args.threads} thread(s), preset {args.preset!r}, medians of "
-          f"{args.steps} steps x {args.repeats} round(s)")  # fmt: skip
-    print(f"{'context':>7} {'dynamic tok/s':>13} {'chunked tok/s':>13} {'ratio':>6} {'cache MiB dyn/chk':>18} "
-          f"{'decode peak +MB dyn/chk':>24}")  # fmt: skip
+          f"{args.steps} steps x {args.repeats} round(s); tok/s (ratio to dynamic)")  # fmt: skip
+    print(f"{'context':>7} " + " ".join(f"{k:>26}" for k in kinds) + f" {'cache MiB dyn/compressed':>25}")
     for r in rows:
+        cells = [f"{r['dynamic_tok_s']:>26.2f}"] + [
+            f"{r[f'{k}_tok_s']:>18.2f} ({r[f'{k}_speed_ratio']:.2f})" for k in args.modes
+        ]
         print(
-            f"{r['context']:>7} {r['dynamic_tok_s']:>13.2f} {r['chunked_tok_s']:>13.2f} {r['speed_ratio']:>6.2f} "
-            f"{r['dynamic_cache_mib']:>8.1f}/{r['chunked_cache_mib']:<9.1f} "
-            f"{r['dynamic_decode_peak_rss_increase_mb']:>11.1f}/{r['chunked_decode_peak_rss_increase_mb']:<12.1f}"
-        )
+            f"{r['context']:>7} " + " ".join(cells)
+            + f" {r['dynamic_cache_mib']:>12.1f}/{r[f'{args.modes[0]}_cache_mib']:<12.1f}"
+        )  # fmt: skip
     summary = {
         "benchmark": "decode_speed",
         "model": "smollm2-135m",
         "dtype": "float32",
         "preset": args.preset,
+        "modes": args.modes,
         "threads": args.threads,
         "steps": args.steps,
         "repeats": args.repeats,

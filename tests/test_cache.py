@@ -41,6 +41,9 @@ CONTRACT_CONFIGS: dict[str, dict] = {
     "two_bit": {"quantization_bits": 2, "basis_bits": 4},
     "min_rank_floor": {"min_rank_ratio": 0.25},
     "reference_fp16": {"reference_dtype": "float16"},
+    # Attention over the factors (values factored, pre-rotary keys rebuilt), and with keys factored too.
+    "factored_attention": {"decode_attention": "factored"},
+    "factored_attention_post_rope": {"decode_attention": "factored", "compress_keys_pre_rope": False},
 }
 # Settings whose stored bytes the budget governs (the others fix a rank or keep full rank).
 BUDGETED = [
@@ -58,6 +61,7 @@ CONTRACT_CASES = [(s, "llama") for s in CONTRACT_CONFIGS] + [
         "unquantised_fp32",
         "dynamic_chunking",
         "post_rope_keys",
+        "factored_attention_post_rope",
     )
 ]
 # Rank covering every head or joined layer of the tiny models: "full rank" for every setting.
@@ -180,14 +184,18 @@ def test_stored_bytes_are_the_bytes_really_held(setting, model_name) -> None:
             return [s for x in (t.codes, t.scale, t.minimum) for s in storages(x)]
         return [t.untyped_storage()]
 
-    for layer in chunked_layers(cache):
-        layer.reconstruct_compressed()  # packs the chunks' factors into shared buffers: still counted once
+    def held(layer) -> int:
         tensors = [layer.keys, layer.values, layer.sink_keys, layer.sink_values]
         tensors += [
             f for chunk in layer.chunks for fs in (chunk.keys, chunk.values) for p in fs.pairs for f in p
         ]
-        held = {s.data_ptr(): s.nbytes() for t in tensors for s in storages(t) if s.nbytes()}
-        assert sum(held.values()) == layer.memory_stats().stored_bytes
+        return sum({s.data_ptr(): s.nbytes() for t in tensors for s in storages(t) if s.nbytes()}.values())
+
+    for layer in chunked_layers(cache):
+        # As compressed: a chunk's factors are views of buffers that hold exactly its kept components.
+        assert held(layer) == layer.memory_stats().stored_bytes
+        layer.reconstruct_compressed()  # packs the chunks' factors into shared buffers: still counted once
+        assert held(layer) == layer.memory_stats().stored_bytes
 
 
 @contract

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chunked_decomp.factors import FactorCodec
 from chunked_decomp.quantization import (
     QuantizedTensor,
     pack_codes,
@@ -207,3 +208,20 @@ def test_property_pack_round_trip(codes, bits) -> None:
     packed = pack_codes(t, bits)
     assert packed.numel() == math.ceil(len(codes) * bits / 8)
     assert torch.equal(unpack_codes(packed, bits, len(codes)), t)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("t, n, group_size", [(192, 64, 64), (252, 64, 64), (60, 48, 32), (20, 12, 8)])
+def test_factor_codec_joint_encoding_equals_two_quantizations(bits, t, n, group_size) -> None:
+    # The codec quantises a component's token and channel rows in one call when it can: the codes, scales and
+    # minima must be those of quantising each factor on its own.
+    torch.manual_seed(bits + t)
+    token_t, channel = torch.randn(2, 3, 5, t), torch.randn(2, 3, 5, n) * 7
+    codec = FactorCodec(True, bits, bits, group_size, torch.float16)
+    enc_t, enc_c = codec.encode(token_t, channel)
+    for enc, x in ((enc_t, token_t), (enc_c, channel)):
+        ref = quantize(x, bits, group_size, group_dim=-1, scale_dtype=torch.float16)
+        assert enc.shape == ref.shape and enc.nbytes == ref.nbytes
+        assert torch.equal(enc.codes, ref.codes)
+        assert torch.equal(enc.scale, ref.scale) and torch.equal(enc.minimum, ref.minimum)
+        assert torch.equal(enc.dequantize(), ref.dequantize())

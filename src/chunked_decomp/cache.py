@@ -19,13 +19,16 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from chunked_decomp.attention import FactoredContext, use_factored_attention
 from chunked_decomp.config import CompressionConfig
 from chunked_decomp.decomposition import choose_ranks_linear, factorize, relative_error, single_thread_lapack
 from chunked_decomp.factors import CompressedChunk, FactorCodec, FactorSet, SharedRows, take_rank
 from chunked_decomp.packed import PackedFactors
+from chunked_decomp.quantization import QuantizedTensor
 from chunked_decomp.rotary import rotate, rotate_range
 
 logger = logging.getLogger("chunked_decomp")
@@ -240,9 +243,30 @@ class ChunkedSVDLayer(DynamicLayer):
             )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        keys_out, values_out = self._full_states()
+        if self.config.decode_attention == "factored" and self.chunks:
+            keys_out, values_out = self.factored_context().handles()
+        else:
+            keys_out, values_out = self._full_states()
         self._age_tokens(final=False)
         return keys_out, values_out
+
+    def factored_context(self) -> FactoredContext:
+        """This layer's states for :func:`~chunked_decomp.attention.factored_attention`: exact sinks and tail,
+        chunks as factors (values always; keys unless factored before the rotary embedding, then rebuilt)."""
+        ctx = FactoredContext(self.sink_keys, self.sink_values, self.keys, self.values)
+        packed = self._packed_factors()
+        if packed is None:
+            ctx.keys, ctx.values = self.reconstruct_compressed()
+            return ctx
+        ctx.value_runs = packed[1].factors()
+        rotated = [c.keys_pre_rope for c in self.chunks]
+        if not any(rotated):
+            ctx.key_runs = packed[0].factors()
+        elif all(rotated):
+            ctx.keys = rotate_range(packed[0].reconstruct(), self.chunks[0].start, self.inv_freq)
+        else:
+            ctx.keys = self.reconstruct_compressed()[0]
+        return ctx
 
     def _full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.chunks:
@@ -406,8 +430,13 @@ class ChunkedSVDLayer(DynamicLayer):
         if not cfg.dynamic_chunking:
             n = avail // c
             sizes = [c] * n
-            if final and avail - n * c > 0:
-                sizes.append(avail - n * c)
+            rest = avail - n * c
+            if final and rest > 0:
+                # A remainder under half a chunk joins the last chunk: one basis fewer to store and compute.
+                if n and 2 * rest < c:
+                    sizes[-1] += rest
+                else:
+                    sizes.append(rest)
             return sizes
         # Dynamic: longer sequences get longer chunks (the basis cost is spread over more tokens), and a span
         # is split into near-equal chunks instead of leaving a short remainder.
@@ -445,38 +474,49 @@ class ChunkedSVDLayer(DynamicLayer):
             by_length.setdefault(s, []).append(i)
         # Chunk i is chunk number j of its length group's stacked factors.
         slot = {i: j for idxs in by_length.values() for j, i in enumerate(idxs)}
+        # Keys and values of equal head size are factored and encoded as one stack (half the calls, each on
+        # twice the matrices): chunk j's keys are entry j of the stack, its values entry n + j.
+        joint = self.config.basis_sharing != "layer" and self.head_dim == self.v_head_dim
         factored: dict[int, tuple] = {}
         for length, idxs in by_length.items():
             k = torch.stack([keys[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
             v = torch.stack([values[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
-            factored[length] = (self._factor(k, "k"), self._factor(v, "v"))
+            if joint:
+                f = self._factor(torch.cat([k, v]), "kv")
+                factored[length] = (f.part(0, len(idxs)), f.part(len(idxs), 2 * len(idxs)), f)
+            else:
+                factored[length] = (self._factor(k, "k"), self._factor(v, "v"), None)
         # Ranks oldest chunk first: each one's byte budget depends on what the earlier ones store, which the
         # ranks fix exactly (bytes are linear in the rank), so no factor is encoded before all ranks are known.
         ranks: list[list[int]] = []
         pending_tokens = pending_bytes = 0
+        # Energy shares of every unit of a group's chunks, (n_chunks, key groups + value groups, k), on the host
+        # once: the allocation is a few hundred scores per chunk, where each device op would cost more.
+        shares = {
+            s: np.concatenate([fk.energy.cpu().numpy(), fv.energy.cpu().numpy()], axis=1)
+            for s, (fk, fv, _) in factored.items()
+        }
+        stored = self._aged_stored_bytes()
         for i, s in enumerate(sizes):
-            fk, fv = factored[s]
-            j = slot[i]
-            units = [
-                (kind, f.energy[j, gi], f.columns)
-                for kind, f in (("k", fk), ("v", fv))
-                for gi in range(f.groups)
-            ]
-            r = self._choose_ranks(
-                s, torch.stack([u[1] for u in units]), [u[0] for u in units], [u[2] for u in units],
-                pending_tokens, pending_bytes,
-            )  # fmt: skip
+            fk, fv, _ = factored[s]
+            kinds = ["k"] * fk.groups + ["v"] * fv.groups
+            cols = [fk.columns] * fk.groups + [fv.columns] * fv.groups
+            r = self._choose_ranks(s, shares[s][slot[i]], kinds, cols, pending_tokens, pending_bytes, stored)
             ranks.append(r)
             pending_tokens += s
-            pending_bytes += sum(ri * self._rank_cost(s, u[2]) for ri, u in zip(r, units))
+            pending_bytes += sum(ri * self._rank_cost(s, c) for ri, c in zip(r, cols))
         # Encode each length group once, cut to the largest rank any of its chunks keeps.
         encoded: dict[int, tuple] = {}
         for length, idxs in by_length.items():
-            fk, fv = factored[length]
+            fk, fv, fj = factored[length]
             g = fk.groups
             top_k = max(max(ranks[i][:g]) for i in idxs)
             top_v = max(max(ranks[i][g:]) for i in idxs)
-            encoded[length] = (self._encode(fk, top_k), self._encode(fv, top_v))
+            if fj is not None:
+                both = self._encode(fj, max(top_k, top_v))
+                encoded[length] = ((*both, 0), (*both, len(idxs)))
+            else:
+                encoded[length] = ((*self._encode(fk, top_k), 0), (*self._encode(fv, top_v), 0))
         for i, s in enumerate(sizes):
             ek, ev = encoded[s]
             j = slot[i]
@@ -551,16 +591,20 @@ class ChunkedSVDLayer(DynamicLayer):
             self.shared_bases[kind] = rows.to(self.codec.factor_dtype)
         return self.shared_bases[kind].to(torch.float32)
 
-    def _chunk_budget(self, length: int, pending_tokens: int = 0, pending_bytes: int = 0) -> float:
+    def _chunk_budget(
+        self, length: int, pending_tokens: int = 0, pending_bytes: int = 0, stored: int | None = None
+    ) -> float:
         """Bytes this chunk may take: its share of the budget, plus credit or minus part of the debt so far.
 
-        ``pending_*``: tokens and bytes of the chunks of the same compression step decided before this one.
+        ``pending_*``: tokens and bytes of the chunks of the same compression step decided before this one;
+        ``stored``: the aged bytes held before that step, when the caller has them (else counted here).
         """
         ref_token = self._token_bytes(self.reference_element_size)
         rho = self.config.compression_ratio
         allowance = rho * ref_token * length
         aged_tokens = self.sink_length + self.compressed_length + pending_tokens
-        balance = rho * ref_token * aged_tokens - self._aged_stored_bytes() - pending_bytes
+        stored = self._aged_stored_bytes() if stored is None else stored
+        balance = rho * ref_token * aged_tokens - stored - pending_bytes
         return allowance + max(balance, -_MAX_REPAYMENT * allowance)
 
     def _rank_cost(self, length: int, columns: int) -> int:
@@ -574,13 +618,15 @@ class ChunkedSVDLayer(DynamicLayer):
     def _choose_ranks(
         self,
         length: int,
-        energies: torch.Tensor,
+        energies: np.ndarray,
         kinds: list[str],
         cols: list[int],
         pending_tokens: int = 0,
         pending_bytes: int = 0,
+        stored: int | None = None,
     ) -> list[int]:
-        """Ranks of the units (key/value × group) of one chunk. energies: (units, k)."""
+        """Ranks of the units (key/value × group) of one chunk. energies: (units, k), each row a unit's
+        component shares; the rest as for :meth:`_chunk_budget`."""
         cfg = self.config
         k = energies.shape[-1]
         if not cfg.use_low_rank_approximation:
@@ -589,9 +635,9 @@ class ChunkedSVDLayer(DynamicLayer):
             return [min(cfg.target_rank, k)] * len(kinds)
         per_rank = [self._rank_cost(length, c) for c in cols]
         floors = [min(k, math.ceil(cfg.min_rank_ratio * k)) for _ in kinds]
-        budget = self._chunk_budget(length, pending_tokens, pending_bytes)
+        budget = self._chunk_budget(length, pending_tokens, pending_bytes, stored)
         if cfg.adaptive_rank:
-            weights = torch.tensor([cfg.key_weight if kd == "k" else 1.0 for kd in kinds])[:, None]
+            weights = np.array([cfg.key_weight if kd == "k" else 1.0 for kd in kinds])[:, None]
             return choose_ranks_linear(energies * weights, per_rank, budget, floors)
         ranks = []
         for kind, share in (("k", cfg.key_budget_share), ("v", 1.0 - cfg.key_budget_share)):
@@ -604,18 +650,52 @@ class ChunkedSVDLayer(DynamicLayer):
     def _build_chunk(
         self, start: int, length: int, ek: tuple, ev: tuple, j: int, ranks: list[int], pre_rope: bool
     ) -> CompressedChunk:
-        """Chunk ``j`` of encoded length-group factors ``ek``/``ev``, at ``ranks`` (key groups, then value groups)."""
-        units = []  # (kind, token_t, channel) of chunk j
-        for kind, (tok, chan) in (("k", ek), ("v", ev)):
-            for gi in range(len(chan) if isinstance(chan, list) else chan.shape[1]):
-                units.append((kind, tok[j, gi], chan[gi] if isinstance(chan, list) else chan[j, gi]))
+        """Chunk ``j`` of encoded length-group factors ``ek``/``ev`` = (token, channel, offset of chunk 0 in them),
+        at ``ranks`` (key groups, then value groups)."""
         sets = {}
-        for kind, head_dim in (("k", self.head_dim), ("v", self.v_head_dim)):
-            pairs = [(take_rank(u[1], r), take_rank(u[2], r)) for u, r in zip(units, ranks) if u[0] == kind]
+        groups = len(ranks) // 2
+        for kind, head_dim, (tok, chan, off), rs in (
+            ("k", self.head_dim, ek, ranks[:groups]),
+            ("v", self.v_head_dim, ev, ranks[groups:]),
+        ):
+            if isinstance(chan, list):
+                channels = [take_rank(c, r) for c, r in zip(chan, rs)]
+            else:
+                channels = _take_all(chan, off + j, rs)
+            pairs = list(zip(_take_all(tok, off + j, rs), channels))
             sets[kind] = FactorSet(
                 pairs, self.batch, length, self.heads, head_dim, self.config.head_mode == "joined"
             )
         return CompressedChunk(start, length, sets["k"], sets["v"], pre_rope)
+
+
+def _take_all(f: torch.Tensor | QuantizedTensor, j: int, ranks: list[int]) -> list:
+    """``[take_rank(f[j, g], r) for g, r in enumerate(ranks)]`` in one copy per tensor: the kept rows of every
+    group are copied side by side into one buffer (codes, scales and minima each), and each factor is a view of
+    its part, so the buffers hold exactly the kept bytes. f: (n_chunks, groups, batch, k, ·)."""
+    quantized = isinstance(f, QuantizedTensor)
+    if quantized and f.group_dim % len(f.shape) != len(f.shape) - 1:
+        return [take_rank(f[j, g], r) for g, r in enumerate(ranks)]
+    parts = (f.codes[j], f.scale[j], f.minimum[j]) if quantized else (f[j],)
+    views = []  # per part: one view (or None) per group
+    for p in parts:  # (groups, batch, k, width)
+        kept = [p[g, :, :r, :].reshape(-1) for g, r in enumerate(ranks) if r]
+        buf = torch.cat(kept) if kept else None
+        out, at = [], 0
+        for r in ranks:
+            n = p.shape[1] * r * p.shape[3]
+            out.append(buf[at : at + n].view(p.shape[1], r, p.shape[3]) if r else None)
+            at += n
+        views.append(out)
+    if not quantized:
+        return views[0]
+    shape = tuple(f.shape[2:-2])
+    return [
+        None
+        if r == 0
+        else QuantizedTensor(c, sc, mn, (*shape, r, f.shape[-1]), f.bits, f.group_size, f.group_dim, f.dtype)
+        for r, c, sc, mn in zip(ranks, *views)
+    ]
 
 
 @dataclass
@@ -631,6 +711,13 @@ class _Factored:
     energy: torch.Tensor
     groups: int
     columns: int
+
+    def part(self, first: int, last: int) -> _Factored:
+        """Chunks ``first … last - 1`` of the stack (views)."""
+        channel = self.channel if isinstance(self.channel, list) else self.channel[first:last]
+        return _Factored(
+            self.token_t[first:last], channel, self.energy[first:last], self.groups, self.columns
+        )
 
 
 class ChunkedSVDCache(Cache):
@@ -671,9 +758,16 @@ class ChunkedSVDCache(Cache):
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, config: CompressionConfig | None = None) -> ChunkedSVDCache:
-        """A cache for ``model`` (a transformers causal LM): its layer types and rotary frequencies."""
+        """A cache for ``model`` (a transformers causal LM): its layer types and rotary frequencies.
+
+        With ``decode_attention="factored"`` this also switches the model to the ``"chunked_decomp"`` attention
+        (SDPA for everything but this cache's factored layers); ``ChunkedDecomp.restore`` or
+        :func:`~chunked_decomp.attention.restore_attention` switches it back.
+        """
         from chunked_decomp.model_utils import decoder_layout, rotary_inv_freq
 
+        if config is not None and config.decode_attention == "factored":
+            use_factored_attention(model)
         layer_types, windows = decoder_layout(model)
         return cls(config, inv_freq=rotary_inv_freq(model), layer_types=layer_types, sliding_windows=windows)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from chunked_decomp.attention import restore_attention
 from chunked_decomp.cache import ChunkedSVDCache
 from chunked_decomp.compat import cache_kwarg_name
 from chunked_decomp.config import CompressionConfig
@@ -144,6 +145,7 @@ class ChunkedDecomp:
         """Undo :meth:`compress_model`: the model's own forward/generate (and uncompressed cache) come back."""
         for attr in ("forward", "generate", _MARK):
             model.__dict__.pop(attr, None)
+        restore_attention(model)
         return model
 
     @contextmanager

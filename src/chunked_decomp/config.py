@@ -19,6 +19,7 @@ _QUANT_BITS = (2, 4, 8)
 _HEAD_MODES = ("per_head", "joined")
 _FACTORIZERS = ("gram", "randomized", "exact")
 _BASIS_SHARING = ("none", "layer")
+_DECODE_ATTENTION = ("rebuild", "factored")
 
 
 @dataclass
@@ -58,6 +59,10 @@ class CompressionConfig:
             (one basis over ``kv_heads * head_dim`` columns).
         compress_keys_pre_rope: undo the rotary embedding before factoring keys and redo it on reconstruction
             (rotary models only; ignored for models without rotary embeddings).
+        decode_attention: ``"rebuild"`` rebuilds a layer's compressed keys and values each step and runs the
+            model's own attention; ``"factored"`` attends over the factors without rebuilding them (values always;
+            keys when ``compress_keys_pre_rope`` is off, else keys are rebuilt), through the ``"chunked_decomp"``
+            attention function, which the cache switches the model to (SDPA for everything else).
         key_budget_share: fraction of a chunk's byte budget given to keys (the rest to values) when
             ``adaptive_rank`` is off; in (0, 1).
         key_weight: with ``adaptive_rank``, the energy share of key components is multiplied by this before
@@ -95,6 +100,7 @@ class CompressionConfig:
     head_mode: str = "per_head"
     basis_sharing: str = "none"
     compress_keys_pre_rope: bool = True
+    decode_attention: str = "rebuild"
     key_budget_share: float = 0.5
     key_weight: float = 4.0
     use_fast_svd: bool = True
@@ -132,6 +138,10 @@ class CompressionConfig:
             raise ValueError(f"key_weight must be > 0, got {self.key_weight}")
         if self.head_mode not in _HEAD_MODES:
             raise ValueError(f"head_mode must be one of {_HEAD_MODES}, got {self.head_mode!r}")
+        if self.decode_attention not in _DECODE_ATTENTION:
+            raise ValueError(
+                f"decode_attention must be one of {_DECODE_ATTENTION}, got {self.decode_attention!r}"
+            )
         if self.basis_sharing not in _BASIS_SHARING:
             raise ValueError(f"basis_sharing must be one of {_BASIS_SHARING}, got {self.basis_sharing!r}")
         if self.factorizer is not None and self.factorizer not in _FACTORIZERS:

@@ -229,7 +229,7 @@ def choose_ranks_adaptive(
 
 
 def choose_ranks_linear(
-    energies: torch.Tensor, rank_cost: Sequence[int], budget: float, min_ranks: Sequence[int]
+    energies: torch.Tensor | np.ndarray, rank_cost: Sequence[int], budget: float, min_ranks: Sequence[int]
 ) -> list[int]:
     """Energy-per-byte rank allocation when every component of a unit costs the same bytes (vectorised).
 
@@ -239,7 +239,9 @@ def choose_ranks_linear(
     scores are sorted. Returns one rank per unit.
     """
     # numpy: a few hundred scores, where each torch call would cost more than its work.
-    e = energies.detach().to("cpu", torch.float64).numpy()
+    if isinstance(energies, torch.Tensor):
+        energies = energies.detach().to("cpu", torch.float64).numpy()
+    e = np.asarray(energies, dtype=np.float64)
     units, k = e.shape
     cost = np.asarray(rank_cost, dtype=np.float64)
     floors = np.minimum(np.asarray(min_ranks, dtype=np.int64), k)

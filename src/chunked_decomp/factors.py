@@ -61,6 +61,30 @@ class FactorCodec:
         """
         if not self.quantize:
             return token_t.to(self.factor_dtype), channel.to(self.factor_dtype)
+        t, bits, gs = token_t.shape[-1], self.token_bits, self.group_size
+        if bits == self.channel_bits and t * bits % 8 == 0 and token_t.shape[:-1] == channel.shape[:-1]:
+            # One quantisation of each component's token row and channel row side by side, split afterwards,
+            # gives the same codes and scales as two (half the small-tensor calls): the token row is padded to
+            # whole groups with its last value, as quantize pads, so no group spans both. Views of one buffer.
+            groups = -(-t // gs)
+            padded = groups * gs
+            pad = token_t[..., -1:].expand(*token_t.shape[:-1], padded - t)
+            both = quantize(
+                torch.cat([token_t, pad, channel], -1), bits, gs, group_dim=-1, scale_dtype=self.factor_dtype
+            )
+            token = QuantizedTensor(
+                both.codes[..., : t * bits // 8],
+                both.scale[..., :groups],
+                both.minimum[..., :groups],
+                tuple(token_t.shape), bits, gs, -1, both.dtype,
+            )  # fmt: skip
+            chan = QuantizedTensor(
+                both.codes[..., padded * bits // 8 :],
+                both.scale[..., groups:],
+                both.minimum[..., groups:],
+                tuple(channel.shape), bits, gs, -1, both.dtype,
+            )  # fmt: skip
+            return token, chan
         return (
             quantize(token_t, self.token_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype),
             quantize(

@@ -175,23 +175,35 @@ class PackedFactors:
         # Token factors share one format, channel factors another (all quantised or all plain).
         return len(quantized) <= 1 and len(kinds) <= 2
 
-    def reconstruct(self) -> torch.Tensor:
-        """Every chunk of this kind rebuilt: (batch, heads, total length, head_dim), float32."""
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The factors of each run of equal-length chunks, dequantised and zero-padded to the run's largest rank w:
+        ``(token, channel)`` with token (batch, heads, n_chunks, w, T) and channel (batch, heads, n_chunks, w, d),
+        float32, so that chunk c of head h is ``token[b, h, c].T @ channel[b, h, c]``: (T, d)."""
         device = self.runs[0]["dest"].device
-        if self.token is None:
-            return torch.zeros(self.batch, self.heads, self.length, self.head_dim, device=device)
-        outs = []
+        out = []
         for run in self.runs:
             n, t, w = run["chunks"], run["length"], run["width"]
             p = n * self.batch * self.heads
             first, last = run["factors"]
-            if first == last:
-                outs.append(torch.zeros(self.batch, self.heads, n * t, self.head_dim, device=device))
-                continue
-            tok = self.token.rows(first, last, t)
-            chan = self.channel.rows(first, last, self.head_dim)
-            u = tok.new_zeros(p * w, t).index_copy_(0, run["dest"], tok)
-            v = chan.new_zeros(p * w, self.head_dim).index_copy_(0, run["dest"], chan)
-            x = torch.bmm(u.view(p, w, t).transpose(1, 2), v.view(p, w, self.head_dim))
-            outs.append(x.view(self.batch, self.heads, n * t, self.head_dim))
+            u = torch.zeros(p * w, t, device=device)
+            v = torch.zeros(p * w, self.head_dim, device=device)
+            if first != last:
+                u.index_copy_(0, run["dest"], self.token.rows(first, last, t))
+                v.index_copy_(0, run["dest"], self.channel.rows(first, last, self.head_dim))
+            out.append(
+                (u.view(self.batch, self.heads, n, w, t), v.view(self.batch, self.heads, n, w, self.head_dim))
+            )
+        return out
+
+    def reconstruct(self) -> torch.Tensor:
+        """Every chunk of this kind rebuilt: (batch, heads, total length, head_dim), float32."""
+        if self.token is None:
+            device = self.runs[0]["dest"].device
+            return torch.zeros(self.batch, self.heads, self.length, self.head_dim, device=device)
+        outs = []
+        for u, v in self.factors():
+            b, h, n, w, t = u.shape
+            # (batch, heads, chunk) products: the result is (batch, heads, tokens, d) as is.
+            x = torch.bmm(u.view(-1, w, t).transpose(1, 2), v.view(-1, w, self.head_dim))
+            outs.append(x.view(b, h, n * t, self.head_dim))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)

@@ -1,0 +1,152 @@
+"""Attention over the factors (decode_attention="factored") against the rebuild path, on tiny models.
+
+At reduced rank with quantised factors, the factored attention must give the logits of rebuilding the same
+compressed cache and running the model's own attention: same factors, different order of the products.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig
+from chunked_decomp import attention as attn_mod
+from chunked_decomp.attention import ATTENTION_NAME, FactoredContext, attend
+from chunked_decomp.compat import cache_kwarg_name
+from conftest import make_tiny_model, random_ids
+
+BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)
+
+
+@torch.no_grad()
+def _logits(model, config: CompressionConfig, ids: torch.Tensor, steps: list[int], mask=None) -> torch.Tensor:
+    """Feed ``ids`` in pieces of the given lengths through one cache; all logits (batch, seq, vocab)."""
+    cache = ChunkedSVDCache.from_model(model, config)
+    name = cache_kwarg_name(model)
+    out, at = [], 0
+    for n in steps:
+        kwargs = {name: cache, "use_cache": True}
+        if mask is not None:
+            kwargs["attention_mask"] = mask[:, : at + n]
+        out.append(model(input_ids=ids[:, at : at + n], **kwargs).logits)
+        at += n
+    return torch.cat(out, dim=1)
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls = []
+    real = attn_mod.attend
+
+    def counted(query, ctx, mask, scaling):
+        calls.append(query.shape[2])
+        return real(query, ctx, mask, scaling)
+
+    monkeypatch.setattr(attn_mod, "attend", counted)
+    return calls
+
+
+@pytest.mark.parametrize("model_name", ["llama", "qwen2_hybrid", "gpt2"])
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_factored_equals_rebuild_at_reduced_rank(model_name, pre_rope, monkeypatch) -> None:
+    model = make_tiny_model(model_name)
+    ids = random_ids(96, seed=3)
+    steps = [60] + [1] * 20 + [7, 1, 8]  # prefill, decode, multi-token continuations (causal within them)
+    common = dict(BASE, compress_keys_pre_rope=pre_rope)
+    ref = _logits(model, CompressionConfig(**common), ids, steps)
+    calls = _counting(monkeypatch)
+    got = _logits(model, CompressionConfig(**common, decode_attention="factored"), ids, steps)
+    assert calls and max(calls) == 8  # the factored path ran, for single and multi-token steps
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    # Compression is lossy here: the logits are not those of the uncompressed model.
+    plain = model(input_ids=ids).logits
+    assert (plain[:, 70:] - ref[:, 70:]).abs().max() > 1e-3
+
+
+def test_factored_with_left_padding_and_joined_heads(monkeypatch) -> None:
+    model = make_tiny_model("llama")
+    ids = random_ids(70, batch=2, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # second row left-padded by 9
+    steps = [50] + [1] * 12 + [8]
+    for extra in ({}, {"head_mode": "joined"}):
+        ref = _logits(model, CompressionConfig(**BASE, **extra), ids, steps, mask)
+        calls = _counting(monkeypatch)
+        got = _logits(
+            model, CompressionConfig(**BASE, **extra, decode_attention="factored"), ids, steps, mask
+        )
+        assert calls
+        # Padded query positions attend to nothing in either path; compare the real ones.
+        real = mask.bool()
+        torch.testing.assert_close(got[real], ref[real], atol=2e-4, rtol=1e-4)
+        monkeypatch.undo()
+
+
+def test_generate_with_factored_attention_matches_rebuild() -> None:
+    model = make_tiny_model("llama")
+    ids = random_ids(50, seed=8)
+    outs = []
+    for mode in ("rebuild", "factored"):
+        cd = ChunkedDecomp(**BASE, decode_attention=mode)
+        with cd.applied(model):
+            outs.append(model.generate(ids, max_new_tokens=24, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_attention_implementation_switched_and_restored() -> None:
+    model = make_tiny_model("llama")
+    before = model.config._attn_implementation
+    assert before != ATTENTION_NAME
+    cd = ChunkedDecomp(**BASE, decode_attention="factored")
+    with cd.applied(model):
+        model.generate(random_ids(40, seed=1), max_new_tokens=2, do_sample=False)
+        assert model.config._attn_implementation == ATTENTION_NAME
+    assert model.config._attn_implementation == before
+    # The rebuild mode leaves the model's attention alone.
+    with ChunkedDecomp(**BASE).applied(model):
+        model.generate(random_ids(40, seed=1), max_new_tokens=2, do_sample=False)
+        assert model.config._attn_implementation == before
+
+
+def test_stand_in_keys_fail_loudly_outside_the_factored_attention() -> None:
+    k = torch.randn(1, 2, 5, 4)
+    ctx = FactoredContext(
+        k[..., :1, :], k[..., :1, :], k[..., 1:, :], k[..., 1:, :], keys=k[..., :0, :], values=k[..., :0, :]
+    )
+    keys, values = ctx.handles()
+    assert keys.device.type == "meta" and keys.shape == (1, 2, 5, 4)
+    q = torch.randn(1, 2, 1, 4)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.nn.functional.scaled_dot_product_attention(q, keys, values).sum().item()
+    stripped = torch.empty_like(keys)  # a model that rebuilt the keys would lose the context
+    with pytest.raises(ValueError, match="decode_attention='rebuild'"):
+        attn_mod.factored_attention(torch.nn.Module(), q, stripped, stripped, None)
+
+
+def test_attend_equals_softmax_attention_by_hand() -> None:
+    # A context of sinks, one run of two rank-2 chunks, and a tail, against attention over the rebuilt states.
+    torch.manual_seed(0)
+    b, h, rep, d, t, w = 2, 2, 3, 8, 5, 2
+    u_k, v_k = torch.randn(b, h, 2, w, t), torch.randn(b, h, 2, w, d)
+    u_v, v_v = torch.randn(b, h, 2, w, t), torch.randn(b, h, 2, w, d)
+    sink_k, sink_v, tail_k, tail_v = (torch.randn(b, h, n, d) for n in (2, 2, 3, 3))
+    ctx = FactoredContext(sink_k, sink_v, tail_k, tail_v, key_runs=[(u_k, v_k)], value_runs=[(u_v, v_v)])
+    comp_k = (u_k.transpose(-1, -2) @ v_k).reshape(b, h, 2 * t, d)
+    comp_v = (u_v.transpose(-1, -2) @ v_v).reshape(b, h, 2 * t, d)
+    keys = torch.cat([sink_k, comp_k, tail_k], -2).repeat_interleave(rep, dim=1)
+    values = torch.cat([sink_v, comp_v, tail_v], -2).repeat_interleave(rep, dim=1)
+    q = torch.randn(b, h * rep, 2, d)
+    mask = torch.ones(b, 1, 2, keys.shape[-2], dtype=torch.bool).tril(keys.shape[-2] - 2)
+    mask[1, ..., :3] = False
+    ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.3)
+    got = attend(q, ctx, mask, 0.3)
+    torch.testing.assert_close(got, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # No mask: causal over the last two positions, as the mask above is without the padding.
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask[0:1].expand(b, -1, -1, -1), scale=0.3
+    )
+    torch.testing.assert_close(attend(q, ctx, None, 0.3), ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_is_validated() -> None:
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        CompressionConfig(decode_attention="fast")

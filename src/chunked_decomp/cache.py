@@ -259,13 +259,10 @@ class ChunkedSVDLayer(DynamicLayer):
             ctx.keys, ctx.values = self.reconstruct_compressed()
             return ctx
         ctx.value_runs = packed[1].factors()
-        rotated = [c.keys_pre_rope for c in self.chunks]
-        if not any(rotated):
-            ctx.key_runs = packed[0].factors()
-        elif all(rotated):
-            ctx.keys = rotate_range(packed[0].reconstruct(), self.chunks[0].start, self.inv_freq)
+        if any(c.keys_pre_rope for c in self.chunks):
+            ctx.keys = self._rotate_back(packed[0].reconstruct())
         else:
-            ctx.keys = self.reconstruct_compressed()[0]
+            ctx.key_runs = packed[0].factors()
         return ctx
 
     def _full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,19 +284,21 @@ class ChunkedSVDLayer(DynamicLayer):
         else:
             keys = torch.cat([c.keys.reconstruct(torch.float32, self.device) for c in self.chunks], dim=-2)
             values = torch.cat([c.values.reconstruct(self.dtype, self.device) for c in self.chunks], dim=-2)
+        return self._rotate_back(keys).to(self.dtype), values
+
+    def _rotate_back(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys (batch, kv_heads, compressed_length, d) as factored → in the model's rotary frame: chunks factored
+        before the rotary embedding are rotated forward to their positions, the others left as they are."""
         rotated = [c.keys_pre_rope for c in self.chunks]
-        if any(rotated):
-            # Chunks are contiguous from the sinks on, so one rotation covers them all.
-            start = self.chunks[0].start
-            if all(rotated):
-                keys = rotate_range(keys, start, self.inv_freq)
-            else:
-                pos = torch.arange(start, start + keys.shape[-2], device=keys.device)
-                mask = torch.cat([torch.full((c.length,), c.keys_pre_rope) for c in self.chunks]).to(
-                    keys.device
-                )
-                keys = torch.where(mask[:, None], rotate(keys, pos, self.inv_freq), keys)
-        return keys.to(self.dtype), values
+        if not any(rotated):
+            return keys
+        # Chunks are contiguous from the sinks on, so one rotation covers them all.
+        start = self.chunks[0].start
+        if all(rotated):
+            return rotate_range(keys, start, self.inv_freq)
+        pos = torch.arange(start, start + keys.shape[-2], device=keys.device)
+        mask = torch.cat([torch.full((c.length,), c.keys_pre_rope) for c in self.chunks]).to(keys.device)
+        return torch.where(mask[:, None], rotate(keys, pos, self.inv_freq), keys)
 
     def _packed_factors(self) -> tuple[PackedFactors, PackedFactors] | None:
         """The chunks' factors packed for a batched rebuild (built when the chunks changed), or None where

@@ -15,6 +15,7 @@ from chunked_decomp.decomposition import (
     choose_ranks_linear,
     factorize,
     factorize_randomized,
+    gram_basis,
     relative_error,
 )
 from chunked_decomp.rotary import rotate
@@ -328,3 +329,19 @@ def test_choose_ranks_linear_takes_the_best_components_within_budget(seed, units
     left = [float(energies[u, j]) / costs[u] for u in range(units) for j in range(ranks[u], k)]
     if taken and left:
         assert min(taken) >= max(left) - 1e-12
+
+
+def test_gram_basis_prefix_factors_are_the_optimal_rank_k_approximation() -> None:
+    """`gram_basis` forms factors for the first k components only; each prefix is the truncated SVD (Eckart–Young:
+    the squared error is the sum of the dropped squared singular values)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, 16, generator=gen) * torch.linspace(3.0, 0.05, 16)
+    s = torch.linalg.svdvals(x.double())
+    basis = gram_basis(x)
+    assert torch.allclose(basis.spectrum.double(), s, rtol=1e-4, atol=1e-4)
+    for k in (1, 5, 11, 16):
+        approx = basis.tokens(k) @ basis.channels(k)
+        err = (x.double() - approx.double()).pow(2).sum((-1, -2))
+        assert torch.allclose(err, s[:, k:].pow(2).sum(-1), rtol=1e-3, atol=1e-3)
+    # A batch slice is the basis of those matrices.
+    assert torch.equal(basis.rows(2, 4).tokens(3), basis.tokens(3)[2:4])

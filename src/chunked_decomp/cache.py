@@ -5,7 +5,9 @@ tokens stay exact in ``self.keys`` / ``self.values`` (the residual window) and t
 attention sinks; each time a chunk of ``chunk_size`` tokens ages out of the window it is factored into low rank
 (keys with their rotary embedding undone first), its rank chosen from a byte budget, and optionally quantised.
 `update` returns full-length keys and values — compressed chunks rebuilt, then re-rotated — so every attention
-implementation, mask and generation strategy works unchanged.
+implementation, mask and generation strategy works unchanged. With ``parallel_processing`` (the default),
+`ChunkedSVDCache` lets the aged chunks wait exact until the last layer of the forward pass, then compresses the
+chunks of all layers in batched calls (`_compress_layers`).
 
 Layout along the sequence of a layer, all ``(batch, kv_heads, ·, head_dim)``::
 
@@ -25,7 +27,14 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from chunked_decomp.attention import FactoredContext, use_factored_attention
 from chunked_decomp.config import CompressionConfig
-from chunked_decomp.decomposition import choose_ranks_linear, factorize, relative_error, single_thread_lapack
+from chunked_decomp.decomposition import (
+    GramBasis,
+    choose_ranks_linear,
+    factorize,
+    gram_basis,
+    relative_error,
+    single_thread_lapack,
+)
 from chunked_decomp.factors import CompressedChunk, FactorCodec, FactorSet, SharedRows, take_rank
 from chunked_decomp.packed import PackedFactors
 from chunked_decomp.quantization import QuantizedTensor
@@ -150,6 +159,9 @@ class ChunkedSVDLayer(DynamicLayer):
         self.sink_values: torch.Tensor | None = None
         self.sink_region = config.num_sink_tokens
         self.compression_seconds = 0.0
+        # Set by ChunkedSVDCache with parallel_processing: update() leaves aged tokens exact, and the cache
+        # compresses the chunks of all its layers together at the end of the forward pass.
+        self.defer_aging = False
         # basis_sharing="layer": one basis per kind ("k"/"v"), (groups, columns, columns), rows = components.
         self.shared_bases: dict[str, torch.Tensor] = {}
 
@@ -247,7 +259,8 @@ class ChunkedSVDLayer(DynamicLayer):
             keys_out, values_out = self.factored_context().handles()
         else:
             keys_out, values_out = self._full_states()
-        self._age_tokens(final=False)
+        if not self.defer_aging:
+            _age_layers([self], final=False)
         return keys_out, values_out
 
     def factored_context(self) -> FactoredContext:
@@ -393,11 +406,10 @@ class ChunkedSVDLayer(DynamicLayer):
     # ---- compression -------------------------------------------------------------------------------------
     def compress_all(self) -> None:
         """Compress every exact token except the sinks, including a final partial chunk."""
-        if self.is_initialized:
-            self._age_tokens(final=True)
+        _age_layers([self], final=True)
 
-    def _age_tokens(self, final: bool) -> None:
-        # Fill the sink region first: those tokens stay exact for good.
+    def _fill_sinks(self) -> bool:
+        """Move the first exact tokens into the sink region (they stay exact for good); True once it is full."""
         need = self.sink_region - self.sink_length
         if need > 0 and self.tail_length > 0:
             take = min(need, self.tail_length)
@@ -406,18 +418,7 @@ class ChunkedSVDLayer(DynamicLayer):
             # clone: a view would keep the whole incoming buffer alive behind the few tokens it shows.
             self.keys = self.keys[..., take:, :].clone()
             self.values = self.values[..., take:, :].clone()
-            if self.sink_length < self.sink_region:
-                return
-        sizes = self._chunk_sizes(final)
-        if not sizes:
-            return
-        # Small tensors: one thread is faster, and immune to the collapse of threaded kernels on busy cores.
-        with single_thread_lapack():
-            if self.config.parallel_processing:
-                self._compress(sizes)
-            else:
-                for s in sizes:
-                    self._compress([s])
+        return self.sink_length >= self.sink_region
 
     def _chunk_sizes(self, final: bool) -> list[int]:
         """Lengths of the chunks to compress now, oldest first."""
@@ -444,10 +445,13 @@ class ChunkedSVDLayer(DynamicLayer):
         base, extra = divmod(span, n)
         return [base + 1] * extra + [base] * (n - extra)
 
-    @torch.no_grad()
     def _compress(self, sizes: list[int]) -> None:
         """Factor the oldest ``sum(sizes)`` tail tokens into chunks of those sizes (equal sizes batched)."""
-        t0 = time.perf_counter()
+        _compress_layers([(self, sizes)])
+
+    def _prepare(self, sizes: list[int]) -> _Job:
+        """The oldest ``sum(sizes)`` tail tokens as a job for :func:`_compress_layers`: float32, keys with their
+        rotary embedding undone when so configured."""
         total = sum(sizes)
         start = self.sink_length + self.compressed_length
         keys = self.keys[..., :total, :].to(torch.float32)
@@ -464,62 +468,53 @@ class ChunkedSVDLayer(DynamicLayer):
         pre_rope = self.config.compress_keys_pre_rope and self.inv_freq is not None
         if pre_rope:
             keys = rotate_range(keys, start, self.inv_freq, inverse=True)
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        by_length: dict[int, list[int]] = {}
-        for i, s in enumerate(sizes):
-            by_length.setdefault(s, []).append(i)
-        # Chunk i is chunk number j of its length group's stacked factors.
-        slot = {i: j for idxs in by_length.values() for j, i in enumerate(idxs)}
-        # Keys and values of equal head size are factored and encoded as one stack (half the calls, each on
-        # twice the matrices): chunk j's keys are entry j of the stack, its values entry n + j.
-        joint = self.config.basis_sharing != "layer" and self.head_dim == self.v_head_dim
-        factored: dict[int, tuple] = {}
-        for length, idxs in by_length.items():
-            k = torch.stack([keys[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
-            v = torch.stack([values[..., offsets[i] : offsets[i] + length, :] for i in idxs], dim=0)
-            if joint:
-                f = self._factor(torch.cat([k, v]), "kv")
-                factored[length] = (f.part(0, len(idxs)), f.part(len(idxs), 2 * len(idxs)), f)
-            else:
-                factored[length] = (self._factor(k, "k"), self._factor(v, "v"), None)
-        # Ranks oldest chunk first: each one's byte budget depends on what the earlier ones store, which the
-        # ranks fix exactly (bytes are linear in the rank), so no factor is encoded before all ranks are known.
-        ranks: list[list[int]] = []
+        return _Job(self, sizes, start, keys, values, pre_rope)
+
+    def _batch_signature(self, length: int) -> tuple:
+        """Chunks of layers with equal signatures are factored and encoded in one call. A basis shared across a
+        layer's chunks belongs to that layer, so those never join another layer's."""
+        own = self.layer_idx if self.config.basis_sharing == "layer" else None
+        return (length, self.batch, self.heads, self.head_dim, self.v_head_dim, self.device, self._joint, own)
+
+    @property
+    def _joint(self) -> bool:
+        """Keys and values of equal head size are factored and encoded as one stack (half the calls, each on
+        twice the matrices)."""
+        return self.config.basis_sharing != "layer" and self.head_dim == self.v_head_dim
+
+    def _allocate(self, job: _Job) -> None:
+        """Ranks of the job's chunks, oldest first: each one's byte budget depends on what the earlier ones
+        store, which the ranks fix exactly (bytes are linear in the rank), so no factor is encoded before all
+        ranks are known."""
         pending_tokens = pending_bytes = 0
         # Energy shares of every unit of a group's chunks, (n_chunks, key groups + value groups, k), on the host
         # once: the allocation is a few hundred scores per chunk, where each device op would cost more.
         shares = {
             s: np.concatenate([fk.energy.cpu().numpy(), fv.energy.cpu().numpy()], axis=1)
-            for s, (fk, fv, _) in factored.items()
+            for s, (fk, fv, _) in job.factored.items()
         }
         stored = self._aged_stored_bytes()
-        for i, s in enumerate(sizes):
-            fk, fv, _ = factored[s]
+        for i, s in enumerate(job.sizes):
+            fk, fv, _ = job.factored[s]
             kinds = ["k"] * fk.groups + ["v"] * fv.groups
             cols = [fk.columns] * fk.groups + [fv.columns] * fv.groups
-            r = self._choose_ranks(s, shares[s][slot[i]], kinds, cols, pending_tokens, pending_bytes, stored)
-            ranks.append(r)
+            r = self._choose_ranks(
+                s, shares[s][job.slot[i]], kinds, cols, pending_tokens, pending_bytes, stored
+            )
+            job.ranks.append(r)
             pending_tokens += s
             pending_bytes += sum(ri * self._rank_cost(s, c) for ri, c in zip(r, cols))
-        # Encode each length group once, cut to the largest rank any of its chunks keeps.
-        encoded: dict[int, tuple] = {}
-        for length, idxs in by_length.items():
-            fk, fv, fj = factored[length]
-            g = fk.groups
-            top_k = max(max(ranks[i][:g]) for i in idxs)
-            top_v = max(max(ranks[i][g:]) for i in idxs)
-            if fj is not None:
-                both = self._encode(fj, max(top_k, top_v))
-                encoded[length] = ((*both, 0), (*both, len(idxs)))
-            else:
-                encoded[length] = ((*self._encode(fk, top_k), 0), (*self._encode(fv, top_v), 0))
-        for i, s in enumerate(sizes):
-            ek, ev = encoded[s]
-            j = slot[i]
-            chunk = self._build_chunk(start + offsets[i], s, ek, ev, j, ranks[i], pre_rope)
+
+    def _finish(self, job: _Job) -> None:
+        """Append the job's chunks, built from its encoded factors, and drop their tokens from the tail."""
+        for i, s in enumerate(job.sizes):
+            ek, ev = job.encoded[s]
+            chunk = self._build_chunk(
+                job.start + job.offsets[i], s, ek, ev, job.slot[i], job.ranks[i], job.pre_rope
+            )
             if self.config.debug:
-                k_orig = keys[..., offsets[i] : offsets[i] + s, :]
-                v_orig = values[..., offsets[i] : offsets[i] + s, :]
+                k_orig = job.keys[..., job.offsets[i] : job.offsets[i] + s, :]
+                v_orig = job.values[..., job.offsets[i] : job.offsets[i] + s, :]
                 err_k = relative_error(k_orig, chunk.keys.reconstruct())
                 err_v = relative_error(v_orig, chunk.values.reconstruct())
                 chunk.info.update(key_error=err_k, value_error=err_v)
@@ -530,9 +525,9 @@ class ChunkedSVDLayer(DynamicLayer):
             self.chunks.append(chunk)
             self._packed = None
         # Copies, so the slices do not keep the whole pre-compression buffer alive.
+        total = sum(job.sizes)
         self.keys = self.keys[..., total:, :].clone()
         self.values = self.values[..., total:, :].clone()
-        self.compression_seconds += time.perf_counter() - t0
 
     def _matrices(self, x: torch.Tensor) -> torch.Tensor:
         """x: (n_chunks, batch, heads, T, d) → (n_chunks * batch * groups, T, columns)."""
@@ -558,25 +553,32 @@ class ChunkedSVDLayer(DynamicLayer):
             energy = energy.flip(-1).cummax(-1).values.flip(-1).float()
             stored = self.shared_bases[kind]
             return _Factored(token_t, [SharedRows(stored[gi], cols) for gi in range(g)], energy, g, cols)
-        fac = factorize(
-            mats, self.config.resolved_factorizer, rank=self.config.target_rank, check_finite=False
-        )
-        k = fac.spectrum.shape[-1]
-        token_t = fac.token_factor.reshape(n, b, g, t, k).permute(0, 2, 1, 4, 3)
-        channel = fac.channel_factor.reshape(n, b, g, k, cols).permute(0, 2, 1, 3, 4)
-        energy = fac.spectrum.reshape(n, b, g, k).permute(0, 2, 1, 3).double() ** 2
+        if self.config.resolved_factorizer == "gram" and cols <= t:
+            # Only the basis now: the factors are formed at encoding, for the components some chunk keeps.
+            basis = gram_basis(mats)
+            token_t, channel, spectrum = None, None, basis.spectrum
+        else:
+            fac = factorize(
+                mats, self.config.resolved_factorizer, rank=self.config.target_rank, check_finite=False
+            )
+            k = fac.spectrum.shape[-1]
+            basis, spectrum = None, fac.spectrum
+            token_t = fac.token_factor.reshape(n, b, g, t, k).permute(0, 2, 1, 4, 3)
+            channel = fac.channel_factor.reshape(n, b, g, k, cols).permute(0, 2, 1, 3, 4)
+        k = spectrum.shape[-1]
+        energy = spectrum.reshape(n, b, g, k).permute(0, 2, 1, 3).double() ** 2
         energy = (energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)).mean(2).float()
-        return _Factored(token_t, channel, energy, g, cols)
+        return _Factored(token_t, channel, energy, g, cols, basis, (b, t))
 
     def _encode(self, f: _Factored, top: int) -> tuple:
         """Encode the first ``top`` components of every factor of ``f`` (components are encoded one by one, so
         this equals encoding all and keeping a prefix). Returns (token, channel) as stored, each
         (n_chunks, groups, batch, top, ·), the channel a list of `SharedRows` with a shared basis."""
         top = max(top, 1)
-        token_t = f.token_t[..., :top, :].contiguous()
+        token_t = f.token_rows(top)
         if isinstance(f.channel, list):
             return self.codec.encode_tokens(token_t), f.channel
-        return self.codec.encode(token_t, f.channel[..., :top, :].contiguous())
+        return self.codec.encode(token_t, f.channel_rows(top))
 
     def _shared_basis(self, kind: str, xg: torch.Tensor) -> torch.Tensor:
         """The layer's basis for ``kind``, computed from xg: (n, batch, groups, T, columns) on first use."""
@@ -648,50 +650,200 @@ class ChunkedSVDLayer(DynamicLayer):
     ) -> CompressedChunk:
         """Chunk ``j`` of encoded length-group factors ``ek``/``ev`` = (token, channel, offset of chunk 0 in them),
         at ``ranks`` (key groups, then value groups)."""
-        sets = {}
         groups = len(ranks) // 2
-        for kind, head_dim, (tok, chan, off), rs in (
-            ("k", self.head_dim, ek, ranks[:groups]),
-            ("v", self.v_head_dim, ev, ranks[groups:]),
-        ):
-            if isinstance(chan, list):
-                channels = [take_rank(c, r) for c, r in zip(chan, rs)]
-            else:
-                channels = _take_all(chan, off + j, rs)
-            pairs = list(zip(_take_all(tok, off + j, rs), channels))
-            sets[kind] = FactorSet(
-                pairs, self.batch, length, self.heads, head_dim, self.config.head_mode == "joined"
-            )
-        return CompressedChunk(start, length, sets["k"], sets["v"], pre_rope)
+        (tok_k, chan_k, at_k), (tok_v, chan_v, at_v) = ek, ev
+        picks = [(at_k + j, ranks[:groups]), (at_v + j, ranks[groups:])]
+
+        def take(f_k, f_v) -> list[list]:
+            # Keys and values encoded as one stack are gathered in one copy per tensor.
+            if f_k is f_v:
+                return _take_all(f_k, picks)
+            return [_take_all(f_k, picks[:1])[0], _take_all(f_v, picks[1:])[0]]
+
+        tokens = take(tok_k, tok_v)
+        if isinstance(chan_k, list):
+            channels = [
+                [take_rank(c, r) for c, r in zip(chan, rs)] for chan, (_, rs) in zip((chan_k, chan_v), picks)
+            ]
+        else:
+            channels = take(chan_k, chan_v)
+        sets = [
+            FactorSet(list(zip(t, c)), self.batch, length, self.heads, d, self.config.head_mode == "joined")
+            for t, c, d in zip(tokens, channels, (self.head_dim, self.v_head_dim))
+        ]
+        return CompressedChunk(start, length, sets[0], sets[1], pre_rope)
 
 
-def _take_all(f: torch.Tensor | QuantizedTensor, j: int, ranks: list[int]) -> list:
-    """``[take_rank(f[j, g], r) for g, r in enumerate(ranks)]`` in one copy per tensor: the kept rows of every
-    group are copied side by side into one buffer (codes, scales and minima each), and each factor is a view of
-    its part, so the buffers hold exactly the kept bytes. f: (n_chunks, groups, batch, k, ·)."""
+# Float32 bytes of tokens that one cross-layer compression call gathers (its transient copy), and that a
+# ChunkedSVDCache lets wait exact for it. Measured on SmolLM2 (1,024-token prefill, CPU): compression took 340 ms
+# with batches of 4–8 MB, 380 ms with 2 or 16 MB and 460 ms with 64 MB, where the temporaries outgrow the caches;
+# one layer at a time took 450 ms. A long prefill of a large model is compressed a layer at a time.
+_BATCH_BYTES = 8 << 20
+
+
+def _age_layers(layers: list[ChunkedSVDLayer], final: bool) -> None:
+    """Compress what has aged out of the residual window of each layer (with ``final``, every exact token but
+    the sinks). With ``parallel_processing``, the chunks of all the layers are compressed in batched calls of up
+    to ``_BATCH_BYTES``; otherwise one chunk at a time."""
+    requests = []
+    for layer in layers:
+        if layer.is_initialized and layer._fill_sinks():
+            sizes = layer._chunk_sizes(final)
+            if sizes:
+                requests.append((layer, sizes))
+    if not requests:
+        return
+    # Small tensors: one thread is faster, and immune to the collapse of threaded kernels on busy cores.
+    with single_thread_lapack():
+        if not requests[0][0].config.parallel_processing:
+            for layer, sizes in requests:
+                for size in sizes:
+                    _compress_layers([(layer, [size])])
+            return
+        batch, held = [], 0
+        for layer, sizes in requests:
+            need = sum(sizes) * layer._token_bytes(4)
+            if batch and held + need > _BATCH_BYTES:
+                _compress_layers(batch)
+                batch, held = [], 0
+            batch.append((layer, sizes))
+            held += need
+        _compress_layers(batch)
+
+
+@dataclass
+class _Job:
+    """One layer's share of a compression step: its chunks' tokens, then their factors, ranks and codes.
+
+    keys / values: (batch, kv_heads, sum(sizes), d) float32, keys as factored (rotary embedding undone when
+    ``pre_rope``). ``factored`` / ``encoded`` map a chunk length to the (key, value) factors of this job's chunks
+    of that length within a stack that may hold other layers' chunks too (each entry carries its offset there).
+    """
+
+    layer: ChunkedSVDLayer
+    sizes: list[int]
+    start: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    pre_rope: bool
+    factored: dict = field(default_factory=dict)
+    ranks: list = field(default_factory=list)
+    encoded: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.by_length: dict[int, list[int]] = {}
+        for i, s in enumerate(self.sizes):
+            self.by_length.setdefault(s, []).append(i)
+        # Chunk i is chunk number j of its length group (within this job).
+        self.slot = {i: j for idxs in self.by_length.values() for j, i in enumerate(idxs)}
+
+    def stack(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of this job's chunks of ``length``, each (n_chunks, batch, kv_heads, length, d)."""
+        idxs = self.by_length[length]
+        k = torch.stack([self.keys[..., self.offsets[i] : self.offsets[i] + length, :] for i in idxs])
+        v = torch.stack([self.values[..., self.offsets[i] : self.offsets[i] + length, :] for i in idxs])
+        return k, v
+
+
+@torch.no_grad()
+def _compress_layers(requests: list[tuple[ChunkedSVDLayer, list[int]]]) -> None:
+    """Compress the oldest tail tokens of one or more layers into chunks of the given sizes. Chunks of equal
+    length (and layout) are factored in one batched call and encoded in one call across all the layers, while
+    ranks are chosen per layer, against that layer's own budget."""
+    t0 = time.perf_counter()
+    jobs = [layer._prepare(sizes) for layer, sizes in requests]
+    groups: dict[tuple, list[tuple[_Job, int]]] = {}
+    for job in jobs:
+        for length in job.by_length:
+            groups.setdefault(job.layer._batch_signature(length), []).append((job, length))
+    for members in groups.values():
+        lead = members[0][0].layer
+        counts = [len(job.by_length[length]) for job, length in members]
+        stacks = [job.stack(length) for job, length in members]
+        if lead._joint:
+            # Chunk j of a job's keys is entry at + j of the stack, its values entry at + n + j.
+            f = lead._factor(torch.cat([t for kv in stacks for t in kv]), "kv")
+            at = 0
+            for (job, length), n in zip(members, counts):
+                job.factored[length] = (f.part(at, at + n), f.part(at + n, at + 2 * n), (f, at, at + n))
+                at += 2 * n
+        else:
+            fk = lead._factor(torch.cat([k for k, _ in stacks]), "k")
+            fv = lead._factor(torch.cat([v for _, v in stacks]), "v")
+            at = 0
+            for (job, length), n in zip(members, counts):
+                job.factored[length] = (fk.part(at, at + n), fv.part(at, at + n), (fk, fv, at))
+                at += n
+    for job in jobs:
+        job.layer._allocate(job)
+    # Encode each group once, cut to the largest rank any of its chunks keeps (components are encoded one by
+    # one, so a prefix of a longer encoding equals a shorter one).
+    for members in groups.values():
+        lead = members[0][0].layer
+        g = members[0][0].factored[members[0][1]][0].groups
+        top_k = max(max(job.ranks[i][:g]) for job, length in members for i in job.by_length[length])
+        top_v = max(max(job.ranks[i][g:]) for job, length in members for i in job.by_length[length])
+        whole = members[0][0].factored[members[0][1]][2]
+        if lead._joint:
+            both = lead._encode(whole[0], max(top_k, top_v))
+            for job, length in members:
+                _, k_at, v_at = job.factored[length][2]
+                job.encoded[length] = ((*both, k_at), (*both, v_at))
+        else:
+            ek, ev = lead._encode(whole[0], top_k), lead._encode(whole[1], top_v)
+            for job, length in members:
+                at = job.factored[length][2][2]
+                job.encoded[length] = ((*ek, at), (*ev, at))
+    for job in jobs:
+        job.layer._finish(job)
+    # Batched work has no per-layer time: each layer is charged an equal share.
+    share = (time.perf_counter() - t0) / len(jobs)
+    for job in jobs:
+        job.layer.compression_seconds += share
+
+
+def _take_all(f: torch.Tensor | QuantizedTensor, picks: list[tuple[int, list[int]]]) -> list[list]:
+    """For each pick ``(j, ranks)``, ``[take_rank(f[j, g], r) for g, r in enumerate(ranks)]``, all in one copy per
+    tensor: the kept rows are gathered side by side into one buffer (codes, scales and minima each), and each
+    factor is a view of its part, so the buffers hold exactly the kept bytes. f: (n_chunks, groups, batch, k, ·)."""
     quantized = isinstance(f, QuantizedTensor)
     if quantized and f.group_dim % len(f.shape) != len(f.shape) - 1:
-        return [take_rank(f[j, g], r) for g, r in enumerate(ranks)]
-    parts = (f.codes[j], f.scale[j], f.minimum[j]) if quantized else (f[j],)
-    views = []  # per part: one view (or None) per group
-    for p in parts:  # (groups, batch, k, width)
-        kept = [p[g, :, :r, :].reshape(-1) for g, r in enumerate(ranks) if r]
-        buf = torch.cat(kept) if kept else None
-        out, at = [], 0
-        for r in ranks:
-            n = p.shape[1] * r * p.shape[3]
-            out.append(buf[at : at + n].view(p.shape[1], r, p.shape[3]) if r else None)
-            at += n
-        views.append(out)
-    if not quantized:
-        return views[0]
-    shape = tuple(f.shape[2:-2])
-    return [
-        None
-        if r == 0
-        else QuantizedTensor(c, sc, mn, (*shape, r, f.shape[-1]), f.bits, f.group_size, f.group_dim, f.dtype)
-        for r, c, sc, mn in zip(ranks, *views)
-    ]
+        return [[take_rank(f[j, g], r) for g, r in enumerate(ranks)] for j, ranks in picks]
+    parts = (f.codes, f.scale, f.minimum) if quantized else (f,)
+    groups, batch, k = parts[0].shape[1:4]
+    # Row (j, g, b, i) of the stack is kept when i < ranks[g] of pick j.
+    index = np.arange(groups * batch * k).reshape(groups, batch, k)
+    per_chunk = groups * batch * k
+    rows = np.concatenate(
+        [
+            j * per_chunk + index[np.broadcast_to(np.arange(k) < np.asarray(rs)[:, None, None], index.shape)]
+            for j, rs in picks
+        ]
+    )
+    rows = torch.from_numpy(rows).to(parts[0].device)
+    ranks = [r for _, rs in picks for r in rs]
+    views = []
+    for p in parts:  # flatten(0, -2) is a view even when p is a slice along its last dimension
+        kept = p.flatten(0, -2).index_select(0, rows).split([batch * r for r in ranks])
+        views.append([v.view(batch, r, p.shape[-1]) if r else None for v, r in zip(kept, ranks)])
+    if quantized:
+        shape = tuple(f.shape[2:-2])
+        views = [
+            [
+                None
+                if r == 0
+                else QuantizedTensor(
+                    c, sc, mn, (*shape, r, f.shape[-1]), f.bits, f.group_size, f.group_dim, f.dtype
+                )
+                for r, c, sc, mn in zip(ranks, *views)
+            ]
+        ]
+    out, at = [], 0
+    for _, rs in picks:
+        out.append(views[0][at : at + len(rs)])
+        at += len(rs)
+    return out
 
 
 @dataclass
@@ -699,17 +851,41 @@ class _Factored:
     """Float factors of a stack of equal-length chunks of one kind, before encoding.
 
     token_t: (n_chunks, groups, batch, k, T); channel: (n_chunks, groups, batch, k, columns) or one `SharedRows`
-    per group; energy: (n_chunks, groups, k), each component's share of the squared norm (batch mean).
+    per group; energy: (n_chunks, groups, k), each component's share of the squared norm (batch mean). With a
+    ``basis`` (the Gram route), token_t and channel are ``None`` and formed by :meth:`token_rows` /
+    :meth:`channel_rows` for the components kept; ``dims`` = (batch, T).
     """
 
-    token_t: torch.Tensor
-    channel: torch.Tensor | list
+    token_t: torch.Tensor | None
+    channel: torch.Tensor | list | None
     energy: torch.Tensor
     groups: int
     columns: int
+    basis: GramBasis | None = None
+    dims: tuple[int, int] = (1, 1)
+
+    def token_rows(self, top: int) -> torch.Tensor:
+        """The first ``top`` token rows, (n_chunks, groups, batch, top, T), contiguous."""
+        if self.basis is None:
+            return self.token_t[..., :top, :].contiguous()
+        b, t = self.dims
+        rows = self.basis.tokens(top).reshape(-1, b, self.groups, t, top)
+        return rows.permute(0, 2, 1, 4, 3).contiguous()
+
+    def channel_rows(self, top: int) -> torch.Tensor:
+        """The first ``top`` channel rows, (n_chunks, groups, batch, top, columns), contiguous."""
+        if self.basis is None:
+            return self.channel[..., :top, :].contiguous()
+        b, _ = self.dims
+        rows = self.basis.channels(top).reshape(-1, b, self.groups, top, self.columns)
+        return rows.permute(0, 2, 1, 3, 4).contiguous()
 
     def part(self, first: int, last: int) -> _Factored:
         """Chunks ``first … last - 1`` of the stack (views)."""
+        if self.basis is not None:
+            per_chunk = self.dims[0] * self.groups
+            basis = self.basis.rows(first * per_chunk, last * per_chunk)
+            return _Factored(None, None, self.energy[first:last], self.groups, self.columns, basis, self.dims)
         channel = self.channel if isinstance(self.channel, list) else self.channel[first:last]
         return _Factored(
             self.token_t[first:last], channel, self.energy[first:last], self.groups, self.columns
@@ -751,6 +927,37 @@ class ChunkedSVDCache(Cache):
                     f"layer {i} has type {kind!r}: ChunkedSVDCache supports full_attention and sliding_attention layers"
                 )
         super().__init__(layers=layers)
+        # parallel_processing: layers leave aged tokens exact during a forward pass, and the cache compresses
+        # them across layers after the last one (or sooner, past _BATCH_BYTES).
+        self._svd_layers = [i for i, layer in enumerate(layers) if isinstance(layer, ChunkedSVDLayer)]
+        self._pending: list[int] = []
+        if self.compression_config.parallel_processing:
+            for i in self._svd_layers:
+                self.layers[i].defer_aging = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Cache.update`; then, with ``parallel_processing``, the chunks that aged out of the residual windows
+        of all layers are compressed together once the last layer has been updated."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if not (isinstance(layer, ChunkedSVDLayer) and layer.defer_aging):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx in self._pending:  # a new pass began before the last layer was reached
+            self.flush()
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._pending.append(layer_idx)
+        held = sum(self.layers[i].tail_length * self.layers[i]._token_bytes(4) for i in self._pending)
+        if layer_idx == self._svd_layers[-1] or held > _BATCH_BYTES:
+            self.flush()
+        return out
+
+    def flush(self) -> None:
+        """Compress what has aged out in layers updated since the last compression (a no-op when nothing
+        waits). Called by :meth:`update` after the last layer; the exact tokens are valid cache state
+        until then, so nothing else needs it first."""
+        pending, self._pending = self._pending, []
+        _age_layers([self.layers[i] for i in pending], final=False)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, config: CompressionConfig | None = None) -> ChunkedSVDCache:
@@ -768,10 +975,10 @@ class ChunkedSVDCache(Cache):
         return cls(config, inv_freq=rotary_inv_freq(model), layer_types=layer_types, sliding_windows=windows)
 
     def compress_all(self) -> None:
-        """Compress every exact token of every layer except the sinks (e.g. right after a prefill)."""
-        for layer in self.layers:
-            if isinstance(layer, ChunkedSVDLayer):
-                layer.compress_all()
+        """Compress every exact token of every layer except the sinks (e.g. right after a prefill); with
+        ``parallel_processing``, the layers' chunks are compressed in batched calls across layers."""
+        self._pending = []
+        _age_layers([self.layers[i] for i in self._svd_layers], final=True)
 
     def set_left_padding(self, pad_lengths: list[int]) -> None:
         """Keep the left-padding region exact (it precedes the real attention sinks of each row).
@@ -787,6 +994,7 @@ class ChunkedSVDCache(Cache):
 
     def memory_stats(self) -> CacheMemoryStats:
         """Bytes held vs. an uncompressed cache, per layer and in total (sliding layers count as exact)."""
+        self.flush()
         stats = CacheMemoryStats()
         for i, layer in enumerate(self.layers):
             if isinstance(layer, ChunkedSVDLayer):

@@ -81,8 +81,10 @@ class CompressionConfig:
         factor_dtype: dtype of unquantised factors and of quantisation scales.
 
     Execution
-        parallel_processing: factor every chunk that ages out in one forward pass as one batched call (all chunks
-            of a layer at prefill) instead of one call per chunk.
+        parallel_processing: the chunks that age out during a forward pass wait exact until the last layer has
+            been updated, then the chunks of all layers are factored and encoded in batched calls of up to 8 MB
+            (float32) each, instead of one call per chunk. Ranks are still chosen per layer and chunk; the
+            result equals compressing one chunk at a time up to float rounding.
         enable_gradient_checkpointing: refused — the cache is an inference structure (see ``__post_init__``).
         debug: log every compression with its ranks, bytes and relative error (also ``CHUNKED_DECOMP_DEBUG=1``).
     """

@@ -55,6 +55,43 @@ def factorize_exact(x: torch.Tensor, rank: int | None = None) -> Factorization:
     return Factorization(u, s.unsqueeze(-1) * vh, s)
 
 
+@dataclass
+class GramBasis:
+    """The right singular basis of x: (N, m, n), ``n <= m``, from the eigen-decomposition of ``xᵀx``, before any
+    factor is formed, so that factors of the first k components cost only those k.
+
+    x: (N, m, n) float32; evecs: (N, n, n), eigenvectors in ascending eigenvalue order (as LAPACK returns them);
+    spectrum: (N, n) singular values, descending.
+    """
+
+    x: torch.Tensor
+    evecs: torch.Tensor
+    spectrum: torch.Tensor
+
+    def _top(self, k: int) -> torch.Tensor:
+        """(N, n, k): the eigenvectors of the k largest eigenvalues, largest first."""
+        return self.evecs[..., self.evecs.shape[-1] - k :].flip(-1)
+
+    def tokens(self, k: int) -> torch.Tensor:
+        """Token factor of the first k components, ``x V_k``: (N, m, k)."""
+        return self.x @ self._top(k)
+
+    def channels(self, k: int) -> torch.Tensor:
+        """Channel factor of the first k components, ``V_kᵀ``: (N, k, n)."""
+        return self._top(k).transpose(-1, -2)
+
+    def rows(self, first: int, last: int) -> GramBasis:
+        """Matrices ``first … last - 1`` of the batch (views)."""
+        return GramBasis(self.x[first:last], self.evecs[first:last], self.spectrum[first:last])
+
+
+def gram_basis(x: torch.Tensor) -> GramBasis:
+    """:class:`GramBasis` of x: (N, m, n) with ``n <= m`` (one batched Gram product and eigen-decomposition)."""
+    x = x.to(torch.float32)
+    evals, evecs = torch.linalg.eigh(x.transpose(-1, -2) @ x)
+    return GramBasis(x, evecs, evals.flip(-1).clamp_min(0).sqrt())
+
+
 def factorize_gram(x: torch.Tensor, rank: int | None = None) -> Factorization:
     """SVD through the eigen-decomposition of the smaller Gram matrix. x: (N, m, n) → `Factorization`.
 
@@ -64,11 +101,8 @@ def factorize_gram(x: torch.Tensor, rank: int | None = None) -> Factorization:
     x = x.to(torch.float32)
     m, n = x.shape[-2:]
     if n <= m:
-        gram = x.transpose(-1, -2) @ x
-        evals, evecs = torch.linalg.eigh(gram)
-        evals, evecs = evals.flip(-1), evecs.flip(-1)
-        spectrum = evals.clamp_min(0).sqrt()
-        return Factorization(x @ evecs, evecs.transpose(-1, -2), spectrum)
+        basis = gram_basis(x)
+        return Factorization(basis.tokens(n), basis.channels(n), basis.spectrum)
     gram = x @ x.transpose(-1, -2)
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(-1), evecs.flip(-1)

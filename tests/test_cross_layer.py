@@ -129,3 +129,28 @@ def test_compress_all_batches_the_final_chunks(model, calls) -> None:
     assert calls == [list(range(LAYERS))]
     assert all(isinstance(layer, ChunkedSVDLayer) and layer.tail_length == 0 for layer in cache.layers)
     assert [s.compressed_tokens for s in cache.memory_stats().per_layer] == [58] * LAYERS
+
+
+def test_layers_dispatched_by_accelerate_compress_as_in_one_piece(model, tmp_path) -> None:
+    """`device_map` placement: accelerate's hooks move each layer's weights in and its inputs along; the cache
+    layers follow their attention layers' keys. Half the layers offloaded to disk is the nearest a CPU-only
+    machine comes to layers on several devices."""
+    import copy
+
+    accelerate = pytest.importorskip("accelerate")
+    dispatched = copy.deepcopy(model)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map |= {f"model.layers.{i}": "cpu" if i % 2 == 0 else "disk" for i in range(LAYERS)}
+    accelerate.dispatch_model(dispatched, device_map=device_map, offload_dir=str(tmp_path))
+    assert any(hasattr(m, "_hf_hook") for m in dispatched.modules())
+    ids = random_ids(120, seed=14)
+    ref_cache, ref = run(model, CompressionConfig(**BASE), ids, prefill=100)
+    cache, got = run(dispatched, CompressionConfig(**BASE), ids, prefill=100)
+    assert cache.memory_stats().compressed_tokens == ref_cache.memory_stats().compressed_tokens > 80
+    assert cache.memory_stats().stored_bytes == ref_cache.memory_stats().stored_bytes
+    assert (got - ref).abs().max() <= 1e-4

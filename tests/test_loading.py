@@ -190,6 +190,42 @@ def test_local_folder_dtype_and_trust_remote_code_are_passed_through(tmp_path, m
     assert seen[-1]["trust_remote_code"] is True and seen[-1]["dtype"] is torch.float16
 
 
+def test_device_map_is_passed_to_from_pretrained_and_the_model_is_not_moved(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("accelerate")
+    reference = save_tiny_model(tmp_path)
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
+    model, _ = load_model_and_tokenizer(str(tmp_path), device_map="auto")
+    monkeypatch.undo()
+    assert seen[-1]["device_map"] == "auto" and not moved
+    assert {p.device.type for p in model.parameters()} == {"cpu"}  # one CPU: accelerate puts everything there
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"device_map": ""}, "device_map must be"),
+        ({"device_map": 3}, "device_map must be"),
+        ({"device_map": "auto", "device": "meta"}, "either device"),
+    ],
+)
+def test_bad_device_map(tmp_path, kwargs, pattern) -> None:
+    save_tiny_model(tmp_path)
+    with pytest.raises(ValueError, match=pattern):
+        load_model_and_tokenizer(str(tmp_path), **kwargs)
+
+
 def test_local_folder_without_tokenizer_is_a_clear_error(tmp_path) -> None:
     save_tiny_model(tmp_path, with_tokenizer=False)
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):

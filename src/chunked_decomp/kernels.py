@@ -1,0 +1,248 @@
+"""A fused CPU kernel for attention over quantised factors (no transformers import).
+
+`attention.attend` computes a query's scores over a compressed chunk as ``(q Vᵀ) U`` and its share of the output
+as ``(p Uᵀ) V``. In PyTorch that needs U dequantised to float32 first (unpack, convert, scale, pad), and that pass,
+not the arithmetic, bounded decoding. The two C++ functions here read the packed codes of every chunk of a layer
+directly from `PackedFactors`' flat buffers, one quantisation group at a time, so nothing of the size of the
+compressed cache is materialised:
+
+- ``scores(q, …)``: (batch, kv_heads, rows, d) query rows → (batch, kv_heads, rows, C) scores over the C
+  compressed tokens;
+- ``values(p, …)``: (batch, kv_heads, rows, C) attention weights → (batch, kv_heads, rows, d) output share.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
+ninja are needed; about a minute once, then cached by torch). When it cannot be built, or with
+``CHUNKED_DECOMP_KERNELS=0``, :func:`available` is False and the attention keeps its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("chunked_decomp")
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <vector>
+#include <algorithm>
+
+// Codes of one row, elements t0 .. t0 + n - 1, at 2, 4 or 8 bits (element 0 in the low bits of byte 0). Groups
+// start at multiples of the group size, so t0 is a whole number of bytes in; 2-bit codes go through a table of
+// the values of each byte.
+struct Tables {
+    float two[256][4];
+    Tables() {
+        for (int b = 0; b < 256; ++b)
+            for (int k = 0; k < 4; ++k) two[b][k] = (b >> (2 * k)) & 3;
+    }
+};
+static const Tables tables;
+
+static inline void decode(const uint8_t* row, int64_t t0, int64_t n, int bits, float* out) {
+    if (bits == 8) {
+        for (int64_t t = 0; t < n; ++t) out[t] = row[t0 + t];
+        return;
+    }
+    const int per = 8 / bits;
+    const uint8_t* p = row + t0 / per;
+    const int64_t whole = n / per;
+    if (bits == 4) {
+        for (int64_t k = 0; k < whole; ++k) {
+            const int v = p[k];
+            out[2 * k] = static_cast<float>(v & 15);
+            out[2 * k + 1] = static_cast<float>(v >> 4);
+        }
+    } else {
+        for (int64_t k = 0; k < whole; ++k)
+            for (int e = 0; e < 4; ++e) out[4 * k + e] = tables.two[p[k]][e];
+    }
+    for (int64_t t = whole * per; t < n; ++t) out[t] = (p[t / per] >> ((t % per) * bits)) & ((1 << bits) - 1);
+}
+
+// One dequantised channel row (d values).
+static inline void channel_row(const uint8_t* codes, const float* scale, const float* minimum, int64_t d,
+                               int bits, int64_t gs, float* out) {
+    decode(codes, 0, d, bits, out);
+    for (int64_t k = 0; k < d; ++k) out[k] = out[k] * scale[k / gs] + minimum[k / gs];
+}
+
+// meta: (F, 8) int64 per factor: token code offset, token group offset, channel code offset, channel group
+// offset, rank, length T, start (first compressed position), kv head. Each factor holds every batch row.
+torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
+                     torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
+                     int64_t cbits, int64_t cgs, int64_t C) {
+    const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
+    auto out = torch::zeros({B, H, R, C}, q.options());
+    const float* qp = q.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const uint8_t* tcp = tc.data_ptr<uint8_t>();
+    const float* tsp = ts.data_ptr<float>();
+    const float* tmp = tm.data_ptr<float>();
+    const uint8_t* ccp = cc.data_ptr<uint8_t>();
+    const float* csp = cs.data_ptr<float>();
+    const float* cmp = cm.data_ptr<float>();
+    const int64_t* mp = meta.data_ptr<int64_t>();
+    const int64_t F = meta.size(0);
+    const int64_t Wc = (D * cbits + 7) / 8, Gc = (D + cgs - 1) / cgs;
+    std::vector<float> v(D), buf(tgs), qv, bias;
+    for (int64_t f = 0; f < F; ++f) {
+        const int64_t* m = mp + f * 8;
+        const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
+        const int64_t W = (T * tbits + 7) / 8, G = (T + tgs - 1) / tgs;
+        qv.assign(R * r, 0.f);
+        for (int64_t b = 0; b < B; ++b) {
+            const float* qb = qp + ((b * H + h) * R) * D;
+            for (int64_t i = 0; i < r; ++i) {
+                const int64_t row = b * r + i;
+                channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits, cgs,
+                            v.data());
+                for (int64_t j = 0; j < R; ++j) {
+                    float s = 0.f;
+                    const float* qj = qb + j * D;
+                    for (int64_t k = 0; k < D; ++k) s += qj[k] * v[k];
+                    qv[j * r + i] = s;
+                }
+            }
+            float* ob = op + ((b * H + h) * R) * C + start;
+            // score[t] = Σ_i qv_i (code_it scale_ig + min_ig): the minima add one constant per group.
+            bias.assign(R * G, 0.f);
+            for (int64_t i = 0; i < r; ++i) {
+                const int64_t row = b * r + i;
+                const uint8_t* trow = tcp + m[0] + row * W;
+                const float* srow = tsp + m[1] + row * G;
+                const float* mrow = tmp + m[1] + row * G;
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                    decode(trow, t0, n, tbits, buf.data());
+                    for (int64_t j = 0; j < R; ++j) {
+                        const float aj = qv[j * r + i] * srow[g];
+                        bias[j * G + g] += qv[j * r + i] * mrow[g];
+                        float* o = ob + j * C + t0;
+                        for (int64_t t = 0; t < n; ++t) o[t] += aj * buf[t];
+                    }
+                }
+            }
+            for (int64_t j = 0; j < R; ++j)
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                    float* o = ob + j * C + t0;
+                    for (int64_t t = 0; t < n; ++t) o[t] += bias[j * G + g];
+                }
+        }
+    }
+    return out;
+}
+
+torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
+                     torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
+                     int64_t cbits, int64_t cgs, int64_t D) {
+    const int64_t B = p.size(0), H = p.size(1), R = p.size(2), C = p.size(3);
+    auto out = torch::zeros({B, H, R, D}, p.options());
+    const float* pp = p.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const uint8_t* tcp = tc.data_ptr<uint8_t>();
+    const float* tsp = ts.data_ptr<float>();
+    const float* tmp = tm.data_ptr<float>();
+    const uint8_t* ccp = cc.data_ptr<uint8_t>();
+    const float* csp = cs.data_ptr<float>();
+    const float* cmp = cm.data_ptr<float>();
+    const int64_t* mp = meta.data_ptr<int64_t>();
+    const int64_t F = meta.size(0);
+    const int64_t Wc = (D * cbits + 7) / 8, Gc = (D + cgs - 1) / cgs;
+    std::vector<float> v(D), buf(tgs), w, psum;
+    for (int64_t f = 0; f < F; ++f) {
+        const int64_t* m = mp + f * 8;
+        const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
+        const int64_t W = (T * tbits + 7) / 8, G = (T + tgs - 1) / tgs;
+        for (int64_t b = 0; b < B; ++b) {
+            const float* pb = pp + ((b * H + h) * R) * C + start;
+            // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t.
+            psum.assign(R * G, 0.f);
+            for (int64_t j = 0; j < R; ++j)
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                    const float* pj = pb + j * C + t0;
+                    float s0 = 0.f;
+                    for (int64_t t = 0; t < n; ++t) s0 += pj[t];
+                    psum[j * G + g] = s0;
+                }
+            w.assign(R * r, 0.f);
+            for (int64_t i = 0; i < r; ++i) {
+                const int64_t row = b * r + i;
+                const uint8_t* trow = tcp + m[0] + row * W;
+                const float* srow = tsp + m[1] + row * G;
+                const float* mrow = tmp + m[1] + row * G;
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                    decode(trow, t0, n, tbits, buf.data());
+                    for (int64_t j = 0; j < R; ++j) {
+                        const float* pj = pb + j * C + t0;
+                        float s1 = 0.f;
+                        for (int64_t t = 0; t < n; ++t) s1 += pj[t] * buf[t];
+                        w[j * r + i] += srow[g] * s1 + mrow[g] * psum[j * G + g];
+                    }
+                }
+            }
+            float* ob = op + ((b * H + h) * R) * D;
+            for (int64_t i = 0; i < r; ++i) {
+                const int64_t row = b * r + i;
+                channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits, cgs,
+                            v.data());
+                for (int64_t j = 0; j < R; ++j) {
+                    const float wj = w[j * r + i];
+                    float* o = ob + j * D;
+                    for (int64_t k = 0; k < D; ++k) o[k] += wj * v[k];
+                }
+            }
+        }
+    }
+    return out;
+}
+"""
+
+_MODULE = None
+_TRIED = False
+
+
+def available() -> bool:
+    """Whether the fused kernel is built (building it on first call) and not disabled."""
+    return _load() is not None
+
+
+def _load():
+    global _MODULE, _TRIED
+    if os.environ.get("CHUNKED_DECOMP_KERNELS", "1") == "0":
+        return None
+    if not _TRIED:
+        _TRIED = True
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _MODULE = load_inline(
+                name="chunked_decomp_factored_attention",
+                cpp_sources=_SOURCE,
+                functions=["scores", "values"],
+                extra_cflags=["-O3", "-ffast-math", "-march=native"],
+                verbose=False,
+            )
+        except Exception as err:  # no compiler, no ninja, a failed build: the PyTorch path stays
+            logger.warning("fused factored-attention kernel unavailable (%s); using the PyTorch path", err)
+            _MODULE = None
+    return _MODULE
+
+
+def scores(query: torch.Tensor, packed) -> torch.Tensor:
+    """query: (batch, kv_heads, rows, d) float32 → (batch, kv_heads, rows, C) scores over the compressed tokens
+    of ``packed`` (a quantised `PackedFactors` of keys)."""
+    k = packed.kernel_inputs()
+    return _load().scores(query.contiguous(), *k, packed.length)
+
+
+def values(probs: torch.Tensor, packed) -> torch.Tensor:
+    """probs: (batch, kv_heads, rows, C) weights of the compressed tokens → (batch, kv_heads, rows, d), the
+    weighted sum of the values of ``packed`` (a quantised `PackedFactors`)."""
+    k = packed.kernel_inputs()
+    return _load().values(probs.contiguous(), *k, packed.head_dim)

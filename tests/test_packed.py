@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunked_decomp import ChunkedSVDCache, CompressionConfig
+from chunked_decomp import ChunkedSVDCache, CompressionConfig, kernels
 from chunked_decomp.compat import cache_kwarg_name
 from chunked_decomp.factors import FactorCodec, FactorSet, SharedRows, take_rank
 from chunked_decomp.packed import PackedFactors
@@ -51,9 +51,16 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_batched_rebuild_equals_chunk_by_chunk(codec, layout) -> None:
+def test_batched_rebuild_equals_chunk_by_chunk(codec, layout, fused, monkeypatch) -> None:
+    """The rebuild dequantises each run's rows into a zero-padded buffer: with the fused CPU kernel when it is
+    built, else with PyTorch operations; both must equal rebuilding chunk by chunk."""
+    if fused and not kernels.available():
+        pytest.skip("the fused kernel could not be built here")
+    if not fused:
+        monkeypatch.setattr(kernels, "available", lambda: False)
     lengths, ranks = LAYOUTS[layout]
     sets = _sets(lengths, ranks, CODECS[codec])
     before = _slow(sets)

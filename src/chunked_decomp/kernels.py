@@ -8,7 +8,9 @@ compressed cache is materialised:
 
 - ``scores(q, …)``: (batch, kv_heads, rows, d) query rows → (batch, kv_heads, rows, C) scores over the C
   compressed tokens;
-- ``values(p, …)``: (batch, kv_heads, rows, C) attention weights → (batch, kv_heads, rows, d) output share.
+- ``values(p, …)``: (batch, kv_heads, rows, C) attention weights → (batch, kv_heads, rows, d) output share;
+- ``dequant_into(out, dest, …)``: quantised rows dequantised straight into their rows of a padded buffer, for the
+  rebuild of chunks (one pass instead of unpack, convert, scale and copy).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja are needed; about a minute once, then cached by torch). When it cannot be built, or with
@@ -136,6 +138,26 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch:
     return out;
 }
 
+// out[dest[i], :n] = row i of the quantised rows (codes (rows, W), scale / minimum (rows, G) float32).
+void dequant_into(torch::Tensor out, torch::Tensor dest, torch::Tensor codes, torch::Tensor scale,
+                  torch::Tensor minimum, int64_t bits, int64_t gs, int64_t n) {
+    const int64_t rows = dest.size(0), W = (n * bits + 7) / 8, G = (n + gs - 1) / gs, stride = out.size(1);
+    float* op = out.data_ptr<float>();
+    const int64_t* dp = dest.data_ptr<int64_t>();
+    const uint8_t* cp = codes.data_ptr<uint8_t>();
+    const float* sp = scale.data_ptr<float>();
+    const float* mp = minimum.data_ptr<float>();
+    for (int64_t i = 0; i < rows; ++i) {
+        float* o = op + dp[i] * stride;
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t t0 = g * gs, m = std::min(gs, n - t0);
+            decode(cp + i * W, t0, m, bits, o + t0);
+            const float a = sp[i * G + g], c = mp[i * G + g];
+            for (int64_t t = 0; t < m; ++t) o[t0 + t] = o[t0 + t] * a + c;
+        }
+    }
+}
+
 torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
                      torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
                      int64_t cbits, int64_t cgs, int64_t D) {
@@ -224,7 +246,7 @@ def _load():
             _MODULE = load_inline(
                 name="chunked_decomp_factored_attention",
                 cpp_sources=_SOURCE,
-                functions=["scores", "values"],
+                functions=["scores", "values", "dequant_into"],
                 extra_cflags=["-O3", "-ffast-math", "-march=native"],
                 verbose=False,
             )
@@ -239,6 +261,22 @@ def scores(query: torch.Tensor, packed) -> torch.Tensor:
     of ``packed`` (a quantised `PackedFactors` of keys)."""
     k = packed.kernel_inputs()
     return _load().scores(query.contiguous(), *k, packed.length)
+
+
+def dequant_into(
+    out: torch.Tensor,
+    dest: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    bits: int,
+    group_size: int,
+    n: int,
+) -> None:
+    """``out[dest[i], :n]`` = quantised row i dequantised, in one pass. out: (N, ≥ n) float32 contiguous;
+    codes: (rows, ceil(n·bits/8)) uint8; scale / minimum: (rows, ceil(n / group_size)), any float dtype."""
+    _load().dequant_into(out, dest, codes.contiguous(), scale.float().contiguous(), minimum.float().contiguous(),
+                         bits, group_size, n)  # fmt: skip
 
 
 def values(probs: torch.Tensor, packed) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from chunked_decomp import kernels
 from chunked_decomp.factors import FactorSet, SharedRows
 from chunked_decomp.quantization import QuantizedTensor, unpack_codes
 
@@ -57,6 +58,19 @@ class _FlatRole:
                 c, _ = self.offsets[-1]
                 self.views.append(self.data[c : c + f.numel()].view(f.shape))
                 self.offsets.append((c + f.numel(), 0))
+
+    def rows_into(self, out: torch.Tensor, dest: torch.Tensor, first: int, last: int, n: int) -> None:
+        """``out.index_copy_(0, dest, self.rows(first, last, n))``, fused into one pass by the CPU kernel when
+        it is built. out: (N, n) float32."""
+        if self.quantized and out.device.type == "cpu" and kernels.available():
+            (c0, g0), (c1, g1) = self.offsets[first], self.offsets[last]
+            width, groups = -(-n * self.bits // 8), -(-n // self.group_size)
+            kernels.dequant_into(
+                out, dest, self.codes[c0:c1].view(-1, width), self.scale[g0:g1].view(-1, groups),
+                self.minimum[g0:g1].view(-1, groups), self.bits, self.group_size, n,
+            )  # fmt: skip
+            return
+        out.index_copy_(0, dest, self.rows(first, last, n))
 
     def rows(self, first: int, last: int, n: int) -> torch.Tensor:
         """Factors ``first … last - 1``, whose rows all hold ``n`` values, as (rows, n) float32."""
@@ -222,8 +236,8 @@ class PackedFactors:
             u = torch.zeros(p * w, t, device=device)
             v = torch.zeros(p * w, self.head_dim, device=device)
             if first != last:
-                u.index_copy_(0, run["dest"], self.token.rows(first, last, t))
-                v.index_copy_(0, run["dest"], self.channel.rows(first, last, self.head_dim))
+                self.token.rows_into(u, run["dest"], first, last, t)
+                self.channel.rows_into(v, run["dest"], first, last, self.head_dim)
             out.append(
                 (u.view(self.batch, self.heads, n, w, t), v.view(self.batch, self.heads, n, w, self.head_dim))
             )

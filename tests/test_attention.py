@@ -213,3 +213,18 @@ def test_kernels_can_be_switched_off_and_a_failed_build_falls_back(monkeypatch, 
         model(input_ids=random_ids(40, seed=7), **{cache_kwarg_name(model): cache}, use_cache=True)
     ctx = cache.layers[0].factored_context()
     assert ctx.key_packed is None and ctx.value_packed is None and ctx.value_runs is not None
+
+
+def test_the_default_rebuild_never_builds_the_kernel(monkeypatch) -> None:
+    """Only the factored attention (an explicit choice) compiles the extension; the default decoding never waits
+    for a build nor writes one to the user's cache."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(kernels, "_TRIED", False)
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    builds = []
+    monkeypatch.setattr(cpp, "load_inline", lambda **kw: builds.append(kw))
+    model = make_tiny_model("llama")
+    ids = random_ids(60, seed=8)
+    _logits(model, CompressionConfig(**BASE), ids, [40] + [1] * 20)
+    assert builds == []

@@ -60,7 +60,7 @@ def test_batched_rebuild_equals_chunk_by_chunk(codec, layout, fused, monkeypatch
     if fused and not kernels.available():
         pytest.skip("the fused kernel could not be built here")
     if not fused:
-        monkeypatch.setattr(kernels, "available", lambda: False)
+        monkeypatch.setattr(kernels, "built", lambda: False)
     lengths, ranks = LAYOUTS[layout]
     sets = _sets(lengths, ranks, CODECS[codec])
     before = _slow(sets)

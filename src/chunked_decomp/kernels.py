@@ -10,7 +10,7 @@ compressed cache is materialised:
   compressed tokens;
 - ``values(p, …)``: (batch, kv_heads, rows, C) attention weights → (batch, kv_heads, rows, d) output share;
 - ``dequant_into(out, dest, …)``: quantised rows dequantised straight into their rows of a padded buffer, for the
-  rebuild of chunks (one pass instead of unpack, convert, scale and copy).
+  rebuild of chunks (one pass instead of unpack, convert, scale and copy), once the kernel is built.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja are needed; about a minute once, then cached by torch). When it cannot be built, or with
@@ -232,6 +232,13 @@ _TRIED = False
 def available() -> bool:
     """Whether the fused kernel is built (building it on first call) and not disabled."""
     return _load() is not None
+
+
+def built() -> bool:
+    """Whether the kernel is already built in this process (never starts a build). The rebuild path uses it only
+    then, so that the default decoding never waits for, nor writes, a compilation; the factored attention, which
+    asks for :func:`available`, builds it."""
+    return _MODULE is not None and os.environ.get("CHUNKED_DECOMP_KERNELS", "1") != "0"
 
 
 def _load():

@@ -61,8 +61,8 @@ class _FlatRole:
 
     def rows_into(self, out: torch.Tensor, dest: torch.Tensor, first: int, last: int, n: int) -> None:
         """``out.index_copy_(0, dest, self.rows(first, last, n))``, fused into one pass by the CPU kernel when
-        it is built. out: (N, n) float32."""
-        if self.quantized and out.device.type == "cpu" and kernels.available():
+        it is built (by the factored attention; this never starts a build). out: (N, n) float32."""
+        if self.quantized and out.device.type == "cpu" and kernels.built():
             (c0, g0), (c1, g1) = self.offsets[first], self.offsets[last]
             width, groups = -(-n * self.bits // 8), -(-n // self.group_size)
             kernels.dequant_into(

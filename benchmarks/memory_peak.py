@@ -1,34 +1,43 @@
 """Peak process memory of generation at long context: the compressed cache against transformers' `DynamicCache`.
 
-On the default model (SmolLM2-135M, float32, CPU, one thread unless ``--threads``), for each context length, each
-cache (``dynamic`` = transformers' uncompressed `DynamicCache`, and each compressed preset of ``--caches``, wired in
-with ``ChunkedDecomp.applied``) and each protocol, a fresh Python process (this script with ``--worker``) loads the
-model, takes a Wikipedia prompt of that many tokens (``ids[--offset : --offset + context]``), returns freed heap to
-the system (glibc ``malloc_trim``), records its RSS (the baseline) and then measures the peak RSS of the run with
-`MemoryTracker` (the kernel's ``VmHWM``, reset at the start, plus 5 ms samples). One process per run, so one run's
-freed memory cannot hide the next one's peak. Protocols:
+On the default model (SmolLM2-135M, float32, CPU, one thread unless ``--threads``), for each context length, cache
+(``dynamic`` = transformers' uncompressed `DynamicCache`, and each compressed preset of ``--caches``, wired in with
+``ChunkedDecomp.applied``), protocol and malloc setting, a fresh Python process (this script with ``--worker``)
+loads the model, takes a Wikipedia prompt of that many tokens (``ids[--offset : --offset + context]``), runs one
+16-token forward call (the weights are memory-mapped: that first call pages in ~0.5 GB, a one-off cost that is not
+the cache's; ``--cold`` skips it), returns freed heap to the system (glibc ``malloc_trim``), records its RSS (the
+baseline) and then measures the peak RSS of the run with `MemoryTracker` (the kernel's ``VmHWM``, reset at the
+start, plus 5 ms samples). One process per run, so one run's freed memory cannot hide the next one's peak.
+
+Protocols:
 
 * ``generate``: ``model.generate(prompt, max_new_tokens=--new_tokens, do_sample=False)`` — one prefill of the whole
   prompt, where the model's activations (MLP and attention temporaries over every prompt token) may outweigh the
   cache on this small model;
-* ``chunked``: the prompt fed through the model ``--prefill_chunk`` tokens at a time into the same cache
-  (``logits_to_keep=1``), then ``--new_tokens`` greedy tokens one forward call at a time (the first from the
-  prefill, as generate does). Activations are bounded by the piece, so the cache's growth shows.
+* ``chunked`` (chunked prefill): the prompt fed through the model ``--prefill_chunk`` tokens at a time into the
+  same cache (``logits_to_keep=1``), then ``--new_tokens`` greedy tokens one forward call at a time (the first from
+  the prefill, as generate does). Activations are bounded by the piece, so the cache's growth shows.
+
+Malloc settings (``--mallocs``): ``default`` is glibc as it comes: its mmap threshold rises to the size of each
+large block freed (up to 32 MB), so later blocks come from the heap, and freed heap stays resident — the RSS a user
+sees, but it counts memory already freed. ``mmap`` sets ``MALLOC_MMAP_THRESHOLD_=131072``: each block of 128 KiB or
+more is its own mapping, unmapped when freed, so the RSS follows the bytes really alive.
 
 Recorded per run: baseline RSS, peak RSS, peak increase (peak − baseline), the KV cache's exact bytes at the end
-(`cache_nbytes`: factors and scales of the compressed cache, tensors of `DynamicCache`) and wall seconds. Sizes are
-in MB = 2**20 bytes. The table gives medians over ``--repeats`` rounds (caches alternate order between rounds) and
-the ratios compressed ÷ dynamic.
+(`cache_nbytes`: factors, scales and exact tokens of the compressed cache, tensors of `DynamicCache`) and wall
+seconds. Sizes are in MB = 2**20 bytes. The tables give medians over ``--repeats`` rounds (caches alternate order
+between rounds) and the ratios compressed ÷ dynamic.
 
-Longest context within a budget: for each cache and protocol, a least-squares line peak increase ≈ a + b·context
-through the measured contexts (at least two) is solved for ``--budget_mb`` (default: DynamicCache's chunked-prefill
-peak increase at 4,096 tokens, or at the smallest context measured when 4,096 is not). This is an extrapolation
-from a linear fit, printed next to the fitted exact KV bytes per token; ``--verify`` checks it with one real
-chunked-prefill run per compressed cache at its predicted length.
+Longest context within a budget: for each cache, protocol and malloc setting, a least-squares line
+peak increase ≈ a + b·context through the measured contexts (at least two) is solved for ``--budget_mb``
+(default: DynamicCache's chunked-prefill peak increase at 4,096 tokens under the first malloc setting, or at the
+smallest context measured when 4,096 is not). This is an extrapolation from a linear fit, printed next to the
+slope of the exact KV bytes; ``--verify`` checks it with one real chunked-prefill run per compressed cache at its
+predicted length (first malloc setting, at most ``--verify_max_context`` tokens).
 
-    python benchmarks/memory_peak.py                                  # contexts 4096 8192: ~20 min, 2-core CPU
-    python benchmarks/memory_peak.py --contexts 2048 4096 8192 --verify
-    python benchmarks/memory_peak.py --quick                          # contexts 1024 2048, 4 new tokens
+    python benchmarks/memory_peak.py                                  # contexts 4096 8192: ~27 min, 2-core CPU
+    python benchmarks/memory_peak.py --mallocs default --verify       # ~12 min + the verification runs
+    python benchmarks/memory_peak.py --quick                          # contexts 1024 2048, 4 new tokens, ~6 min
 
 Prints tables; writes ``benchmarks/results/memory_peak.json`` atomically (last stdout line: the JSON summary).
 """
@@ -61,6 +70,11 @@ from chunked_decomp.memory import cache_nbytes, current_rss_bytes
 RESULTS = Path(__file__).resolve().parent / "results"
 _MB = 1024 * 1024
 PROTOCOLS = {"generate": "generate", "chunked": "chunked prefill"}
+# glibc settings of the run's process. "default": glibc as it comes, whose mmap threshold rises (up to 32 MB) each
+# time a large block is freed, so later blocks of that size come from the heap and stay resident after free.
+# "mmap": every block of 128 KiB or more is its own mapping, returned to the system when freed (setting the
+# threshold turns the rise off), so the RSS follows the bytes really alive.
+MALLOCS = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 DEFAULT_BUDGET_CONTEXT = 4096
 
 
@@ -88,7 +102,7 @@ def _rss_kinds() -> dict[str, int]:
     return kinds
 
 
-def _aged_bytes_per_token(cache: Any) -> float:
+def _kept_bytes_per_token(cache: Any) -> float:
     """Bytes per token (all layers) of what a cache keeps for good: the sinks and compressed chunks of a
     `ChunkedSVDCache` (its exact residual window excluded), every token of any other cache."""
     stats = getattr(cache, "memory_stats", None)
@@ -139,17 +153,18 @@ def _chunked(
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One measured run in this process. spec: ids_file, context, cache, protocol, new_tokens, prefill_chunk,
-    threads, warmup. Returns the run's record (RSS in bytes, seconds, tokens)."""
+    threads, warmup, malloc. Returns the run's record (RSS in bytes, seconds, tokens)."""
     from transformers import DynamicCache
 
     from chunked_decomp.loading import load_model_and_tokenizer
 
     torch.set_num_threads(spec["threads"])
     model, _ = load_model_and_tokenizer("smollm2-135m")  # float32, CPU, eval mode
-    prompt = torch.load(spec["ids_file"])[: spec["context"]].unsqueeze(0).clone()
+    prompt = torch.tensor(json.loads(Path(spec["ids_file"]).read_text())[: spec["context"]]).unsqueeze(0)
     if prompt.shape[1] != spec["context"]:
         raise ValueError(f"the token stream holds {prompt.shape[1]} tokens, fewer than {spec['context']}")
-    record: dict[str, Any] = {k: spec[k] for k in ("context", "cache", "protocol")}
+    record: dict[str, Any] = {k: spec[k] for k in ("context", "cache", "protocol", "malloc")}
+    record["malloc_env"] = {k: os.environ.get(k) for k in MALLOCS["mmap"]}
     record["cold_rss_bytes"] = current_rss_bytes()
     if spec["warmup"]:
         # The weights are memory-mapped and paged in by the first forward call (~0.5 GB of file-backed RSS on
@@ -188,7 +203,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         record["kv_bytes"] = cache_nbytes(cache)
         record["cache_seq_length"] = int(cache.get_seq_length())
         record["cache_type"] = type(cache).__name__
-        record["kv_aged_bytes_per_token"] = _aged_bytes_per_token(cache)
+        record["kv_kept_bytes_per_token"] = _kept_bytes_per_token(cache)
         record["tokens"] = tokens
     record["peak_increase_mb"] = (record["peak_rss_bytes"] - record["baseline_rss_bytes"]) / _MB
     return record
@@ -198,7 +213,8 @@ def spawn(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Run `worker` in a fresh Python process and return its record; its stderr is shown only if it fails."""
     out = folder / "run.json"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env.update(OMP_NUM_THREADS=str(spec["threads"]), **MALLOCS[spec["malloc"]])
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -210,8 +226,35 @@ def spawn(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
-        raise RuntimeError(f"worker {spec['cache']} {spec['protocol']} @ {spec['context']} failed:\n{tail}")
+        raise RuntimeError(
+            f"worker {spec['cache']} {spec['protocol']} @ {spec['context']} (malloc {spec['malloc']}) failed:\n{tail}"
+        )
     return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _library_info() -> dict[str, Any]:
+    """Where ``chunked_decomp`` is imported from, its git commit when it sits in a clean or dirty checkout, and
+    whether its fused CPU kernels are available — built here, before any measured run, when they are new."""
+    import chunked_decomp
+
+    folder = Path(chunked_decomp.__file__).resolve().parent
+    info: dict[str, Any] = {"path": str(folder), "git_commit": None, "git_dirty_src": None}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(folder)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        if head.returncode == 0:
+            info["git_commit"] = head.stdout.strip()
+            dirty = subprocess.run(
+                [*git, "status", "--porcelain", "."], capture_output=True, text=True, timeout=30
+            )
+            info["git_dirty_src"] = bool(dirty.stdout.strip())
+    try:
+        from chunked_decomp import kernels
+    except ImportError:
+        info["fused_kernels"] = None
+    else:
+        info["fused_kernels"] = kernels.available()
+    return info
 
 
 # ---- fits and tables ----------------------------------------------------------------------------------------
@@ -233,100 +276,108 @@ def longest_context(a: float, b: float, budget: float) -> int | None:
     return max(int((budget - a) / b), 0)
 
 
-def summarise(
-    runs: list[dict[str, Any]], contexts: list[int], caches: list[str], protocols: list[str]
-) -> list:
-    """Medians per (protocol, context, cache), with ratios compressed ÷ dynamic."""
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["malloc"], r["protocol"], r["context"], r["cache"])
+
+
+def summarise(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Medians per (malloc, protocol, context, cache), with ratios compressed ÷ dynamic."""
     rows = []
-    for protocol in protocols:
-        for ctx in contexts:
-            base = None
-            for cache in caches:
-                rs = [r for r in runs if (r["protocol"], r["context"], r["cache"]) == (protocol, ctx, cache)]
-                row = {
-                    "protocol": protocol,
-                    "context": ctx,
-                    "cache": cache,
-                    "repeats": len(rs),
-                    "baseline_rss_mb": statistics.median(r["baseline_rss_bytes"] for r in rs) / _MB,
-                    "peak_rss_mb": statistics.median(r["peak_rss_bytes"] for r in rs) / _MB,
-                    "peak_increase_mb": statistics.median(r["peak_increase_mb"] for r in rs),
-                    "kv_bytes": int(statistics.median(r["kv_bytes"] for r in rs)),
-                    "seconds": statistics.median(r["seconds"] for r in rs),
-                    "cache_seq_length": rs[-1]["cache_seq_length"],
-                    "kv_aged_bytes_per_token": rs[-1]["kv_aged_bytes_per_token"],
-                }
-                if cache == "dynamic":
-                    base = row
-                if base is not None:
+    for malloc in args.mallocs:
+        for protocol in args.protocols:
+            for ctx in args.contexts:
+                base = None
+                for cache in args.caches:
+                    rs = [r for r in runs if _key(r) == (malloc, protocol, ctx, cache)]
+                    row = {
+                        "malloc": malloc,
+                        "protocol": protocol,
+                        "context": ctx,
+                        "cache": cache,
+                        "repeats": len(rs),
+                        "baseline_rss_mb": statistics.median(r["baseline_rss_bytes"] for r in rs) / _MB,
+                        "peak_rss_mb": statistics.median(r["peak_rss_bytes"] for r in rs) / _MB,
+                        "peak_increase_mb": statistics.median(r["peak_increase_mb"] for r in rs),
+                        "peak_increase_mb_all": [r["peak_increase_mb"] for r in rs],
+                        "kv_bytes": int(statistics.median(r["kv_bytes"] for r in rs)),
+                        "seconds": statistics.median(r["seconds"] for r in rs),
+                        "cache_seq_length": rs[-1]["cache_seq_length"],
+                        "kv_kept_bytes_per_token": rs[-1]["kv_kept_bytes_per_token"],
+                    }
+                    if cache == "dynamic":
+                        base = row
                     row["peak_increase_ratio"] = row["peak_increase_mb"] / base["peak_increase_mb"]
                     row["kv_ratio"] = row["kv_bytes"] / base["kv_bytes"]
-                rows.append(row)
+                    rows.append(row)
     return rows
 
 
 def tokens_agree(runs: list[dict[str, Any]]) -> dict[str, bool]:
-    """Per ``context/cache``: whether the chunked protocol's greedy tokens equal generate's (first round each)."""
-    first: dict[tuple, list[int]] = {}
+    """Per ``protocol/context/cache`` run more than once: whether every run (allocators, rounds) gave the same
+    greedy tokens. Across protocols a compressed cache may differ: chunked prefill attends to chunks already
+    compressed, generate's one-pass prefill to exact keys."""
+    seen: dict[str, list[list[int]]] = {}
     for r in runs:
-        first.setdefault((r["context"], r["cache"], r["protocol"]), r["tokens"])
-    return {
-        f"{ctx}/{cache}": tokens == first[(ctx, cache, "chunked")]
-        for (ctx, cache, protocol), tokens in first.items()
-        if protocol == "generate" and (ctx, cache, "chunked") in first
-    }
+        seen.setdefault(f"{r['protocol']}/{r['context']}/{r['cache']}", []).append(r["tokens"])
+    return {k: all(t == v[0] for t in v) for k, v in seen.items() if len(v) > 1}
 
 
 def print_runs(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    for protocol in args.protocols:
-        how = (
-            f"prompt in pieces of {args.prefill_chunk} tokens, then {args.new_tokens} greedy tokens one call each"
-            if protocol == "chunked"
-            else f"model.generate, {args.new_tokens} new tokens, greedy"
-        )
-        print(
-            f"\n[{PROTOCOLS[protocol]}] {how}; medians of {args.repeats} run(s), one process each; MB = 2^20 B"
-        )
-        print(
-            f"{'context':>7} {'cache':<10} {'baseline MB':>11} {'peak MB':>8} {'peak incr MB':>12} "
-            f"{'KV MiB':>8} {'incr ÷ dyn':>10} {'KV ÷ dyn':>8} {'seconds':>8}"
-        )
-        for r in (r for r in rows if r["protocol"] == protocol):
-            ratio = r.get("peak_increase_ratio")
-            kv_ratio = r.get("kv_ratio")
-            print(
-                f"{r['context']:>7} {r['cache']:<10} {r['baseline_rss_mb']:>11.1f} {r['peak_rss_mb']:>8.1f} "
-                f"{r['peak_increase_mb']:>12.1f} {r['kv_bytes'] / _MB:>8.1f} "
-                f"{'-' if ratio is None else f'{ratio:.3f}':>10} {'-' if kv_ratio is None else f'{kv_ratio:.3f}':>8} "
-                f"{r['seconds']:>8.1f}"
+    for malloc in args.mallocs:
+        for protocol in args.protocols:
+            how = (
+                f"prompt in pieces of {args.prefill_chunk} tokens, then {args.new_tokens} greedy tokens one call each"
+                if protocol == "chunked"
+                else f"model.generate, {args.new_tokens} new tokens, greedy"
             )
+            print(
+                f"\n[{PROTOCOLS[protocol]} | malloc {malloc}] {how}; medians of {args.repeats} run(s), "
+                "one process each; MB = 2^20 B"
+            )
+            print(
+                f"{'context':>7} {'cache':<10} {'baseline MB':>11} {'peak MB':>8} {'peak incr MB':>12} "
+                f"{'KV MiB':>8} {'incr ÷ dyn':>10} {'KV ÷ dyn':>8} {'seconds':>8}"
+            )
+            for r in rows:
+                if (r["malloc"], r["protocol"]) == (malloc, protocol):
+                    print(
+                        f"{r['context']:>7} {r['cache']:<10} {r['baseline_rss_mb']:>11.1f} {r['peak_rss_mb']:>8.1f} "
+                        f"{r['peak_increase_mb']:>12.1f} {r['kv_bytes'] / _MB:>8.1f} "
+                        f"{r['peak_increase_ratio']:>10.3f} {r['kv_ratio']:>8.3f} {r['seconds']:>8.1f}"
+                    )
 
 
 def budget_fits(rows: list[dict[str, Any]], args: argparse.Namespace, budget: float) -> list[dict[str, Any]]:
-    """Per protocol and cache: the line peak increase ≈ a + b·context, the exact KV bytes' line, and the longest
-    context the budget allows by the first."""
+    """Per allocator, protocol and cache: the line peak increase ≈ a + b·context, the slope of the exact KV bytes,
+    and the longest context the budget allows by the first line."""
     fits = []
-    for protocol in args.protocols:
-        for cache in args.caches:
-            rs = sorted(
-                (r for r in rows if (r["protocol"], r["cache"]) == (protocol, cache)),
-                key=lambda r: r["context"],
-            )
-            xs = [r["context"] for r in rs]
-            a, b = linear_fit(xs, [r["peak_increase_mb"] for r in rs])
-            _, kv_b = linear_fit(xs, [r["kv_bytes"] for r in rs])
-            fits.append(
-                {
-                    "protocol": protocol,
-                    "cache": cache,
-                    "contexts": xs,
-                    "intercept_mb": a,
-                    "fitted_peak_bytes_per_token": b * _MB,
-                    "kv_bytes_per_token_fitted": kv_b,
-                    "kv_aged_bytes_per_token": rs[-1]["kv_aged_bytes_per_token"],
-                    "longest_context": longest_context(a, b, budget),
-                }
-            )
+    for malloc in args.mallocs:
+        for protocol in args.protocols:
+            for cache in args.caches:
+                rs = sorted(
+                    (
+                        r
+                        for r in rows
+                        if (r["malloc"], r["protocol"], r["cache"]) == (malloc, protocol, cache)
+                    ),
+                    key=lambda r: r["context"],
+                )
+                xs = [r["context"] for r in rs]
+                a, b = linear_fit(xs, [r["peak_increase_mb"] for r in rs])
+                _, kv_b = linear_fit(xs, [r["kv_bytes"] for r in rs])
+                fits.append(
+                    {
+                        "malloc": malloc,
+                        "protocol": protocol,
+                        "cache": cache,
+                        "contexts": xs,
+                        "intercept_mb": a,
+                        "fitted_peak_bytes_per_token": b * _MB,
+                        "kv_bytes_per_token_fitted": kv_b,
+                        "kv_kept_bytes_per_token": rs[-1]["kv_kept_bytes_per_token"],
+                        "longest_context": longest_context(a, b, budget),
+                    }
+                )
     return fits
 
 
@@ -335,19 +386,19 @@ def print_fits(fits: list[dict[str, Any]], budget: float, budget_source: str) ->
     print(
         f"\nLongest context within a peak-increase budget of {budget:.1f} MB ({budget_source}).\n"
         f"EXTRAPOLATION from a least-squares line peak increase ≈ a + b·context through contexts {contexts}, "
-        "not a measurement;\nKV B/token: slope of the exact KV bytes over the same contexts; kept B/token: bytes per "
-        "token of the sinks and compressed chunks (all of DynamicCache) at the largest context."
+        "not a measurement.\nKV B/token: slope of the exact KV bytes over the same contexts; kept B/token: bytes "
+        "per token of the sinks and compressed chunks (all tokens of DynamicCache) at the largest context."
     )
     print(
-        f"{'protocol':<16} {'cache':<10} {'a (MB)':>8} {'b peak B/token':>14} {'KV B/token':>10} "
+        f"{'malloc':<8} {'protocol':<16} {'cache':<10} {'a (MB)':>8} {'b peak B/token':>14} {'KV B/token':>10} "
         f"{'kept B/token':>12} {'longest context':>15}"
     )
     for f in fits:
         longest = "no bound" if f["longest_context"] is None else f"{f['longest_context']:,}"
         print(
-            f"{PROTOCOLS[f['protocol']]:<16} {f['cache']:<10} {f['intercept_mb']:>8.1f} "
+            f"{f['malloc']:<8} {PROTOCOLS[f['protocol']]:<16} {f['cache']:<10} {f['intercept_mb']:>8.1f} "
             f"{f['fitted_peak_bytes_per_token']:>14.0f} {f['kv_bytes_per_token_fitted']:>10.0f} "
-            f"{f['kv_aged_bytes_per_token']:>12.0f} {longest:>15}"
+            f"{f['kv_kept_bytes_per_token']:>12.0f} {longest:>15}"
         )
 
 
@@ -369,6 +420,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(PROTOCOLS),
         help="see the module docstring",
     )
+    parser.add_argument(
+        "--mallocs", nargs="+", default=list(MALLOCS), choices=list(MALLOCS),
+        help="glibc malloc setting of the runs: 'default' (as it comes) and 'mmap' (MALLOC_MMAP_THRESHOLD_=131072: "
+        "freed blocks of 128 KiB or more go back to the system, so the RSS follows live bytes)",
+    )  # fmt: skip
     parser.add_argument("--new_tokens", type=int, default=16, help="tokens generated after the prompt")
     parser.add_argument(
         "--prefill_chunk", type=int, default=512, help="tokens per forward call, chunked protocol"
@@ -388,6 +444,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one real chunked-prefill run per compressed cache at its predicted longest context",
     )  # fmt: skip
     parser.add_argument(
+        "--verify_max_context", type=int, default=16384,
+        help="longest verification run; a longer prediction is checked at this length and flagged (default: "
+        "%(default)s, twice SmolLM2's 8,192 positions)",
+    )  # fmt: skip
+    parser.add_argument(
         "--cold", action="store_true",
         help="no warm-up forward call before the baseline (the first call's paging-in of the weights then counts)",
     )  # fmt: skip
@@ -402,7 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     if args.quick:
         args.contexts, args.new_tokens, args.repeats = [1024, 2048], 4, 1
-    for flag in ("new_tokens", "prefill_chunk", "repeats", "threads"):
+    for flag in ("new_tokens", "prefill_chunk", "repeats", "threads", "verify_max_context"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.offset < 0:
@@ -418,6 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--caches must include 'dynamic' (the baseline of the ratios and the default budget)")
     args.caches = ["dynamic", *dict.fromkeys(c for c in args.caches if c != "dynamic")]
     args.protocols = list(dict.fromkeys(args.protocols))
+    args.mallocs = list(dict.fromkeys(args.mallocs))
     if args.budget_mb is not None and args.budget_mb <= 0:
         parser.error(f"--budget_mb must be > 0, got {args.budget_mb}")
     if args.verify and "chunked" not in args.protocols:
@@ -440,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     from chunked_decomp.data import load_texts, load_token_ids
     from chunked_decomp.loading import load_model_and_tokenizer
 
+    library = _library_info()
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     max_positions = model.config.max_position_embeddings
     del model
@@ -453,17 +516,18 @@ def main(argv: list[str] | None = None) -> None:
 
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="memory_peak-") as tmp:
-        ids_file = Path(tmp) / "ids.pt"
-        torch.save(stream, ids_file)
+        ids_file = Path(tmp) / "ids.json"
+        atomic_write_json(ids_file, stream.tolist())
         base = {"ids_file": str(ids_file), "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk}
         base.update(threads=args.threads, warmup=not args.cold)
 
-        def run(context: int, cache: str, protocol: str, label: str) -> dict[str, Any]:
-            r = spawn({**base, "context": context, "cache": cache, "protocol": protocol}, Path(tmp))
+        def run(context: int, cache: str, protocol: str, malloc: str, label: str) -> dict[str, Any]:
+            spec = {**base, "context": context, "cache": cache, "protocol": protocol, "malloc": malloc}
+            r = spawn(spec, Path(tmp))
             print(
-                f"{label} {PROTOCOLS[protocol]:<16} context {context:>6} {cache:<10}: peak +{r['peak_increase_mb']:7.1f} MB "
-                f"(baseline {r['baseline_rss_bytes'] / _MB:.0f} MB), KV {r['kv_bytes'] / _MB:6.1f} MiB, "
-                f"{r['seconds']:.1f} s",
+                f"{label} malloc {malloc:<7} {PROTOCOLS[protocol]:<16} context {context:>6} {cache:<10}: "
+                f"peak +{r['peak_increase_mb']:7.1f} MB (baseline {r['baseline_rss_bytes'] / _MB:.0f} MB), "
+                f"KV {r['kv_bytes'] / _MB:6.1f} MiB, {r['seconds']:.1f} s",
                 flush=True,
             )
             return r
@@ -471,37 +535,41 @@ def main(argv: list[str] | None = None) -> None:
         for rnd in range(args.repeats):
             order = args.caches if rnd % 2 == 0 else args.caches[::-1]
             for ctx in args.contexts:
-                for protocol in args.protocols:
-                    for cache in order:
-                        runs.append({**run(ctx, cache, protocol, f"round {rnd + 1}"), "round": rnd + 1})
+                for malloc in args.mallocs:
+                    for protocol in args.protocols:
+                        for cache in order:
+                            r = run(ctx, cache, protocol, malloc, f"round {rnd + 1}")
+                            runs.append({**r, "round": rnd + 1})
 
-        rows = summarise(runs, args.contexts, args.caches, args.protocols)
-        same_tokens = tokens_agree(runs) if len(args.protocols) == 2 else {}
+        rows = summarise(runs, args)
+        same_tokens = tokens_agree(runs)
         if args.budget_mb is not None:
             budget, budget_source = args.budget_mb, "--budget_mb"
         else:
             ref = "chunked" if "chunked" in args.protocols else args.protocols[0]
             ctx = DEFAULT_BUDGET_CONTEXT if DEFAULT_BUDGET_CONTEXT in args.contexts else args.contexts[0]
-            row = next(r for r in rows if (r["protocol"], r["context"], r["cache"]) == (ref, ctx, "dynamic"))
+            row = next(r for r in rows if _key(r) == (args.mallocs[0], ref, ctx, "dynamic"))
             budget = row["peak_increase_mb"]
-            budget_source = f"default: DynamicCache's {PROTOCOLS[ref]} peak increase at {ctx} tokens"
+            budget_source = f"default: DynamicCache's {PROTOCOLS[ref]} peak increase at {ctx} tokens, malloc {args.mallocs[0]}"
         fits = budget_fits(rows, args, budget)
 
         verified = []
         if args.verify:
+            # The chunked protocol's prediction, under the first allocator setting only (each run is minutes).
             for f in fits:
-                if f["protocol"] != "chunked" or f["cache"] == "dynamic" or f["longest_context"] is None:
+                if (f["malloc"], f["protocol"]) != (args.mallocs[0], "chunked") or f["cache"] == "dynamic":
                     continue
-                ctx = min(f["longest_context"], len(stream))
-                if ctx < 16:
+                if f["longest_context"] is None or f["longest_context"] < 16:
                     continue
-                r = run(ctx, f["cache"], "chunked", "verify ")
+                ctx = min(f["longest_context"], len(stream), args.verify_max_context)
+                r = run(ctx, f["cache"], "chunked", f["malloc"], "verify ")
                 verified.append(
                     {
                         "cache": f["cache"],
+                        "malloc": f["malloc"],
                         "predicted_context": f["longest_context"],
                         "context": ctx,
-                        "capped_by_stream": ctx < f["longest_context"],
+                        "capped": ctx < f["longest_context"],
                         "beyond_model_positions": ctx > max_positions,
                         "peak_increase_mb": r["peak_increase_mb"],
                         "budget_mb": budget,
@@ -513,18 +581,24 @@ def main(argv: list[str] | None = None) -> None:
     print_runs(rows, args)
     print_fits(fits, budget, budget_source)
     if verified:
-        print("\nVerification (real chunked-prefill run at the predicted length):")
+        print("\nVerification (one real chunked-prefill run at the predicted length):")
         for v in verified:
-            notes = [n for n, on in (("capped by the token stream", v["capped_by_stream"]),
-                                     (f"beyond the model's {max_positions} positions", v["beyond_model_positions"])) if on]  # fmt: skip
+            notes = [
+                n
+                for n, on in (
+                    (f"capped below the prediction {v['predicted_context']:,}", v["capped"]),
+                    (f"beyond the model's {max_positions:,} positions", v["beyond_model_positions"]),
+                )
+                if on
+            ]
             print(
-                f"  {v['cache']:<10} context {v['context']:>6,}: peak increase {v['peak_increase_mb']:.1f} MB vs budget "
-                f"{budget:.1f} MB -> {'within' if v['within_budget'] else 'OVER'}"
-                + (f" ({'; '.join(notes)})" if notes else "")
+                f"  malloc {v['malloc']:<7} {v['cache']:<10} context {v['context']:>6,}: peak increase "
+                f"{v['peak_increase_mb']:.1f} MB vs budget {budget:.1f} MB -> "
+                f"{'within' if v['within_budget'] else 'OVER'}" + (f" ({'; '.join(notes)})" if notes else "")
             )
     if same_tokens:
         print(
-            "\ngreedy tokens of chunked prefill equal to generate's (same context and cache): "
+            "\nsame greedy tokens in every run of a protocol, context and cache (allocators, rounds): "
             + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same_tokens.items())
         )
     wall = time.perf_counter() - t_start
@@ -538,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
         "contexts": args.contexts,
         "caches": args.caches,
         "protocols": args.protocols,
+        "mallocs": {m: MALLOCS[m] for m in args.mallocs},
         "new_tokens": args.new_tokens,
         "prefill_chunk": args.prefill_chunk,
         "repeats": args.repeats,
@@ -546,13 +621,14 @@ def main(argv: list[str] | None = None) -> None:
         "budget_mb": budget,
         "budget_source": budget_source,
         "budget_method": "extrapolation: least-squares line peak increase = a + b*context through the measured contexts",
+        "library": library,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "wall_seconds": wall,
         "rows": rows,
         "fits": fits,
         "verified": verified,
-        "tokens_chunked_equal_generate": same_tokens,
+        "same_tokens": same_tokens,
         "raw": runs,
     }
     atomic_write_json(output, summary)

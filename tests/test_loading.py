@@ -173,9 +173,9 @@ def test_local_folder_loads_in_eval_mode_with_left_padding(tmp_path) -> None:
     assert batch["attention_mask"][1].tolist() == [0, 1, 1]
 
 
-def test_local_folder_dtype_and_trust_remote_code_are_passed_through(tmp_path, monkeypatch) -> None:
-    save_tiny_model(tmp_path)
-    seen = []
+def spy_from_pretrained(monkeypatch) -> list[dict]:
+    """Records the keyword arguments of every ``AutoModelForCausalLM.from_pretrained`` call (still loading)."""
+    seen: list[dict] = []
     original = AutoModelForCausalLM.from_pretrained
 
     def spy(*args, **kwargs):
@@ -183,6 +183,12 @@ def test_local_folder_dtype_and_trust_remote_code_are_passed_through(tmp_path, m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    return seen
+
+
+def test_local_folder_dtype_and_trust_remote_code_are_passed_through(tmp_path, monkeypatch) -> None:
+    save_tiny_model(tmp_path)
+    seen = spy_from_pretrained(monkeypatch)
     model, _ = load_model_and_tokenizer(Path(tmp_path), dtype="bfloat16")  # type: ignore[arg-type]
     assert next(model.parameters()).dtype == torch.bfloat16
     assert seen[-1]["trust_remote_code"] is False and seen[-1]["local_files_only"] is True
@@ -193,14 +199,7 @@ def test_local_folder_dtype_and_trust_remote_code_are_passed_through(tmp_path, m
 def test_device_map_is_passed_to_from_pretrained_and_the_model_is_not_moved(tmp_path, monkeypatch) -> None:
     pytest.importorskip("accelerate")
     reference = save_tiny_model(tmp_path)
-    seen = []
-    original = AutoModelForCausalLM.from_pretrained
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    seen = spy_from_pretrained(monkeypatch)
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
     model, _ = load_model_and_tokenizer(str(tmp_path), device_map="auto")

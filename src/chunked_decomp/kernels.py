@@ -71,8 +71,52 @@ static inline void channel_row(const uint8_t* codes, const float* scale, const f
     for (int64_t k = 0; k < d; ++k) out[k] = out[k] * scale[k / gs] + minimum[k / gs];
 }
 
-// meta: (F, 8) int64 per factor: token code offset, token group offset, channel code offset, channel group
-// offset, rank, length T, start (first compressed position), kv head. Each factor holds every batch row.
+// The flat buffers of one kind of a layer's chunks (`PackedFactors.kernel_inputs`), and a walk over their factors.
+// meta: (F, 8) int64 per factor: token code offset, token group offset, channel code offset, channel group offset,
+// rank, length T, start (first compressed position), kv head. Each factor holds every batch row.
+struct Packed {
+    const uint8_t *tcp, *ccp;
+    const float *tsp, *tmp, *csp, *cmp;
+    const int64_t* mp;
+    int64_t F, tbits, tgs, cbits, cgs;
+    Packed(torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc, torch::Tensor cs, torch::Tensor cm,
+           torch::Tensor meta, int64_t tbits, int64_t tgs, int64_t cbits, int64_t cgs)
+        : tcp(tc.data_ptr<uint8_t>()), ccp(cc.data_ptr<uint8_t>()), tsp(ts.data_ptr<float>()),
+          tmp(tm.data_ptr<float>()), csp(cs.data_ptr<float>()), cmp(cm.data_ptr<float>()),
+          mp(meta.data_ptr<int64_t>()), F(meta.size(0)), tbits(tbits), tgs(tgs), cbits(cbits), cgs(cgs) {}
+
+    // body(h, start, r, T, G, b, channel, groups) for every factor and batch row b: head h, first position start,
+    // rank r, length T, G groups; channel(i, out) dequantises component i's channel row, groups(i, fn) calls
+    // fn(g, t0, n, codes as floats, scale, minimum) for each group of its token row.
+    template <class Body>
+    void each(int64_t B, int64_t D, Body body) const {
+        const int64_t Wc = (D * cbits + 7) / 8, Gc = (D + cgs - 1) / cgs;
+        std::vector<float> buf(tgs);
+        for (int64_t f = 0; f < F; ++f) {
+            const int64_t* m = mp + f * 8;
+            const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
+            const int64_t W = (T * tbits + 7) / 8, G = (T + tgs - 1) / tgs;
+            for (int64_t b = 0; b < B; ++b) {
+                auto channel = [&](int64_t i, float* out) {
+                    const int64_t row = b * r + i;
+                    channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits,
+                                cgs, out);
+                };
+                // fn(g, t0, n, codes of the group as floats, scale, minimum) for each group of component i.
+                auto groups = [&](int64_t i, auto fn) {
+                    const int64_t row = b * r + i;
+                    for (int64_t g = 0; g < G; ++g) {
+                        const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                        decode(tcp + m[0] + row * W, t0, n, tbits, buf.data());
+                        fn(g, t0, n, buf.data(), tsp[m[1] + row * G + g], tmp[m[1] + row * G + g]);
+                    }
+                };
+                body(h, start, r, T, G, b, channel, groups);
+            }
+        }
+    }
+};
+
 torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
                      torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
                      int64_t cbits, int64_t cgs, int64_t C) {
@@ -80,61 +124,79 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch:
     auto out = torch::zeros({B, H, R, C}, q.options());
     const float* qp = q.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    const uint8_t* tcp = tc.data_ptr<uint8_t>();
-    const float* tsp = ts.data_ptr<float>();
-    const float* tmp = tm.data_ptr<float>();
-    const uint8_t* ccp = cc.data_ptr<uint8_t>();
-    const float* csp = cs.data_ptr<float>();
-    const float* cmp = cm.data_ptr<float>();
-    const int64_t* mp = meta.data_ptr<int64_t>();
-    const int64_t F = meta.size(0);
-    const int64_t Wc = (D * cbits + 7) / 8, Gc = (D + cgs - 1) / cgs;
-    std::vector<float> v(D), buf(tgs), qv, bias;
-    for (int64_t f = 0; f < F; ++f) {
-        const int64_t* m = mp + f * 8;
-        const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
-        const int64_t W = (T * tbits + 7) / 8, G = (T + tgs - 1) / tgs;
+    std::vector<float> v(D), qv, bias;
+    const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
+    k.each(B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b, auto channel,
+                     auto groups) {
+        const float* qb = qp + ((b * H + h) * R) * D;
         qv.assign(R * r, 0.f);
-        for (int64_t b = 0; b < B; ++b) {
-            const float* qb = qp + ((b * H + h) * R) * D;
-            for (int64_t i = 0; i < r; ++i) {
-                const int64_t row = b * r + i;
-                channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits, cgs,
-                            v.data());
-                for (int64_t j = 0; j < R; ++j) {
-                    float s = 0.f;
-                    const float* qj = qb + j * D;
-                    for (int64_t k = 0; k < D; ++k) s += qj[k] * v[k];
-                    qv[j * r + i] = s;
-                }
+        for (int64_t i = 0; i < r; ++i) {
+            channel(i, v.data());
+            for (int64_t j = 0; j < R; ++j) {
+                float s = 0.f;
+                for (int64_t d = 0; d < D; ++d) s += qb[j * D + d] * v[d];
+                qv[j * r + i] = s;
             }
-            float* ob = op + ((b * H + h) * R) * C + start;
-            // score[t] = Σ_i qv_i (code_it scale_ig + min_ig): the minima add one constant per group.
-            bias.assign(R * G, 0.f);
-            for (int64_t i = 0; i < r; ++i) {
-                const int64_t row = b * r + i;
-                const uint8_t* trow = tcp + m[0] + row * W;
-                const float* srow = tsp + m[1] + row * G;
-                const float* mrow = tmp + m[1] + row * G;
-                for (int64_t g = 0; g < G; ++g) {
-                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
-                    decode(trow, t0, n, tbits, buf.data());
-                    for (int64_t j = 0; j < R; ++j) {
-                        const float aj = qv[j * r + i] * srow[g];
-                        bias[j * G + g] += qv[j * r + i] * mrow[g];
-                        float* o = ob + j * C + t0;
-                        for (int64_t t = 0; t < n; ++t) o[t] += aj * buf[t];
-                    }
-                }
-            }
-            for (int64_t j = 0; j < R; ++j)
-                for (int64_t g = 0; g < G; ++g) {
-                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
-                    float* o = ob + j * C + t0;
-                    for (int64_t t = 0; t < n; ++t) o[t] += bias[j * G + g];
-                }
         }
-    }
+        // score[t] = Σ_i qv_i (code_it scale_ig + min_ig): the minima add one constant per group.
+        float* ob = op + ((b * H + h) * R) * C + start;
+        bias.assign(R * G, 0.f);
+        for (int64_t i = 0; i < r; ++i)
+            groups(i, [&](int64_t g, int64_t t0, int64_t n, const float* codes, float scale, float minimum) {
+                for (int64_t j = 0; j < R; ++j) {
+                    const float a = qv[j * r + i] * scale;
+                    bias[j * G + g] += qv[j * r + i] * minimum;
+                    float* o = ob + j * C + t0;
+                    for (int64_t t = 0; t < n; ++t) o[t] += a * codes[t];
+                }
+            });
+        for (int64_t j = 0; j < R; ++j)
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                for (int64_t t = 0; t < n; ++t) ob[j * C + t0 + t] += bias[j * G + g];
+            }
+    });
+    return out;
+}
+
+torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
+                     torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
+                     int64_t cbits, int64_t cgs, int64_t D) {
+    const int64_t B = p.size(0), H = p.size(1), R = p.size(2), C = p.size(3);
+    auto out = torch::zeros({B, H, R, D}, p.options());
+    const float* pp = p.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    std::vector<float> v(D), w, psum;
+    const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
+    k.each(B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b, auto channel,
+                     auto groups) {
+        const float* pb = pp + ((b * H + h) * R) * C + start;
+        // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t.
+        psum.assign(R * G, 0.f);
+        for (int64_t j = 0; j < R; ++j)
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                float s0 = 0.f;
+                for (int64_t t = 0; t < n; ++t) s0 += pb[j * C + t0 + t];
+                psum[j * G + g] = s0;
+            }
+        w.assign(R * r, 0.f);
+        for (int64_t i = 0; i < r; ++i)
+            groups(i, [&](int64_t g, int64_t t0, int64_t n, const float* codes, float scale, float minimum) {
+                for (int64_t j = 0; j < R; ++j) {
+                    const float* pj = pb + j * C + t0;
+                    float s1 = 0.f;
+                    for (int64_t t = 0; t < n; ++t) s1 += pj[t] * codes[t];
+                    w[j * r + i] += scale * s1 + minimum * psum[j * G + g];
+                }
+            });
+        float* ob = op + ((b * H + h) * R) * D;
+        for (int64_t i = 0; i < r; ++i) {
+            channel(i, v.data());
+            for (int64_t j = 0; j < R; ++j)
+                for (int64_t d = 0; d < D; ++d) ob[j * D + d] += w[j * r + i] * v[d];
+        }
+    });
     return out;
 }
 
@@ -158,71 +220,6 @@ void dequant_into(torch::Tensor out, torch::Tensor dest, torch::Tensor codes, to
     }
 }
 
-torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
-                     torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
-                     int64_t cbits, int64_t cgs, int64_t D) {
-    const int64_t B = p.size(0), H = p.size(1), R = p.size(2), C = p.size(3);
-    auto out = torch::zeros({B, H, R, D}, p.options());
-    const float* pp = p.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    const uint8_t* tcp = tc.data_ptr<uint8_t>();
-    const float* tsp = ts.data_ptr<float>();
-    const float* tmp = tm.data_ptr<float>();
-    const uint8_t* ccp = cc.data_ptr<uint8_t>();
-    const float* csp = cs.data_ptr<float>();
-    const float* cmp = cm.data_ptr<float>();
-    const int64_t* mp = meta.data_ptr<int64_t>();
-    const int64_t F = meta.size(0);
-    const int64_t Wc = (D * cbits + 7) / 8, Gc = (D + cgs - 1) / cgs;
-    std::vector<float> v(D), buf(tgs), w, psum;
-    for (int64_t f = 0; f < F; ++f) {
-        const int64_t* m = mp + f * 8;
-        const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
-        const int64_t W = (T * tbits + 7) / 8, G = (T + tgs - 1) / tgs;
-        for (int64_t b = 0; b < B; ++b) {
-            const float* pb = pp + ((b * H + h) * R) * C + start;
-            // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t.
-            psum.assign(R * G, 0.f);
-            for (int64_t j = 0; j < R; ++j)
-                for (int64_t g = 0; g < G; ++g) {
-                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
-                    const float* pj = pb + j * C + t0;
-                    float s0 = 0.f;
-                    for (int64_t t = 0; t < n; ++t) s0 += pj[t];
-                    psum[j * G + g] = s0;
-                }
-            w.assign(R * r, 0.f);
-            for (int64_t i = 0; i < r; ++i) {
-                const int64_t row = b * r + i;
-                const uint8_t* trow = tcp + m[0] + row * W;
-                const float* srow = tsp + m[1] + row * G;
-                const float* mrow = tmp + m[1] + row * G;
-                for (int64_t g = 0; g < G; ++g) {
-                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
-                    decode(trow, t0, n, tbits, buf.data());
-                    for (int64_t j = 0; j < R; ++j) {
-                        const float* pj = pb + j * C + t0;
-                        float s1 = 0.f;
-                        for (int64_t t = 0; t < n; ++t) s1 += pj[t] * buf[t];
-                        w[j * r + i] += srow[g] * s1 + mrow[g] * psum[j * G + g];
-                    }
-                }
-            }
-            float* ob = op + ((b * H + h) * R) * D;
-            for (int64_t i = 0; i < r; ++i) {
-                const int64_t row = b * r + i;
-                channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits, cgs,
-                            v.data());
-                for (int64_t j = 0; j < R; ++j) {
-                    const float wj = w[j * r + i];
-                    float* o = ob + j * D;
-                    for (int64_t k = 0; k < D; ++k) o[k] += wj * v[k];
-                }
-            }
-        }
-    }
-    return out;
-}
 """
 
 _MODULE = None

@@ -499,11 +499,11 @@ class ChunkedSVDLayer(DynamicLayer):
         # once: the allocation is a few hundred scores per chunk, where each device op would cost more.
         shares = {
             s: np.concatenate([fk.energy.cpu().numpy(), fv.energy.cpu().numpy()], axis=1)
-            for s, (fk, fv, _) in job.factored.items()
+            for s, (fk, fv) in job.factored.items()
         }
         stored = self._aged_stored_bytes()
         for i, s in enumerate(job.sizes):
-            fk, fv, _ = job.factored[s]
+            fk, fv = job.factored[s]
             kinds = ["k"] * fk.groups + ["v"] * fv.groups
             cols = [fk.columns] * fk.groups + [fv.columns] * fv.groups
             r = self._choose_ranks(
@@ -765,44 +765,41 @@ def _compress_layers(requests: list[tuple[ChunkedSVDLayer, list[int]]]) -> None:
     for job in jobs:
         for length in job.by_length:
             groups.setdefault(job.layer._batch_signature(length), []).append((job, length))
-    for members in groups.values():
+    # Per group: the whole key and value stacks (one object when keys and values were factored as one stack)
+    # and where each member's keys and values start in them.
+    stacked: dict[tuple, tuple[_Factored, _Factored, list[tuple[int, int]]]] = {}
+    for sig, members in groups.items():
         lead = members[0][0].layer
         counts = [len(job.by_length[length]) for job, length in members]
         stacks = [job.stack(length) for job, length in members]
         if lead._joint:
-            # Chunk j of a job's keys is entry at + j of the stack, its values entry at + n + j.
-            f = lead._factor(torch.cat([t for kv in stacks for t in kv]), "kv")
-            at = 0
-            for (job, length), n in zip(members, counts):
-                job.factored[length] = (f.part(at, at + n), f.part(at + n, at + 2 * n), (f, at, at + n))
-                at += 2 * n
+            # Chunk j of a member's keys is entry k_at + j of the stack, its values entry v_at + j.
+            fk = fv = lead._factor(torch.cat([t for kv in stacks for t in kv]), "kv")
+            starts = [2 * sum(counts[:m]) for m in range(len(members))]
+            at = [(s0, s0 + n) for s0, n in zip(starts, counts)]
         else:
             fk = lead._factor(torch.cat([k for k, _ in stacks]), "k")
             fv = lead._factor(torch.cat([v for _, v in stacks]), "v")
-            at = 0
-            for (job, length), n in zip(members, counts):
-                job.factored[length] = (fk.part(at, at + n), fv.part(at, at + n), (fk, fv, at))
-                at += n
+            at = [(sum(counts[:m]),) * 2 for m in range(len(members))]
+        for (job, length), n, (k_at, v_at) in zip(members, counts, at):
+            job.factored[length] = (fk.part(k_at, k_at + n), fv.part(v_at, v_at + n))
+        stacked[sig] = (fk, fv, at)
     for job in jobs:
         job.layer._allocate(job)
-    # Encode each group once, cut to the largest rank any of its chunks keeps (components are encoded one by
+    # Encode each stack once, cut to the largest rank any of its chunks keeps (components are encoded one by
     # one, so a prefix of a longer encoding equals a shorter one).
-    for members in groups.values():
-        lead = members[0][0].layer
-        g = members[0][0].factored[members[0][1]][0].groups
+    for sig, members in groups.items():
+        fk, fv, at = stacked[sig]
+        g = fk.groups
         top_k = max(max(job.ranks[i][:g]) for job, length in members for i in job.by_length[length])
         top_v = max(max(job.ranks[i][g:]) for job, length in members for i in job.by_length[length])
-        whole = members[0][0].factored[members[0][1]][2]
-        if lead._joint:
-            both = lead._encode(whole[0], max(top_k, top_v))
-            for job, length in members:
-                _, k_at, v_at = job.factored[length][2]
-                job.encoded[length] = ((*both, k_at), (*both, v_at))
+        lead = members[0][0].layer
+        if fk is fv:
+            ek = ev = lead._encode(fk, max(top_k, top_v))
         else:
-            ek, ev = lead._encode(whole[0], top_k), lead._encode(whole[1], top_v)
-            for job, length in members:
-                at = job.factored[length][2][2]
-                job.encoded[length] = ((*ek, at), (*ev, at))
+            ek, ev = lead._encode(fk, top_k), lead._encode(fv, top_v)
+        for (job, length), (k_at, v_at) in zip(members, at):
+            job.encoded[length] = ((*ek, k_at), (*ev, v_at))
     for job in jobs:
         job.layer._finish(job)
     # Batched work has no per-layer time: each layer is charged an equal share.

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from chunked_decomp import kernels
+from chunked_decomp import kernels, triton_attention
 
 ATTENTION_NAME = "chunked_decomp"
 CONTEXT_ATTR = "chunked_decomp_context"
@@ -42,6 +42,9 @@ class FactoredContext:
     (batch, kv_heads, n, w, d)) float32; keys: the compressed keys rebuilt, (batch, kv_heads, C, d), when they
     are not factored (pre-rotary keys); values likewise when the layout has no runs. key_packed / value_packed:
     the quantised `PackedFactors` themselves, read by the fused kernel (`chunked_decomp.kernels`) instead of runs.
+    triton: both packed kinds are read by the Triton kernel (`chunked_decomp.triton_attention`), with
+    rope = (inv_freq, position of the first compressed token) when the keys were factored before the rotary
+    embedding (rotated on chip), else None.
     """
 
     sink_keys: torch.Tensor
@@ -54,6 +57,8 @@ class FactoredContext:
     values: torch.Tensor | None = None
     key_packed: Any = None
     value_packed: Any = None
+    triton: bool = False
+    rope: tuple[torch.Tensor, int] | None = None
 
     @property
     def length(self) -> int:
@@ -93,6 +98,9 @@ def attend(
     rep = hq // hkv
     rows = rep * q
     qg = query.float().reshape(b, hkv, rows, d)  # row = (repeat, query position)
+    if ctx.triton:
+        out = _attend_triton(qg, q, ctx, attention_mask, scaling)
+        return out.view(b, hq, q, -1).transpose(1, 2).to(query.dtype)
     parts = [qg @ ctx.sink_keys.float().transpose(-1, -2)]
     if ctx.key_packed is not None:
         parts.append(kernels.scores(qg, ctx.key_packed))
@@ -146,6 +154,41 @@ def attend(
         at += c
     out = out + probs[..., at:] @ ctx.tail_values.float()
     return out.view(b, hq, q, -1).transpose(1, 2).to(query.dtype)
+
+
+def _attend_triton(
+    qg: torch.Tensor, q: int, ctx: FactoredContext, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """`attend` through the Triton kernel (`chunked_decomp.triton_attention`).
+    qg: (batch, kv_heads, rows, d) float32, rows = (repeat, query position) for q query positions;
+    returns (batch, kv_heads, rows, d_v) float32."""
+    b = qg.shape[0]
+    s0, c = ctx.sink_keys.shape[-2], ctx.key_packed.length
+    length = ctx.length
+    bias = exact_bias = None
+    if attention_mask is None and q > 1:
+        # Query i sits at position length - q + i and sees everything up to it.
+        pos = torch.arange(length, device=qg.device)
+        attention_mask = (pos[None, :] <= torch.arange(length - q, length, device=qg.device)[:, None])[
+            None, None
+        ]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds {length}"
+            )
+        mask = attention_mask[:, 0].expand(b, q, length)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+        bias = mask[..., s0 : s0 + c].float().contiguous()
+        exact_bias = torch.cat([mask[..., :s0], mask[..., s0 + c :]], dim=-1).float().contiguous()
+    exact_k = torch.cat([ctx.sink_keys, ctx.tail_keys], dim=-2) if s0 else ctx.tail_keys
+    exact_v = torch.cat([ctx.sink_values, ctx.tail_values], dim=-2) if s0 else ctx.tail_values
+    inv_freq, offset = ctx.rope if ctx.rope is not None else (None, 0)
+    return triton_attention.attention(
+        qg, ctx.key_packed, ctx.value_packed, exact_k, exact_v, scaling,
+        bias=bias, exact_bias=exact_bias, inv_freq=inv_freq, rope_offset=offset,
+    )  # fmt: skip
 
 
 def factored_attention(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from chunked_decomp import kernels
+from chunked_decomp import kernels, triton_attention
 from chunked_decomp.attention import FactoredContext, use_factored_attention
 from chunked_decomp.config import CompressionConfig
 from chunked_decomp.decomposition import (
@@ -271,6 +271,18 @@ class ChunkedSVDLayer(DynamicLayer):
         packed = self._packed_factors()
         if packed is None:
             ctx.keys, ctx.values = self.reconstruct_compressed()
+            return ctx
+        pre_rope = [c.keys_pre_rope for c in self.chunks]
+        if (
+            packed[0].quantized
+            and packed[1].quantized
+            and triton_attention.usable(self.device)
+            and (all(pre_rope) or not any(pre_rope))
+        ):
+            # On a GPU, quantised factors are read by the Triton kernel, which rotates pre-rotary keys on chip.
+            ctx.key_packed, ctx.value_packed, ctx.triton = packed[0], packed[1], True
+            if pre_rope[0]:
+                ctx.rope = (self.inv_freq, self.chunks[0].start)
             return ctx
         # Quantised factors on the CPU are read packed by the fused kernel when it is built.
         fused = packed[1].fusable and kernels.available()

@@ -175,6 +175,11 @@ class PackedFactors:
             i = j
 
     @property
+    def quantized(self) -> bool:
+        """Whether token and channel factors are all quantised (the layout both fused kernels read)."""
+        return self._meta is not None
+
+    @property
     def fusable(self) -> bool:
         """Whether the fused kernel can read these factors: quantised token and channel factors on the CPU."""
         return self._meta is not None and self.token.codes.device.type == "cpu"

@@ -1,0 +1,302 @@
+"""GPU benchmark: decode attention over quantised factors (Triton) against SDPA over the full cache, and the cost of
+factorising a prefill, at Llama-3.1-8B layer shapes (32 query heads, 8 KV heads, head_dim 128, batch 4).
+
+Needs a CUDA GPU and triton. One layer, bfloat16 cache, for each context and budget:
+
+- ``sdpa``: ``F.scaled_dot_product_attention`` (GQA) of one query token over the full bf16 keys and values;
+- ``ours``: `triton_attention.attention` over the same context stored as 4 sinks + 256-token chunks of 4-bit
+  factors (rank chosen for the budget of a 16-bit cache, basis 4-bit, groups of 64) + an exact residual window,
+  keys factored before the rotary embedding (rotated on chip, the default) and after it.
+
+Factors are random (the kernel's cost does not depend on their values); correctness is checked on every setting
+against attention over the rebuilt states in float64 (relative error; tf32 dot products give about 1e-3).
+Times are medians of `triton.testing.do_bench` (CUDA events), the ratio is sdpa ÷ ours (above 1 = ours faster).
+
+The factorisation table times one layer's prefill (batch 4, 8 KV heads, 32k tokens, keys and values, 256-token
+chunks): the Gram + eigh basis the cache uses, the randomized range finder (matrix products and Cholesky-QR only),
+and one pass over the bytes (a device copy), the floor.
+
+    python benchmarks/gpu_attention.py                       # contexts 8192 32768, budgets 0.25 0.125
+    python benchmarks/gpu_attention.py --out results.json
+
+Prints tables; writes JSON (``--out``, default benchmarks/results/gpu_attention.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chunked_decomp import triton_attention
+from chunked_decomp.decomposition import factorize_randomized, gram_basis
+from chunked_decomp.factors import FactorSet
+from chunked_decomp.io import atomic_write_json
+from chunked_decomp.packed import PackedFactors
+from chunked_decomp.quantization import quantize, quantized_nbytes
+from chunked_decomp.rotary import rotate_range
+
+SINKS, WINDOW = 4, 256
+
+
+def rank_for_budget(budget: float, chunk: int, head_dim: int, bits: int, group: int) -> int:
+    """Rank whose 4-bit token and channel factors (with fp16 scales and minima) fill ``budget`` of a 16-bit chunk."""
+    per = quantized_nbytes((1, chunk), bits, group, -1) + quantized_nbytes((1, head_dim), bits, group, -1)
+    return max(1, int(budget * chunk * head_dim * 2 // per))
+
+
+def synthetic_packed(batch, heads, head_dim, n_chunks, chunk, rank, bits, group, device, gen):
+    """PackedFactors of random quantised factors: token (batch, rank, chunk), channel (batch, rank, head_dim)."""
+    sets = []
+    for _ in range(n_chunks):
+        pairs = []
+        for _ in range(heads):
+            u = torch.randn(batch, rank, chunk, device=device, generator=gen)
+            v = torch.randn(batch, rank, head_dim, device=device, generator=gen) / math.sqrt(rank)
+            pairs.append((quantize(u, bits, group), quantize(v, bits, group)))
+        sets.append(FactorSet(pairs, batch, chunk, heads, head_dim, False))
+    return PackedFactors(sets)
+
+
+def bench(fn, reps: int = 3) -> float:
+    import triton
+
+    return statistics.median(
+        triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") for _ in range(reps)
+    )
+
+
+CONFIGS = [dict(num_warps=w, block_tokens=t) for w, t in ((2, 32), (4, 16), (4, 32), (8, 16), (8, 32))]
+
+
+def setting(args, device, context, budget, gen):
+    """One layer's context at ``budget``: (query rows (b, kv, rows, d), key / value PackedFactors, exact keys and
+    values, full bf16 keys and values, query (b, q_heads, 1, d), rank, stored-bytes ratio)."""
+    b, hq, hkv, d = args.batch, args.q_heads, args.kv_heads, args.head_dim
+    n_chunks = (context - SINKS - WINDOW) // args.chunk
+    window = context - SINKS - n_chunks * args.chunk
+    kfull = torch.randn(b, hkv, context, d, device=device, dtype=torch.bfloat16, generator=gen)
+    vfull = torch.randn(b, hkv, context, d, device=device, dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(b, hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    rank = rank_for_budget(budget, args.chunk, d, 4, 64)
+    kp = synthetic_packed(b, hkv, d, n_chunks, args.chunk, rank, 4, 64, device, gen)
+    vp = synthetic_packed(b, hkv, d, n_chunks, args.chunk, rank, 4, 64, device, gen)
+    ex_k = torch.cat([kfull[:, :, :SINKS], kfull[:, :, context - window :]], dim=-2)
+    ex_v = torch.cat([vfull[:, :, :SINKS], vfull[:, :, context - window :]], dim=-2)
+    stored = sum(
+        t.nbytes for p in (kp, vp) for t in (p.token.codes, p.token.scale, p.token.minimum,
+                                             p.channel.codes, p.channel.scale, p.channel.minimum)
+    ) + 2 * ex_k.numel() * 2  # fmt: skip
+    qg = q.float().reshape(b, hkv, hq // hkv, d)
+    return qg, kp, vp, ex_k, ex_v, kfull, vfull, q, rank, stored / (2 * kfull.numel() * 2)
+
+
+def sweep(args, device) -> dict:
+    """Launch settings at the longest context and highest budget (the largest tiles), per key mode: the fastest is
+    used for every row of the table."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    d = args.head_dim
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    qg, kp, vp, ex_k, ex_v, *_ = setting(args, device, max(args.contexts), max(args.budgets), gen)
+    best = {}
+    for pre_rope in (True, False):
+        times = []
+        for cfg in CONFIGS:
+            fn = lambda cfg=cfg, pre_rope=pre_rope: triton_attention.attention(  # noqa: E731
+                qg,
+                kp,
+                vp,
+                ex_k,
+                ex_v,
+                d**-0.5,
+                inv_freq=inv_freq if pre_rope else None,
+                rope_offset=SINKS,
+                **cfg,
+            )
+            try:
+                times.append((bench(fn, reps=1), cfg))
+            except Exception as err:  # e.g. out of on-chip memory for a setting
+                print(json.dumps(dict(sweep=cfg, pre_rope=pre_rope, error=repr(err)[:200])), flush=True)
+                continue
+            print(json.dumps(dict(sweep=cfg, pre_rope=pre_rope, ms=times[-1][0])), flush=True)
+        best["pre-RoPE" if pre_rope else "post-RoPE"] = min(times, key=lambda x: x[0])[1]
+    print(json.dumps(dict(best=best)), flush=True)
+    return best
+
+
+def attention_rows(args, device, best: dict) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    d = args.head_dim
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    scale = d**-0.5
+    rows = []
+    for context in args.contexts:
+        for budget in args.budgets:
+            qg, kp, vp, ex_k, ex_v, kfull, vfull, q, rank, ratio = setting(args, device, context, budget, gen)
+            t_sdpa = bench(
+                lambda q=q, k=kfull, v=vfull: F.scaled_dot_product_attention(
+                    q, k, v, scale=scale, enable_gqa=True
+                )
+            )
+            full_bytes = 2 * kfull.numel() * 2
+            for pre_rope in (True, False):
+                freq = inv_freq if pre_rope else None
+                keys_mode = "pre-RoPE" if pre_rope else "post-RoPE"
+                cfg = best.get(keys_mode, {})
+
+                def ours(freq=freq, kp=kp, vp=vp, ex_k=ex_k, ex_v=ex_v, qg=qg, cfg=cfg):
+                    return triton_attention.attention(
+                        qg, kp, vp, ex_k, ex_v, scale, inv_freq=freq, rope_offset=SINKS, **cfg
+                    )
+
+                got = ours()
+                # Reference: the rebuilt states in float64.
+                keys = kp.reconstruct()
+                if pre_rope:
+                    keys = rotate_range(keys, SINKS, inv_freq)
+                k_all = torch.cat(
+                    [ex_k[:, :, :SINKS].float(), keys, ex_k[:, :, SINKS:].float()], dim=-2
+                ).double()
+                v_all = torch.cat(
+                    [ex_v[:, :, :SINKS].float(), vp.reconstruct(), ex_v[:, :, SINKS:].float()], -2
+                )
+                p = torch.softmax((qg.double() @ k_all.transpose(-1, -2)) * scale, dim=-1)
+                want = p @ v_all.double()
+                err = float((got.double() - want).norm() / want.norm())
+                del keys, k_all, v_all, p, want
+                t_ours = bench(ours)
+                row = dict(
+                    context=context, budget=budget, rank=rank, keys=keys_mode, launch=cfg,
+                    sdpa_ms=t_sdpa, ours_ms=t_ours, speedup=t_sdpa / t_ours, rel_err=err,
+                    stored_ratio=ratio, sdpa_TBps=full_bytes / t_sdpa / 1e9, ours_TBps=ratio * full_bytes / t_ours / 1e9,
+                )  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del kp, vp, kfull, vfull
+            torch.cuda.empty_cache()
+    return rows
+
+
+def factorisation_rows(args, device) -> list[dict]:
+    b, h, d, length, chunk = args.batch, args.kv_heads, args.head_dim, args.prefill, args.chunk
+    gen = torch.Generator(device=device).manual_seed(1)
+    kv = torch.randn(2, b, h, length, d, device=device, dtype=torch.bfloat16, generator=gen)
+    copy = torch.empty_like(kv)
+    t_copy = bench(lambda: copy.copy_(kv))
+    x = kv.view(-1, chunk, d)  # (2·b·h·chunks, chunk, d)
+    rows = [dict(method="device copy (read + write)", ms=t_copy, matrices=x.shape[0])]
+    floor = t_copy / 2  # one read of the bytes
+    rank = rank_for_budget(0.25, chunk, d, 4, 64)
+    rows.append(dict(method="Gram only (bf16 bmm)", ms=bench(lambda: x.transpose(-1, -2) @ x)))
+    rows.append(
+        dict(method="Gram only (fp32 bmm)", ms=bench(lambda: (lambda y: y.transpose(-1, -2) @ y)(x.float())))
+    )
+    rows.append(
+        dict(
+            method=f"randomized range finder, rank {rank}+8",
+            ms=bench(lambda: factorize_randomized(x, rank), reps=1),
+        )
+    )
+    # eigh is slow on GPUs: time it on a slice and scale up.
+    part = max(1, x.shape[0] // args.eigh_fraction)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    gram_basis(x[:part])
+    torch.cuda.synchronize()
+    rows.append(dict(method=f"Gram + eigh (cache default), 1/{args.eigh_fraction} timed, scaled",
+                     ms=(time.perf_counter() - t0) * 1e3 * x.shape[0] / part))  # fmt: skip
+    for row in rows:
+        row["x_floor"] = row["ms"] / floor
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def model_check(device) -> dict:
+    """A small random Llama (4 layers, 8/2 heads of 64) on the GPU: greedy generation with the Triton attention
+    (pre- and post-RoPE keys) against the rebuild path; the tokens must agree and the logits nearly so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chunked_decomp import ChunkedDecomp
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, bos_token_id=0, eos_token_id=None,
+                      pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(cfg).to(device)
+    model.eval()
+    ids = torch.randint(
+        1, 512, (2, 300), device=device, generator=torch.Generator(device=device).manual_seed(3)
+    )
+    out = {}
+    for pre_rope in (True, False):
+        base = dict(chunk_size=64, residual_length=32, num_sink_tokens=4, compression_ratio=0.25,
+                    compress_keys_pre_rope=pre_rope)  # fmt: skip
+        runs = {}
+        for mode in ("rebuild", "factored"):
+            with ChunkedDecomp(**base, decode_attention=mode).applied(model), torch.no_grad():
+                g = model.generate(ids, max_new_tokens=40, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)  # fmt: skip
+            runs[mode] = (g.sequences, torch.stack(g.logits, 1))
+        same = bool(torch.equal(runs["rebuild"][0], runs["factored"][0]))
+        diff = float((runs["rebuild"][1] - runs["factored"][1]).abs().max())
+        out["pre-RoPE" if pre_rope else "post-RoPE"] = dict(tokens_equal=same, max_logit_diff=diff)
+    print(json.dumps(dict(model_check=out)), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--prefill", type=int, default=32768)
+    parser.add_argument("--eigh-fraction", type=int, default=64)
+    parser.add_argument("--skip-factorisation", action="store_true")
+    parser.add_argument("--skip-model-check", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="try launch settings first and use the fastest")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_attention.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or triton_attention.triton is None:
+        raise SystemExit("gpu_attention.py needs a CUDA GPU and triton")
+    device = torch.device("cuda")
+    info = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton_attention.triton.__version__
+    )
+    print(json.dumps(info), flush=True)
+    try:
+        check = {} if args.skip_model_check else model_check(device)
+    except Exception as err:  # report, and still time the kernel
+        check = dict(error=repr(err))
+        print(json.dumps(dict(model_check=check)), flush=True)
+    best = sweep(args, device) if args.sweep else {}
+    attn = attention_rows(args, device, best)
+    fact = [] if args.skip_factorisation else factorisation_rows(args, device)
+    print(f"\nDecode attention, one layer, batch {args.batch}, {args.q_heads}/{args.kv_heads} heads x {args.head_dim}"
+          f" ({info['gpu']}):")  # fmt: skip
+    print(f"{'context':>8} {'budget':>6} {'rank':>4} {'keys':>9} {'SDPA ms':>8} {'ours ms':>8} {'SDPA/ours':>9} "
+          f"{'stored':>6} {'rel err':>8}")  # fmt: skip
+    for r in attn:
+        print(f"{r['context']:>8} {r['budget']:>6} {r['rank']:>4} {r['keys']:>9} {r['sdpa_ms']:>8.4f} "
+              f"{r['ours_ms']:>8.4f} {r['speedup']:>9.2f} {r['stored_ratio']:>6.3f} {r['rel_err']:>8.1e}")  # fmt: skip
+    if fact:
+        print(f"\nFactorising one layer's {args.prefill}-token prefill at batch {args.batch} (K and V, chunks of "
+              f"{args.chunk}); floor = one read of the bytes:")  # fmt: skip
+        for r in fact:
+            print(f"  {r['method']:<50} {r['ms']:>10.3f} ms  {r['x_floor']:>8.1f}x floor")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\nTiny Llama on the GPU, Triton attention vs rebuild: {json.dumps(check)}")
+    atomic_write_json(args.out, dict(info=info, model_check=check, attention=attn, factorisation=fact))
+
+
+if __name__ == "__main__":
+    main()

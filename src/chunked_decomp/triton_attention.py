@@ -1,0 +1,385 @@
+"""A fused Triton kernel for attention over quantised factors, for GPUs (no transformers import).
+
+The GPU counterpart of the C++ kernel in `chunked_decomp.kernels`, reading the same flat buffers of
+`PackedFactors` (2/4/8-bit codes packed along the last dimension, a scale and a minimum per group). One program
+handles one (batch row, KV head) and a run of chunks, flash-decoding style (Dao et al., "Flash-Decoding for
+long-context inference", 2023): per chunk it dequantises the factors into on-chip tiles, computes the scores of
+every query row of the head's group, keeps a running softmax (maximum, sum, weighted values) and writes one partial
+result; a small PyTorch step merges the partials with the exact sinks and residual window. Nothing the size of the
+compressed cache is materialised: the kernel reads each packed byte once.
+
+Keys factored after the rotary embedding are scored as ``(q Vᵀ) U`` (the query projected into the chunk's basis).
+Keys factored before it (the default) are rebuilt tile by tile on chip, ``K = Uᵀ V`` and ``Uᵀ rot(V)``, and
+rotated to their positions there, so the default needs no rebuild in memory either. Values are summed as
+``(p Uᵀ) V``.
+
+Triton is optional: :func:`usable` says whether this path runs for a device (CUDA with ``triton`` importable; on
+the CPU only through Triton's interpreter, ``TRITON_INTERPRET=1`` with ``CHUNKED_DECOMP_TRITON=1``, which the
+tests use).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # optional dependency
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+_LOG2E = 1.4426950408889634
+
+
+def usable(device: torch.device) -> bool:
+    """Whether the Triton kernel serves tensors on ``device``: CUDA with triton installed, or the CPU under
+    Triton's interpreter when asked for (``TRITON_INTERPRET=1`` and ``CHUNKED_DECOMP_TRITON=1``).
+    ``CHUNKED_DECOMP_TRITON=0`` turns it off."""
+    flag = os.environ.get("CHUNKED_DECOMP_TRITON")
+    if triton is None or flag == "0":
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and flag == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant(codes, scale, minimum, code_off, group_off, row0, rank, n, cols, col_ok, BITS: tl.constexpr,
+                 GS: tl.constexpr, RP: tl.constexpr):  # fmt: skip
+        """Rows row0 … row0 + rank - 1 of a factor (each of n values) at columns ``cols``: (RP, len(cols))
+        float32, zero outside ``rank`` and ``col_ok``."""
+        PER: tl.constexpr = 8 // BITS
+        width = (n * BITS + 7) // 8
+        groups = (n + GS - 1) // GS
+        i = tl.arange(0, RP)[:, None]
+        c = cols[None, :]
+        ok = (i < rank) & col_ok[None, :]
+        row = (row0 + i).to(tl.int64)
+        byte = tl.load(codes + code_off + row * width + c // PER, mask=ok, other=0).to(tl.int32)
+        code = (byte >> ((c % PER) * BITS)) & ((1 << BITS) - 1)
+        g = group_off + row * groups + c // GS
+        s = tl.load(scale + g, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(minimum + g, mask=ok, other=0.0).to(tl.float32)
+        return tl.where(ok, code.to(tl.float32) * s + m, 0.0)
+
+    @triton.jit
+    def _dequant_block(codes, scale, minimum, code_off, group_off, row0, rank, n, t0, BITS: tl.constexpr,
+                       GS: tl.constexpr, RP: tl.constexpr, TB: tl.constexpr):  # fmt: skip
+        """`_dequant` of the token block t0 … t0 + TB - 1 (t0 a multiple of TB): one scale and minimum per row when
+        the block lies in one group (TB divides GS), and 4-bit codes read a byte per two values."""
+        if (GS % TB == 0) and (BITS == 4):
+            width = (n * 4 + 7) // 8
+            groups = (n + GS - 1) // GS
+            i = tl.arange(0, RP)
+            row = (row0 + i).to(tl.int64)
+            row_ok = i < rank
+            k = tl.arange(0, TB // 2)
+            byte_ok = row_ok[:, None] & (t0 // 2 + k < width)[None, :]
+            byte = tl.load(
+                codes + code_off + row[:, None] * width + t0 // 2 + k[None, :], mask=byte_ok, other=0
+            )
+            byte = byte.to(tl.int32)
+            code = tl.interleave(byte & 15, byte >> 4).to(tl.float32)  # (RP, TB), element 0 in the low bits
+            g = group_off + row * groups + t0 // GS
+            sc = tl.load(scale + g, mask=row_ok, other=0.0).to(tl.float32)
+            mn = tl.load(minimum + g, mask=row_ok, other=0.0).to(tl.float32)
+            t = t0 + tl.arange(0, TB)
+            ok = row_ok[:, None] & (t < n)[None, :]
+            return tl.where(ok, code * sc[:, None] + mn[:, None], 0.0)
+        else:
+            t = t0 + tl.arange(0, TB)
+            return _dequant(codes, scale, minimum, code_off, group_off, row0, rank, n, t, t < n, BITS, GS, RP)
+
+    @triton.jit
+    def _mm(a, b, LOWP: tl.constexpr):
+        """a @ b, with float16 operands on the GPU (the precision of tf32, half the on-chip memory) and float32
+        accumulation; float32 operands in the interpreter."""
+        if LOWP:
+            return tl.dot(a.to(tl.float16), b.to(tl.float16))
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _partials_kernel(
+        Q, BIAS, INV_FREQ, PAIRS, CSTART, CLEN,
+        KTC, KTS, KTM, KCC, KCS, KCM, KMETA,
+        VTC, VTS, VTM, VCC, VCS, VCM, VMETA,
+        M_OUT, L_OUT, ACC_OUT,
+        H, NC, C, R, QLEN, SPLITS, rope_offset, scale_log2,
+        PER_SPLIT: tl.constexpr,
+        KTB: tl.constexpr, KTG: tl.constexpr, KCB: tl.constexpr, KCG: tl.constexpr,
+        VTB: tl.constexpr, VTG: tl.constexpr, VCB: tl.constexpr, VCG: tl.constexpr,
+        D: tl.constexpr, RP: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr, TB: tl.constexpr,
+        HAS_BIAS: tl.constexpr, PRE_ROPE: tl.constexpr, HALF: tl.constexpr, LOWP: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rows = tl.arange(0, RP)
+        d = tl.arange(0, D)
+        tb = tl.arange(0, TB)
+        row_ok = rows < R
+        q = tl.load(Q + (bh * R + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([RP], float("-inf"), tl.float32)
+        l_i = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, D], tl.float32)
+        d_ok = d < D
+        if PRE_ROPE:
+            # rotate_half over the first 2·HALF channels: partner channel and sign; the rest pass through.
+            rot = d < 2 * HALF
+            partner = tl.where(d < HALF, d + HALF, d - HALF)
+            sign = tl.where(d < HALF, -1.0, 1.0)
+            freq = tl.load(INV_FREQ + (d % HALF), mask=rot, other=0.0)
+        for j in range(PER_SPLIT):
+            # A fixed trip count (the last split's surplus steps are empty: no rows, no tokens).
+            live = split * PER_SPLIT + j < NC
+            c = tl.minimum(split * PER_SPLIT + j, NC - 1)
+            fk = tl.where(live, tl.load(PAIRS + (h * NC + c) * 2), -1)
+            fv = tl.where(live, tl.load(PAIRS + (h * NC + c) * 2 + 1), -1)
+            start = tl.load(CSTART + c)
+            T = tl.where(live, tl.load(CLEN + c), 0)
+            # Meta rows: token code, token group, channel code, channel group offsets, rank, T, start, head.
+            km = KMETA + tl.maximum(fk, 0).to(tl.int64) * 8
+            rk = tl.where(fk >= 0, tl.load(km + 4), 0)
+            vm = VMETA + tl.maximum(fv, 0).to(tl.int64) * 8
+            rv = tl.where(fv >= 0, tl.load(vm + 4), 0)
+            kcode, kgroup = tl.load(km), tl.load(km + 1)
+            vcode, vgroup = tl.load(vm), tl.load(vm + 1)
+            v = _dequant(
+                KCC, KCS, KCM, tl.load(km + 2), tl.load(km + 3), b * rk, rk, D, d, d_ok, KCB, KCG, WP
+            )  # (WP, D) key basis
+            if PRE_ROPE:
+                vr = _dequant(KCC, KCS, KCM, tl.load(km + 2), tl.load(km + 3), b * rk, rk, D, partner, rot,
+                              KCB, KCG, WP) * sign[None, :]  # fmt: skip
+            else:
+                qv = _mm(q, tl.trans(v), LOWP)  # (RP, WP): the query in the chunk's basis
+            pu = tl.zeros([RP, WP], tl.float32)  # Σ_t p_t u_t, on the same running scale as acc
+            for blk in range(TP // TB):
+                # Tokens of the chunk in blocks of TB, so that tiles stay small.
+                t = blk * TB + tb
+                t_ok = t < T
+                u = _dequant_block(
+                    KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, blk * TB, KTB, KTG, WP, TB
+                )  # (WP, TB)
+                if PRE_ROPE:
+                    ut = tl.trans(u)
+                    k = _mm(ut, v, LOWP)  # (TB, D) keys before the rotation, rebuilt on chip
+                    kr = _mm(ut, vr, LOWP)  # rotate_half of them
+                    angle = (rope_offset + start + t).to(tl.float32)[:, None] * freq[None, :]
+                    k = tl.where(rot[None, :], k * tl.cos(angle) + kr * tl.sin(angle), k)
+                    s = _mm(q, tl.trans(k), LOWP)  # (RP, TB)
+                else:
+                    s = _mm(qv, u, LOWP)  # (q Vᵀ) U
+                s = s * scale_log2
+                if HAS_BIAS:
+                    qi = rows % QLEN
+                    bias = tl.load(BIAS + (b * QLEN + qi[:, None]) * C + start + t[None, :],
+                                   mask=row_ok[:, None] & t_ok[None, :], other=0.0)  # fmt: skip
+                    s = s + bias * 1.4426950408889634
+                s = tl.where(t_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                uv = _dequant_block(VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, blk * TB, VTB, VTG, WP, TB)
+                pu = pu * alpha[:, None] + _mm(p, tl.trans(uv), LOWP)
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            # The value basis is read only now, so that it does not occupy registers during the token loop.
+            vv = _dequant(
+                VCC, VCS, VCM, tl.load(vm + 2), tl.load(vm + 3), b * rv, rv, D, d, d_ok, VCB, VCG, WP
+            )  # (WP, D)
+            acc += _mm(pu, vv, LOWP)  # (p Uᵀ) V
+        out = (bh * SPLITS + split) * RP + rows
+        tl.store(M_OUT + out, m_i)
+        tl.store(L_OUT + out, l_i)
+        tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc)
+
+    @triton.jit
+    def _dense_partials_kernel(
+        Q, K, V, BIAS, M_OUT, L_OUT, ACC_OUT, H, E, R, QLEN, SPLITS, slot, scale_log2,
+        D: tl.constexpr, RP: tl.constexpr, EB: tl.constexpr, BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):  # fmt: skip
+        """The exact tokens (sinks and residual window) of one (batch row, KV head): K, V (batch·heads, E, D);
+        BIAS (batch, QLEN, E). Loops are over constexpr counts (powers of two), as Triton's interpreter needs."""
+        bh = tl.program_id(0)
+        b = bh // H
+        rows = tl.arange(0, RP)
+        d = tl.arange(0, D)
+        row_ok = rows < R
+        q = tl.load(Q + (bh * R + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([RP], float("-inf"), tl.float32)
+        l_i = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, D], tl.float32)
+        e = tl.arange(0, EB)
+        for blk in range(BLOCKS):
+            e0 = blk * EB
+            ok = e0 + e < E
+            k = tl.load(K + (bh * E + e0 + e[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + (bh * E + e0 + e[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(tl.float32))) * scale_log2
+            if HAS_BIAS:
+                qi = rows % QLEN
+                bias = tl.load(BIAS + (b * QLEN + qi[:, None]) * E + e0 + e[None, :],
+                               mask=row_ok[:, None] & ok[None, :], other=0.0)  # fmt: skip
+                s = s + bias * 1.4426950408889634
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+            m_i = m_new
+        out = (bh * SPLITS + slot) * RP + rows
+        tl.store(M_OUT + out, m_i)
+        tl.store(L_OUT + out, l_i)
+        tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc)
+
+    @triton.jit
+    def _merge_kernel(M, L, ACC, OUT, R, SPLITS, D: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
+        """out (batch·heads, R, D) = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s; 0 where every score was masked."""
+        bh = tl.program_id(0)
+        rows = tl.arange(0, RP)
+        d = tl.arange(0, D)
+        top = tl.full([RP], float("-inf"), tl.float32)
+        for sp in range(SP):
+            ok = (rows * 0 + sp) < SPLITS
+            top = tl.maximum(top, tl.load(M + (bh * SPLITS + sp) * RP + rows, mask=ok, other=float("-inf")))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, D], tl.float32)
+        for sp in range(SP):
+            ok = (rows * 0 + sp) < SPLITS
+            at = (bh * SPLITS + sp) * RP + rows
+            w = tl.where(ok, tl.exp2(tl.load(M + at, mask=ok, other=0.0) - top), 0.0)
+            total += w * tl.load(L + at, mask=ok, other=0.0)
+            acc += w[:, None] * tl.load(ACC + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.where(total[:, None] > 0, acc / total[:, None], 0.0)
+        tl.store(OUT + (bh * R + rows[:, None]) * D + d[None, :], out, mask=(rows < R)[:, None])
+
+
+def _layout(key_packed, value_packed) -> dict:
+    """What the kernel needs besides the buffers, built once per `PackedFactors` pair (they are rebuilt whenever the
+    chunks change): pairs (heads, chunks, 2) int32, the key and value factor of each (head, chunk) or -1 for a
+    rank-0 pair; cstart / clen (chunks,) int32, each chunk's first compressed position and length; both per-factor
+    tables on the device; the padded rank and chunk length."""
+    cached = getattr(value_packed, "_triton_layout", None)
+    if cached is not None and cached[0] is key_packed:
+        return cached[1]
+    starts, lengths = [], []
+    at = 0
+    for run in value_packed.runs:
+        for _ in range(run["chunks"]):
+            starts.append(at)
+            lengths.append(run["length"])
+            at += run["length"]
+    index = {s: i for i, s in enumerate(starts)}
+    pairs = torch.full((value_packed.heads, len(starts), 2), -1, dtype=torch.int32)
+    for role, packed in enumerate((key_packed, value_packed)):
+        for f, row in enumerate(packed._meta.tolist()):
+            pairs[row[7], index[row[6]], role] = f
+    device = value_packed.token.codes.device
+    ranks = torch.cat([key_packed._meta[:, 4], value_packed._meta[:, 4]])
+    layout = dict(
+        pairs=pairs.to(device),
+        cstart=torch.tensor(starts, dtype=torch.int32, device=device),
+        clen=torch.tensor(lengths, dtype=torch.int32, device=device),
+        kmeta=key_packed._meta.to(device),
+        vmeta=value_packed._meta.to(device),
+        chunks=len(starts),
+        wp=_pow2(int(ranks.max()) if ranks.numel() else 1),
+        tp=_pow2(max(lengths)),
+    )
+    value_packed._triton_layout = (key_packed, layout)
+    return layout
+
+
+def attention(
+    query: torch.Tensor,
+    key_packed,
+    value_packed,
+    exact_keys: torch.Tensor,
+    exact_values: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    exact_bias: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
+    rope_offset: int = 0,
+    splits: int | None = None,
+    num_warps: int | None = None,
+    block_tokens: int = 32,
+) -> torch.Tensor:
+    """Softmax attention over a layer's compressed chunks and its exact tokens, in three launches: the chunks in
+    ``splits`` programs per (batch row, KV head), the exact tokens in one, and a merge.
+
+    query: (batch, kv_heads, rows, d), rows = (group repeat, query position) as in `attention.attend`;
+    key_packed / value_packed: quantised `PackedFactors` of the C compressed tokens; exact_keys / exact_values:
+    (batch, kv_heads, E, d) the exact tokens (sinks, then the residual window); bias (batch, q_len, C) and
+    exact_bias (batch, q_len, E): float32 added to the scores (masks; -inf hides), or None; inv_freq:
+    (rot_dim // 2,) when the keys were factored before the rotary embedding (rotated on chip to positions
+    ``rope_offset + i``), else None. splits, num_warps, block_tokens: launch settings (programs per (batch row,
+    KV head), warps per program (default 8 with pre-rotary keys, else 4), tokens per on-chip tile; the defaults
+    were the fastest of a sweep on an H200 (`benchmarks/gpu_attention.py --sweep`). Returns (batch, kv_heads, rows, d) float32; a row that
+    sees nothing is 0.
+    """
+    b, h, r, d = query.shape
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim of at least 16, got {d}")
+    if block_tokens < 16 or block_tokens & (block_tokens - 1):
+        raise ValueError(f"block_tokens must be a power of two of at least 16, got {block_tokens}")
+    if num_warps is None:
+        num_warps = 8 if inv_freq is not None else 4
+    kt, kc, vt, vc = key_packed.token, key_packed.channel, value_packed.token, value_packed.channel
+    lay = _layout(key_packed, value_packed)
+    n_chunks = lay["chunks"]
+    rp = _pow2(r)
+    if splits is None:
+        # Enough programs to fill the GPU (a few per multiprocessor), a few chunks each.
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+        splits = max(1, min(n_chunks, -(-4 * sms // (b * h))))
+    # A power of two, so that a growing cache compiles the kernel for a few values only.
+    per_split = _pow2(-(-n_chunks // splits), floor=1)
+    splits = -(-n_chunks // per_split)
+    slots = splits + 1  # the last slot holds the exact tokens
+    dev = query.device
+    m = torch.empty(b * h, slots, rp, device=dev, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(b * h, slots, rp, d, device=dev, dtype=torch.float32)
+    q = query.float().contiguous()
+    pre_rope = inv_freq is not None
+    freq = inv_freq.float().contiguous().to(dev) if pre_rope else q
+    q_len = bias.shape[1] if bias is not None else 1
+    _partials_kernel[(b * h, splits)](
+        q, bias if bias is not None else q, freq, lay["pairs"], lay["cstart"], lay["clen"],
+        kt.codes, kt.scale, kt.minimum, kc.codes, kc.scale, kc.minimum, lay["kmeta"],
+        vt.codes, vt.scale, vt.minimum, vc.codes, vc.scale, vc.minimum, lay["vmeta"],
+        m, lsum, acc,
+        h, n_chunks, key_packed.length, r, q_len, slots, int(rope_offset), scaling * _LOG2E,
+        PER_SPLIT=per_split,
+        KTB=kt.bits, KTG=kt.group_size, KCB=kc.bits, KCG=kc.group_size,
+        VTB=vt.bits, VTG=vt.group_size, VCB=vc.bits, VCG=vc.group_size,
+        D=d, RP=rp, WP=lay["wp"], TP=lay["tp"], TB=min(lay["tp"], block_tokens),
+        HAS_BIAS=bias is not None, PRE_ROPE=pre_rope, LOWP=query.is_cuda, num_stages=1, num_warps=num_warps,
+        HALF=freq.numel() if pre_rope else 1,
+    )  # fmt: skip
+    e = exact_keys.shape[-2]
+    eb = 64
+    _dense_partials_kernel[(b * h,)](
+        q, exact_keys.contiguous(), exact_values.contiguous(), exact_bias if exact_bias is not None else q,
+        m, lsum, acc, h, e, r, exact_bias.shape[1] if exact_bias is not None else 1, slots, splits,
+        scaling * _LOG2E, D=d, RP=rp, EB=eb, BLOCKS=_pow2(-(-e // eb), floor=1), HAS_BIAS=exact_bias is not None,
+    )  # fmt: skip
+    out = torch.empty(b, h, r, d, device=dev, dtype=torch.float32)
+    _merge_kernel[(b * h,)](m, lsum, acc, out, r, slots, D=d, RP=rp, SP=_pow2(slots, floor=1))
+    return out

@@ -1,0 +1,169 @@
+"""The Triton kernel for attention over quantised factors (`chunked_decomp.triton_attention`).
+
+Without a GPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest), which executes the same
+kernel program by program: these tests check its arithmetic (dequantisation, the query projected into each chunk's
+basis, keys rotated on chip, the running softmax, the merge with the exact tokens) against attention over the
+rebuilt states, and the model's logits against the rebuild path. Timings need a GPU
+(``benchmarks/gpu_attention.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chunked_decomp import ChunkedSVDCache, CompressionConfig, triton_attention
+from chunked_decomp.attention import attend
+from chunked_decomp.compat import cache_kwarg_name
+from conftest import make_tiny_model, random_ids
+
+pytestmark = pytest.mark.skipif(triton_attention.triton is None, reason="triton is not installed")
+
+BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)
+
+
+@pytest.fixture
+def triton_on(monkeypatch):
+    monkeypatch.setenv("CHUNKED_DECOMP_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _compressed_layer(
+    pre_rope: bool,
+    bits: int = 4,
+    basis_bits: int = 4,
+    batch: int = 2,
+    seed: int = 5,
+    tokens: int = 70,
+    **extra,
+):
+    model = make_tiny_model("llama")
+    config = CompressionConfig(
+        **{**BASE, **extra}, compress_keys_pre_rope=pre_rope, decode_attention="factored", quantization_bits=bits,
+        basis_bits=basis_bits,
+    )  # fmt: skip
+    cache = ChunkedSVDCache.from_model(model, config)
+    ids = random_ids(tokens, batch=batch, seed=seed)
+    with torch.no_grad():
+        model(input_ids=ids, **{cache_kwarg_name(model): cache}, use_cache=True)
+    cache.compress_all()
+    return cache.layers[1]
+
+
+def _reference(query, keys, values, allowed, scale):
+    rep = query.shape[1] // keys.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.double(), keys.double().repeat_interleave(rep, 1), values.double().repeat_interleave(rep, 1),
+        attn_mask=allowed, scale=scale,
+    )  # fmt: skip
+    return out.transpose(1, 2).float()
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+@pytest.mark.parametrize("bits, basis_bits", [(4, 4), (2, 4), (8, 8)])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_kernel_equals_attention_over_the_rebuilt_states(
+    pre_rope, bits, basis_bits, q_len, triton_on
+) -> None:
+    """Batch 2, grouped heads (2 query heads per KV head), chunks of 8 and a final partial chunk of 4 (shorter
+    than a group), causal queries: the kernel's output is softmax attention over the rebuilt keys and values."""
+    layer = _compressed_layer(pre_rope, bits, basis_bits)
+    assert {c.length for c in layer.chunks} == {8, 4}
+    assert all(c.keys_pre_rope == pre_rope for c in layer.chunks)
+    ctx = layer.factored_context()
+    assert ctx.triton and (ctx.rope is not None) == pre_rope and ctx.keys is None
+    query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(6)) * 3
+    got = attend(query, ctx, None, 0.25)
+    keys, values = layer._full_states()
+    length = keys.shape[-2]
+    allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
+    want = _reference(query, keys, values, allowed, 0.25)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+@pytest.mark.parametrize("group, bits", [(64, 4), (32, 4), (64, 2)])
+def test_chunks_longer_than_a_token_block(pre_rope, group, bits, triton_on) -> None:
+    """96-token chunks are read in two blocks of 64 tokens (the second one part masked), the running softmax and
+    the value coefficients carried from block to block. Groups of 64 at 4 bits take the block reader (one scale per
+    row, two codes per byte); groups of 32 and 2-bit codes the general one."""
+    layer = _compressed_layer(pre_rope, bits=bits, tokens=250, chunk_size=96, quant_group_size=group)
+    assert [c.length for c in layer.chunks] == [96, 96, 56]
+    ctx = layer.factored_context()
+    query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
+    keys, values = layer._full_states()
+    want = _reference(query, keys, values, None, 0.25)
+    torch.testing.assert_close(attend(query, ctx, None, 0.25), want, atol=2e-5, rtol=1e-4)
+    # Attention is blind to a consistent shuffle of tokens; a mask that ends mid-pair is not.
+    mask = torch.ones(2, 1, 1, keys.shape[-2], dtype=torch.bool)
+    mask[1, ..., :15] = False
+    want = _reference(query, keys, values, mask, 0.25)
+    torch.testing.assert_close(attend(query, ctx, mask, 0.25), want, atol=2e-5, rtol=1e-4)
+
+
+def test_kernel_applies_a_padding_mask_in_every_region(triton_on) -> None:
+    """A boolean mask hiding tokens in the sinks, in the compressed chunks and in the tail, for one row only."""
+    layer = _compressed_layer(pre_rope=True)
+    ctx = layer.factored_context()
+    keys, values = layer._full_states()
+    length = keys.shape[-2]
+    mask = torch.ones(2, 1, 2, length, dtype=torch.bool)
+    mask[1, :, :, :13] = False  # sinks and the first compressed chunks of row 1
+    mask[0, :, 1, length - 3] = False  # one tail token, for the second query of row 0
+    query = torch.randn(2, 4, 2, 16, generator=torch.Generator().manual_seed(2))
+    got = attend(query, ctx, mask, 0.25)
+    want = _reference(query, keys, values, mask, 0.25)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(attend(query, ctx, additive, 0.25), got, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_logits_equal_the_rebuild_path(pre_rope, monkeypatch) -> None:
+    """Prefill, single-token decoding and multi-token continuations through the model: the Triton path gives the
+    logits of rebuilding the same compressed cache, with left padding in a batch of 2."""
+    from test_attention import _logits
+
+    model = make_tiny_model("llama")
+    ids = random_ids(66, batch=2, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    steps = [50] + [1] * 6 + [7, 3]
+    common = dict(BASE, compress_keys_pre_rope=pre_rope)
+    ref = _logits(model, CompressionConfig(**common), ids, steps, mask)
+    monkeypatch.setenv("CHUNKED_DECOMP_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    real = triton_attention.attention
+    monkeypatch.setattr(triton_attention, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = _logits(model, CompressionConfig(**common, decode_attention="factored"), ids, steps, mask)
+    assert len(calls) >= 2 * 8  # every layer of every step after the first compression
+    real_rows = mask.bool()
+    torch.testing.assert_close(got[real_rows], ref[real_rows], atol=2e-4, rtol=1e-4)
+
+
+def test_usable_only_where_asked(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("CHUNKED_DECOMP_TRITON", raising=False)
+    assert not triton_attention.usable(torch.device("cpu"))  # the CPU has the C++ kernel
+    monkeypatch.setenv("CHUNKED_DECOMP_TRITON", "1")
+    assert triton_attention.usable(torch.device("cpu"))
+    assert triton_attention.usable(torch.device("cuda"))
+    monkeypatch.setenv("CHUNKED_DECOMP_TRITON", "0")
+    assert not triton_attention.usable(torch.device("cuda"))
+    monkeypatch.setenv("CHUNKED_DECOMP_TRITON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_attention.usable(torch.device("cpu"))
+    # Without the env flag the CPU keeps the C++ kernel or the PyTorch path.
+    monkeypatch.delenv("CHUNKED_DECOMP_TRITON")
+    layer = _compressed_layer(pre_rope=False)
+    assert not layer.factored_context().triton
+
+
+def test_head_dim_must_be_a_power_of_two(triton_on) -> None:
+    layer = _compressed_layer(pre_rope=False)
+    ctx = layer.factored_context()
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        triton_attention.attention(
+            torch.randn(2, 2, 2, 24), ctx.key_packed, ctx.value_packed, ctx.tail_keys, ctx.tail_values, 0.25
+        )

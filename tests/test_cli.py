@@ -117,6 +117,22 @@ BAD_INPUT = [
         "tokens",
     ),
     ("reduction of 100%", ["evaluate", "--target_memory_reduction", "100"], "--target_memory_reduction"),
+    ("unknown device map", ["compress", "--device_map", "everywhere"], "--device_map"),
+    (
+        "device and device map",
+        [
+            "compress",
+            "--model_name",
+            "{model}",
+            "--text_file",
+            "{text}",
+            "--device",
+            "meta",
+            "--device_map",
+            "auto",
+        ],
+        "--device_map",
+    ),
 ]
 
 
@@ -235,6 +251,29 @@ def test_compress_end_to_end_and_resume(assets, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert "2 of 2 settings reused" in stdout
     assert pd.read_csv(out / "compress_results.csv")["cached"].tolist() == [True, True]
+
+
+def test_device_map_places_the_model_and_the_inputs_follow(assets, tmp_path, capsys, monkeypatch):
+    """--device_map goes to from_pretrained (accelerate places the layers; here all on the CPU), the model is not
+    moved, and the run's inputs go to the embeddings' device: same numbers as a run with --device."""
+    from test_loading import spy_from_pretrained
+
+    seen = spy_from_pretrained(monkeypatch)
+    results = []
+    for extra in (["--device_map", "auto"], []):
+        out = tmp_path / ("mapped" if extra else "plain")
+        argv = ["compress", "--model_name", assets["model"], "--text_file", assets["text"], "--test_mode",
+                "--compression_ratio", "0.25", "--chunk_size", "16", "--output_dir", out, "--no_progress", *SMALL,
+                "--prompt_length", "48", "--generation_tokens", "4", *extra]  # fmt: skip
+        code, _, err = run(argv, capsys)
+        assert code == 0, err
+        results.append(json.loads((out / "compress_results.json").read_text())[0])
+        assert json.loads((out / "run_info.json").read_text())["arguments"]["device_map"] == (
+            "auto" if extra else None
+        )
+    assert [kw.get("device_map") for kw in seen] == ["auto", None]
+    for key in ("perplexity_compressed", "compression_ratio_achieved"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-5)
 
 
 def test_evaluate_end_to_end(assets, tmp_path, capsys):

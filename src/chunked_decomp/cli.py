@@ -199,6 +199,13 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
+        "--device_map",
+        default=None,
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="place the layers of a model larger than one device (accelerate) instead of --device; inputs go to "
+        "the device of the embeddings",
+    )
+    p.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype"
     )
     p.add_argument(
@@ -496,12 +503,18 @@ def _load_model(args: argparse.Namespace):
     _log(args, f"loading model {args.model_name} ...")
     try:
         model, tokenizer = load_model_and_tokenizer(
-            args.model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir
+            args.model_name,
+            dtype=args.dtype,
+            device=args.device,
+            cache_dir=args.cache_dir,
+            device_map=args.device_map,
         )
     except (ValueError, OSError) as err:  # OSError covers FileNotFoundError and HubUnavailableError
         message = str(err).split("\n")[0]
         flag = (
-            "--device"
+            "--device_map"
+            if message.startswith(("device_map", "give either device"))
+            else "--device"
             if message.startswith("device")
             else "--dtype"
             if message.startswith("dtype")
@@ -509,6 +522,9 @@ def _load_model(args: argparse.Namespace):
         )
         raise UsageError(flag, message) from err
     check_causal_lm_config(model.config, args.model_name)
+    if args.device_map is not None:
+        # Layers spread over devices: inputs enter where the embeddings are; accelerate's hooks move the rest.
+        args.device = str(model.get_input_embeddings().weight.device)
     from chunked_decomp.model_utils import check_decoder_only
 
     try:

@@ -68,7 +68,10 @@ static inline void decode(const uint8_t* row, int64_t t0, int64_t n, int bits, f
 static inline void channel_row(const uint8_t* codes, const float* scale, const float* minimum, int64_t d,
                                int bits, int64_t gs, float* out) {
     decode(codes, 0, d, bits, out);
-    for (int64_t k = 0; k < d; ++k) out[k] = out[k] * scale[k / gs] + minimum[k / gs];
+    for (int64_t g = 0, k0 = 0; k0 < d; ++g, k0 += gs) {  // group by group: no division per element
+        const float a = scale[g], c = minimum[g];
+        for (int64_t k = k0; k < std::min(d, k0 + gs); ++k) out[k] = out[k] * a + c;
+    }
 }
 
 // The flat buffers of one kind of a layer's chunks (`PackedFactors.kernel_inputs`), and a walk over their factors.
@@ -85,13 +88,12 @@ struct Packed {
           tmp(tm.data_ptr<float>()), csp(cs.data_ptr<float>()), cmp(cm.data_ptr<float>()),
           mp(meta.data_ptr<int64_t>()), F(meta.size(0)), tbits(tbits), tgs(tgs), cbits(cbits), cgs(cgs) {}
 
-    // body(h, start, r, T, G, b, channel, groups) for every factor and batch row b: head h, first position start,
-    // rank r, length T, G groups; channel(i, out) dequantises component i's channel row, groups(i, fn) calls
-    // fn(g, t0, n, codes as floats, scale, minimum) for each group of its token row.
+    // body(h, start, r, T, G, b, channel, group) for every factor and batch row b: head h, first position start,
+    // rank r, length T, G groups; channel(i, out) dequantises component i's channel row; group(i, g, codes) gives
+    // the g-th group of component i's token row: its first byte, and its scale and minimum through the return.
     template <class Body>
     void each(int64_t B, int64_t D, Body body) const {
         const int64_t Wc = (D * cbits + 7) / 8, Gc = (D + cgs - 1) / cgs;
-        std::vector<float> buf(tgs);
         for (int64_t f = 0; f < F; ++f) {
             const int64_t* m = mp + f * 8;
             const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
@@ -102,20 +104,32 @@ struct Packed {
                     channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits,
                                 cgs, out);
                 };
-                // fn(g, t0, n, codes of the group as floats, scale, minimum) for each group of component i.
-                auto groups = [&](int64_t i, auto fn) {
+                auto group = [&](int64_t i, int64_t g, const uint8_t*& codes) {
                     const int64_t row = b * r + i;
-                    for (int64_t g = 0; g < G; ++g) {
-                        const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
-                        decode(tcp + m[0] + row * W, t0, n, tbits, buf.data());
-                        fn(g, t0, n, buf.data(), tsp[m[1] + row * G + g], tmp[m[1] + row * G + g]);
-                    }
+                    codes = tcp + m[0] + row * W;
+                    return std::make_pair(tsp[m[1] + row * G + g], tmp[m[1] + row * G + g]);
                 };
-                body(h, start, r, T, G, b, channel, groups);
+                body(h, start, r, T, G, b, channel, group);
             }
         }
     }
 };
+
+// One group of a token row as floats: 4-bit codes of a group of even length split into the even and odd elements
+// (lo, hi: n / 2 each, two separate runs that vectorise), any other case into buf (n values). Returns whether split.
+static inline bool group_codes(const uint8_t* row, int64_t t0, int64_t n, int bits, float* buf, float* lo,
+                               float* hi) {
+    if (bits == 4 && n % 2 == 0) {
+        const uint8_t* p = row + t0 / 2;
+        for (int64_t k = 0; k < n / 2; ++k) {
+            lo[k] = static_cast<float>(p[k] & 15);
+            hi[k] = static_cast<float>(p[k] >> 4);
+        }
+        return true;
+    }
+    decode(row, t0, n, bits, buf);
+    return false;
+}
 
 torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
                      torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
@@ -124,10 +138,10 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch:
     auto out = torch::zeros({B, H, R, C}, q.options());
     const float* qp = q.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    std::vector<float> v(D), qv, bias;
+    std::vector<float> v(D), qv, bias(R), acc(R * tgs), buf(tgs), lo(tgs), hi(tgs);
     const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
     k.each(B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b, auto channel,
-                     auto groups) {
+                     auto group) {
         const float* qb = qp + ((b * H + h) * R) * D;
         qv.assign(R * r, 0.f);
         for (int64_t i = 0; i < r; ++i) {
@@ -138,23 +152,45 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch:
                 qv[j * r + i] = s;
             }
         }
-        // score[t] = Σ_i qv_i (code_it scale_ig + min_ig): the minima add one constant per group.
+        // score[t] = Σ_i qv_i (code_it scale_ig + min_ig), one group at a time: the sums stay in a small buffer and
+        // the minima add one constant per group. With split 4-bit codes acc holds the even then the odd tokens.
         float* ob = op + ((b * H + h) * R) * C + start;
-        bias.assign(R * G, 0.f);
-        for (int64_t i = 0; i < r; ++i)
-            groups(i, [&](int64_t g, int64_t t0, int64_t n, const float* codes, float scale, float minimum) {
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t t0 = g * tgs, n = std::min(tgs, T - t0), half = n / 2;
+            std::fill(acc.begin(), acc.begin() + R * n, 0.f);
+            std::fill(bias.begin(), bias.end(), 0.f);
+            bool split = false;
+            for (int64_t i = 0; i < r; ++i) {
+                const uint8_t* row;
+                const auto [scale, minimum] = group(i, g, row);
+                split = group_codes(row, t0, n, tbits, buf.data(), lo.data(), hi.data());
                 for (int64_t j = 0; j < R; ++j) {
                     const float a = qv[j * r + i] * scale;
-                    bias[j * G + g] += qv[j * r + i] * minimum;
-                    float* o = ob + j * C + t0;
-                    for (int64_t t = 0; t < n; ++t) o[t] += a * codes[t];
+                    bias[j] += qv[j * r + i] * minimum;
+                    float* aj = acc.data() + j * n;
+                    if (split) {
+                        for (int64_t t = 0; t < half; ++t) {
+                            aj[t] += a * lo[t];
+                            aj[half + t] += a * hi[t];
+                        }
+                    } else {
+                        for (int64_t t = 0; t < n; ++t) aj[t] += a * buf[t];
+                    }
                 }
-            });
-        for (int64_t j = 0; j < R; ++j)
-            for (int64_t g = 0; g < G; ++g) {
-                const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
-                for (int64_t t = 0; t < n; ++t) ob[j * C + t0 + t] += bias[j * G + g];
             }
+            for (int64_t j = 0; j < R; ++j) {
+                float* o = ob + j * C + t0;
+                const float* aj = acc.data() + j * n;
+                if (split) {
+                    for (int64_t t = 0; t < half; ++t) {
+                        o[2 * t] = aj[t] + bias[j];
+                        o[2 * t + 1] = aj[half + t] + bias[j];
+                    }
+                } else {
+                    for (int64_t t = 0; t < n; ++t) o[t] = aj[t] + bias[j];
+                }
+            }
+        }
     });
     return out;
 }
@@ -166,30 +202,48 @@ torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch:
     auto out = torch::zeros({B, H, R, D}, p.options());
     const float* pp = p.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    std::vector<float> v(D), w, psum;
+    std::vector<float> v(D), w, psum(R), pg(R * tgs), buf(tgs), lo(tgs), hi(tgs);
     const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
     k.each(B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b, auto channel,
-                     auto groups) {
+                     auto group) {
         const float* pb = pp + ((b * H + h) * R) * C + start;
-        // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t.
-        psum.assign(R * G, 0.f);
-        for (int64_t j = 0; j < R; ++j)
-            for (int64_t g = 0; g < G; ++g) {
-                const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
-                float s0 = 0.f;
-                for (int64_t t = 0; t < n; ++t) s0 += pb[j * C + t0 + t];
-                psum[j * G + g] = s0;
-            }
+        // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t, one group at
+        // a time; with split 4-bit codes the weights of the group are laid out even tokens first, then odd.
         w.assign(R * r, 0.f);
-        for (int64_t i = 0; i < r; ++i)
-            groups(i, [&](int64_t g, int64_t t0, int64_t n, const float* codes, float scale, float minimum) {
-                for (int64_t j = 0; j < R; ++j) {
-                    const float* pj = pb + j * C + t0;
-                    float s1 = 0.f;
-                    for (int64_t t = 0; t < n; ++t) s1 += pj[t] * codes[t];
-                    w[j * r + i] += scale * s1 + minimum * psum[j * G + g];
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t t0 = g * tgs, n = std::min(tgs, T - t0), half = n / 2;
+            const bool even = tbits == 4 && n % 2 == 0;
+            for (int64_t j = 0; j < R; ++j) {
+                const float* pj = pb + j * C + t0;
+                float* gj = pg.data() + j * n;
+                float s0 = 0.f;
+                for (int64_t t = 0; t < n; ++t) s0 += pj[t];
+                psum[j] = s0;
+                if (even) {
+                    for (int64_t t = 0; t < half; ++t) {
+                        gj[t] = pj[2 * t];
+                        gj[half + t] = pj[2 * t + 1];
+                    }
+                } else {
+                    for (int64_t t = 0; t < n; ++t) gj[t] = pj[t];
                 }
-            });
+            }
+            for (int64_t i = 0; i < r; ++i) {
+                const uint8_t* row;
+                const auto [scale, minimum] = group(i, g, row);
+                const bool split = group_codes(row, t0, n, tbits, buf.data(), lo.data(), hi.data());
+                for (int64_t j = 0; j < R; ++j) {
+                    const float* gj = pg.data() + j * n;
+                    float s1 = 0.f;
+                    if (split) {
+                        for (int64_t t = 0; t < half; ++t) s1 += gj[t] * lo[t] + gj[half + t] * hi[t];
+                    } else {
+                        for (int64_t t = 0; t < n; ++t) s1 += gj[t] * buf[t];
+                    }
+                    w[j * r + i] += scale * s1 + minimum * psum[j];
+                }
+            }
+        }
         float* ob = op + ((b * H + h) * R) * D;
         for (int64_t i = 0; i < r; ++i) {
             channel(i, v.data());

@@ -100,6 +100,47 @@ if triton is not None:
             return _dequant(codes, scale, minimum, code_off, group_off, row0, rank, n, t, t < n, BITS, GS, RP)
 
     @triton.jit
+    def _bias(BIAS, b, QLEN, width, rows, row_ok, cols, col_ok):
+        """The mask bias of query rows ``rows`` (row = (repeat, query position)) at columns ``cols`` of a
+        (batch, QLEN, width) bias, in log2 units: (len(rows), len(cols))."""
+        qi = rows % QLEN
+        bias = tl.load(BIAS + (b * QLEN + qi[:, None]) * width + cols[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+        return bias * 1.4426950408889634
+
+    @triton.jit
+    def _online(s, col_ok, m_i, l_i):
+        """One step of the running softmax over scores s (rows, n) in log2 units, masked columns hidden: returns
+        the weights p, the factor alpha that rescales what was summed before, the new maximum and sum."""
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
+    def _start(Q, bh, R, RP: tl.constexpr, D: tl.constexpr):
+        """A program's query rows (RP, D), zero past R, and its empty running softmax (maximum, sum, output)."""
+        rows = tl.arange(0, RP)
+        d = tl.arange(0, D)
+        q = tl.load(Q + (bh * R + rows[:, None]) * D + d[None, :], mask=(rows < R)[:, None], other=0.0)
+        return (
+            q,
+            tl.full([RP], float("-inf"), tl.float32),
+            tl.zeros([RP], tl.float32),
+            tl.zeros([RP, D], tl.float32),
+        )
+
+    @triton.jit
+    def _store(M_OUT, L_OUT, ACC_OUT, slot, rows, d, m_i, l_i, acc, D: tl.constexpr, RP: tl.constexpr):
+        """Write one program's partial result (maximum, sum, unnormalised output) to its slot."""
+        out = slot * RP + rows
+        tl.store(M_OUT + out, m_i)
+        tl.store(L_OUT + out, l_i)
+        tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc)
+
+    @triton.jit
     def _mm(a, b, LOWP: tl.constexpr):
         """a @ b, with float16 operands on the GPU (the precision of tf32, half the on-chip memory) and float32
         accumulation; float32 operands in the interpreter."""
@@ -128,10 +169,7 @@ if triton is not None:
         d = tl.arange(0, D)
         tb = tl.arange(0, TB)
         row_ok = rows < R
-        q = tl.load(Q + (bh * R + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
-        m_i = tl.full([RP], float("-inf"), tl.float32)
-        l_i = tl.zeros([RP], tl.float32)
-        acc = tl.zeros([RP, D], tl.float32)
+        q, m_i, l_i, acc = _start(Q, bh, R, RP, D)
         d_ok = d < D
         if PRE_ROPE:
             # rotate_half over the first 2·HALF channels: partner channel and sign; the rest pass through.
@@ -181,16 +219,8 @@ if triton is not None:
                     s = _mm(qv, u, LOWP)  # (q Vᵀ) U
                 s = s * scale_log2
                 if HAS_BIAS:
-                    qi = rows % QLEN
-                    bias = tl.load(BIAS + (b * QLEN + qi[:, None]) * C + start + t[None, :],
-                                   mask=row_ok[:, None] & t_ok[None, :], other=0.0)  # fmt: skip
-                    s = s + bias * 1.4426950408889634
-                s = tl.where(t_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
+                    s += _bias(BIAS, b, QLEN, C, rows, row_ok, start + t, t_ok)
+                p, alpha, m_new, l_i = _online(s, t_ok, m_i, l_i)
                 uv = _dequant_block(VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, blk * TB, VTB, VTG, WP, TB)
                 pu = pu * alpha[:, None] + _mm(p, tl.trans(uv), LOWP)
                 acc = acc * alpha[:, None]
@@ -200,10 +230,7 @@ if triton is not None:
                 VCC, VCS, VCM, tl.load(vm + 2), tl.load(vm + 3), b * rv, rv, D, d, d_ok, VCB, VCG, WP
             )  # (WP, D)
             acc += _mm(pu, vv, LOWP)  # (p Uᵀ) V
-        out = (bh * SPLITS + split) * RP + rows
-        tl.store(M_OUT + out, m_i)
-        tl.store(L_OUT + out, l_i)
-        tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc)
+        _store(M_OUT, L_OUT, ACC_OUT, bh * SPLITS + split, rows, d, m_i, l_i, acc, D, RP)
 
     @triton.jit
     def _dense_partials_kernel(
@@ -217,10 +244,7 @@ if triton is not None:
         rows = tl.arange(0, RP)
         d = tl.arange(0, D)
         row_ok = rows < R
-        q = tl.load(Q + (bh * R + rows[:, None]) * D + d[None, :], mask=row_ok[:, None], other=0.0)
-        m_i = tl.full([RP], float("-inf"), tl.float32)
-        l_i = tl.zeros([RP], tl.float32)
-        acc = tl.zeros([RP, D], tl.float32)
+        q, m_i, l_i, acc = _start(Q, bh, R, RP, D)
         e = tl.arange(0, EB)
         for blk in range(BLOCKS):
             e0 = blk * EB
@@ -229,22 +253,11 @@ if triton is not None:
             v = tl.load(V + (bh * E + e0 + e[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k.to(tl.float32))) * scale_log2
             if HAS_BIAS:
-                qi = rows % QLEN
-                bias = tl.load(BIAS + (b * QLEN + qi[:, None]) * E + e0 + e[None, :],
-                               mask=row_ok[:, None] & ok[None, :], other=0.0)  # fmt: skip
-                s = s + bias * 1.4426950408889634
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+                s += _bias(BIAS, b, QLEN, E, rows, row_ok, e0 + e, ok)
+            p, alpha, m_new, l_i = _online(s, ok, m_i, l_i)
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
             m_i = m_new
-        out = (bh * SPLITS + slot) * RP + rows
-        tl.store(M_OUT + out, m_i)
-        tl.store(L_OUT + out, l_i)
-        tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc)
+        _store(M_OUT, L_OUT, ACC_OUT, bh * SPLITS + slot, rows, d, m_i, l_i, acc, D, RP)
 
     @triton.jit
     def _merge_kernel(M, L, ACC, OUT, R, SPLITS, D: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):

@@ -106,6 +106,12 @@ def main() -> None:
         help="head_weights from head_sensitivity on tokens 1,000-4,535 (calibration text before the windows)",
     )
     parser.add_argument(
+        "--calibration_power",
+        type=float,
+        default=0.5,
+        help="power of the calibrated head weights (head_sensitivity's power; default 0.5)",
+    )
+    parser.add_argument(
         "--recall_windows", type=int, default=0, help="recall protocol at the first N window starts"
     )
     parser.add_argument("--skip_generation", action="store_true", help="no greedy-generation comparison")
@@ -148,7 +154,12 @@ def main() -> None:
         from chunked_decomp.calibration import head_sensitivity
 
         overrides["head_weights"] = head_sensitivity(
-            model, ids, starts=(1000, 3000), context_len=context_len, continuation_len=cont_len
+            model,
+            ids,
+            starts=(1000, 3000),
+            context_len=context_len,
+            continuation_len=cont_len,
+            power=args.calibration_power,
         )
     rows = []
     for rho in args.budgets:
@@ -191,6 +202,7 @@ def main() -> None:
                 "preset": preset,
                 "overrides": {k: v for k, v in overrides.items() if k != "head_weights"},
                 "calibrated_head_weights": args.calibrate,
+                "calibration_power": args.calibration_power if args.calibrate else None,
                 "stored_bytes": res[0].stored_bytes,
                 "ratio_vs_16bit": res[0].ratio,
                 "ratio_vs_float32": res[0].ratio_cache_dtype,

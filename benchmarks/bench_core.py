@@ -12,6 +12,13 @@ agreeing before the first difference and in total; and the time spent compressin
 
     python benchmarks/bench_core.py                      # full run (a few minutes on 2 cores)
     python benchmarks/bench_core.py --quick              # smaller, for a smoke test
+    python benchmarks/bench_core.py --budgets 0.125 --set rank_allocation=per_layer --recall_windows 3
+    python benchmarks/bench_core.py --budgets 0.125 --calibrate --recall_windows 3
+
+``--set KEY=VALUE`` overrides a field of each budget's preset (the value read as YAML); ``--calibrate`` sets
+``head_weights`` from :func:`chunked_decomp.calibration.head_sensitivity` on tokens 1,000-2,535 and
+3,000-4,535 (before the first window, and apart from the recall filler); ``--recall_windows N`` adds the recall
+protocol (MEASUREMENTS.md) at the first N window starts.
 
 Prints a table and writes JSON (last line of stdout is the JSON summary too).
 """
@@ -25,11 +32,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig
 from chunked_decomp.data import load_texts, load_token_ids
 from chunked_decomp.evaluation.methods import ChunkedDecompMethod, FullCache
-from chunked_decomp.evaluation.perplexity import continuation_perplexity
+from chunked_decomp.evaluation.perplexity import continuation_perplexity, recall_perplexity
 from chunked_decomp.io import atomic_write_json
 from chunked_decomp.loading import load_model_and_tokenizer
 
@@ -62,7 +70,7 @@ def generation_agreement(model, cd: ChunkedDecomp, prompt: torch.Tensor, new_tok
     }
 
 
-PRESET_FOR_BUDGET = {0.5: "conservative", 0.25: "balanced", 0.125: "aggressive"}
+PRESET_FOR_BUDGET = {0.5: "conservative", 0.25: "balanced", 0.125: "aggressive", 0.0625: "aggressive"}
 
 
 def window_starts(n: int) -> list[int]:
@@ -76,7 +84,7 @@ def main() -> None:
         "--preset",
         default=None,
         help="preset whose options are used at every budget (default: conservative at 0.5, balanced at 0.25, "
-        "aggressive at 0.125, balanced elsewhere)",
+        "aggressive at 0.125 and 0.0625, balanced elsewhere)",
     )
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--windows", type=int, default=8, help="context + continuation windows (default 8)")
@@ -84,6 +92,29 @@ def main() -> None:
     parser.add_argument(
         "--timing_runs", type=int, default=5, help="prefill timings per budget (median reported)"
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field at every budget (repeatable; VALUE read as YAML)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="head_weights from head_sensitivity on tokens 1,000-4,535 (calibration text before the windows)",
+    )
+    parser.add_argument(
+        "--calibration_power",
+        type=float,
+        default=0.5,
+        help="power of the calibrated head weights (head_sensitivity's power; default 0.5)",
+    )
+    parser.add_argument(
+        "--recall_windows", type=int, default=0, help="recall protocol at the first N window starts"
+    )
+    parser.add_argument("--skip_generation", action="store_true", help="no greedy-generation comparison")
     parser.add_argument("--output", default="benchmarks/results/core_budget.json")
     parser.add_argument(
         "--threads",
@@ -96,8 +127,16 @@ def main() -> None:
         parser.error(f"--windows must be >= 1, got {args.windows}")
     if args.timing_runs < 1:
         parser.error(f"--timing_runs must be >= 1, got {args.timing_runs}")
-    if args.preset is not None:
-        CompressionConfig.from_preset(args.preset)  # unknown names fail here, before minutes of work
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    if args.recall_windows > args.windows:
+        parser.error(f"--recall_windows ({args.recall_windows}) must not exceed --windows ({args.windows})")
+    # Unknown presets and bad overrides fail here, before minutes of work.
+    CompressionConfig.from_preset(args.preset or "balanced", **overrides)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     context_len, cont_len, prompt_len, new_tokens = (
@@ -109,13 +148,30 @@ def main() -> None:
     ids = load_token_ids(tokenizer, load_texts("wikipedia"))
     base = [continuation_perplexity(model, FullCache(), ids, context_len, cont_len, start=s) for s in starts]
     base_log = [math.log(b.perplexity) for b in base]
+    recall_starts = starts[: args.recall_windows]
+    recall_base = [recall_perplexity(model, FullCache(), ids, start=s) for s in recall_starts]
+    if args.calibrate:
+        from chunked_decomp.calibration import head_sensitivity
+
+        overrides["head_weights"] = head_sensitivity(
+            model,
+            ids,
+            starts=(1000, 3000),
+            context_len=context_len,
+            continuation_len=cont_len,
+            power=args.calibration_power,
+        )
     rows = []
     for rho in args.budgets:
         preset = args.preset or PRESET_FOR_BUDGET.get(rho, "balanced")
-        config = CompressionConfig.from_preset(preset, compression_ratio=rho, reference_dtype="float16")
+        config = CompressionConfig.from_preset(
+            preset, **{**overrides, "compression_ratio": rho, "reference_dtype": "float16"}
+        )
         method = ChunkedDecompMethod(config)
         res = [continuation_perplexity(model, method, ids, context_len, cont_len, start=s) for s in starts]
         increases = [100 * (r.perplexity / b.perplexity - 1) for r, b in zip(res, base)]
+        recall = [recall_perplexity(model, method, ids, start=s) for s in recall_starts]
+        recall_increases = [100 * (r.perplexity / b.perplexity - 1) for r, b in zip(recall, recall_base)]
         # Every window scores the same number of tokens, so the pooled perplexity is the mean log-perplexity.
         pooled = 100 * (
             math.exp(sum(math.log(r.perplexity) for r in res) / len(res) - sum(base_log) / len(base)) - 1
@@ -135,11 +191,18 @@ def main() -> None:
             timings.append((comp / max(total - comp, 1e-9), comp))
         prefill_share, prefill_comp = sorted(timings)[len(timings) // 2]
         prompt = ids[20000 : 20000 + prompt_len].unsqueeze(0)
-        gen = generation_agreement(model, ChunkedDecomp(config=config), prompt, new_tokens)
+        gen = (
+            {}
+            if args.skip_generation
+            else generation_agreement(model, ChunkedDecomp(config=config), prompt, new_tokens)
+        )
         rows.append(
             {
                 "budget_16bit": rho,
                 "preset": preset,
+                "overrides": {k: v for k, v in overrides.items() if k != "head_weights"},
+                "calibrated_head_weights": args.calibrate,
+                "calibration_power": args.calibration_power if args.calibrate else None,
                 "stored_bytes": res[0].stored_bytes,
                 "ratio_vs_16bit": res[0].ratio,
                 "ratio_vs_float32": res[0].ratio_cache_dtype,
@@ -151,6 +214,12 @@ def main() -> None:
                 "worst_perplexity_increase_pct": max(increases),
                 "window_starts": starts,
                 "window_perplexity_increase_pct": increases,
+                "recall_window_starts": recall_starts,
+                "recall_perplexity_increase_pct": recall_increases,
+                "first_recall_increase_pct": recall_increases[0] if recall_increases else None,
+                "mean_recall_increase_pct": (
+                    sum(recall_increases) / len(recall_increases) if recall_increases else None
+                ),
                 "prefill_compression_seconds": prefill_comp,
                 "prefill_compression_share": prefill_share,
                 "prefill_compression_shares_all_runs": [t[0] for t in timings],
@@ -166,16 +235,28 @@ def main() -> None:
     print(f"baseline perplexity {base[0].perplexity:.3f} (first window)")
     head = (
         f"{'ρ16':>6} {'preset':>12} {'stored/16bit':>12} {'stored/fp32':>11} {'Δppl 1st':>8} {'pooled':>7} "
-        f"{'worst':>7} {'agree1st':>8} {'agreeAll':>8} {'comp/fwd prefill':>16} {'comp/fwd gen':>12}"
+        f"{'worst':>7} {'recall 1st':>10} {'recall mean':>11} {'agree1st':>8} {'agreeAll':>8} "
+        f"{'comp/fwd prefill':>16} {'comp/fwd gen':>12}"
     )
     print(head)
+    pct = lambda x, w: f"{x:>+{w - 1}.1f}%" if x is not None else f"{'-':>{w}}"  # noqa: E731
     for r in rows:
+        gen = (
+            f"{r['gen_agree_before_first_difference']:>4}/{new_tokens:<3} {r['gen_agree_total']:>4}/{new_tokens:<3} "
+            if not args.skip_generation
+            else f"{'-':>8} {'-':>8} "
+        )
+        gen_share = (
+            f"{100 * r['gen_compression_share_of_forward']:>11.1f}%"
+            if not args.skip_generation
+            else f"{'-':>12}"
+        )
         print(
             f"{r['budget_16bit']:>6.3f} {r['preset']:>12} {r['ratio_vs_16bit']:>12.4f} {r['ratio_vs_float32']:>11.4f} "
             f"{r['perplexity_increase_pct']:>+7.2f}% {r['pooled_perplexity_increase_pct']:>+6.2f}% "
             f"{r['worst_perplexity_increase_pct']:>+6.2f}% "
-            f"{r['gen_agree_before_first_difference']:>4}/{new_tokens:<3} {r['gen_agree_total']:>4}/{new_tokens:<3} "
-            f"{100 * r['prefill_compression_share']:>15.1f}% {100 * r['gen_compression_share_of_forward']:>11.1f}%"
+            f"{pct(r['first_recall_increase_pct'], 10)} {pct(r['mean_recall_increase_pct'], 11)} "
+            f"{gen}{100 * r['prefill_compression_share']:>15.1f}% {gen_share}"
         )
     summary = {
         "benchmark": "core_budget",
@@ -183,6 +264,8 @@ def main() -> None:
         "continuation_len": cont_len,
         "baseline_perplexity": base[0].perplexity,
         "baseline_window_perplexities": [b.perplexity for b in base],
+        "baseline_recall_perplexities": [b.perplexity for b in recall_base],
+        "head_weights": overrides.get("head_weights"),
         "threads": args.threads,
         "rows": rows,
     }

@@ -34,8 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from chunked_decomp.evaluation.methods import FullCache, KVMethod, chunked_method, method_from_spec
+from chunked_decomp.config import CompressionConfig
+from chunked_decomp.evaluation.methods import (
+    ChunkedDecompMethod,
+    FullCache,
+    KVMethod,
+    chunked_method,
+    method_from_spec,
+)
 from chunked_decomp.evaluation.passkey import passkey_accuracy
 from chunked_decomp.evaluation.peers import (
     KVPRESS_PRESSES,
@@ -190,6 +198,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", nargs="+", help="explicit method specs instead (e.g. full quanto4 chunked@0.25)"
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field of every ChunkedDecomp row (repeatable; VALUE read as YAML)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="ChunkedDecomp rows get head_weights from chunked_decomp.calibration.head_sensitivity\n"
+        "(continuation loss on tokens 1,000-4,535 of the text, before the protocols' windows)",
+    )
     parser.add_argument("--context-len", type=int, default=1024)
     parser.add_argument("--continuation-len", type=int, default=512)
     parser.add_argument("--start", type=int, default=5000)
@@ -208,6 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first method that fails")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--tag", default="", help="suffix of the output files' names (keeps other runs' files)"
+    )
     args = parser.parse_args(argv)
     if args.budgets is None:
         args.budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS
@@ -234,6 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     token_ids = load_token_ids(tokenizer, load_texts(args.dataset))
     methods = build_methods(args)
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    if args.calibrate:
+        from chunked_decomp.calibration import head_sensitivity
+
+        overrides["head_weights"] = head_sensitivity(model, token_ids, starts=(1000, 3000))
+    for method in methods:
+        if isinstance(method, ChunkedDecompMethod) and overrides:
+            method.config = CompressionConfig.from_dict({**method.config.to_dict(), **overrides})
+            method.name += "+calibrated" if args.calibrate else ""
     if not kvpress_available():
         print("kvpress not importable here (needs transformers<5.3): no kvpress rows", file=sys.stderr)
     rows = []
@@ -269,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "quick": args.quick,
+        "overrides": [*args.overrides, *(["calibrated head_weights"] if args.calibrate else [])],
         "protocols": {
             "continuation": {
                 "context_len": args.context_len,
@@ -286,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t_start,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"compare_peers{'_quick' if args.quick else ''}-transformers{transformers.__version__}"
+    tag = f"_{args.tag}" if args.tag else ""
+    stem = f"compare_peers{'_quick' if args.quick else ''}{tag}-transformers{transformers.__version__}"
     json_path, csv_path = args.output_dir / f"{stem}.json", args.output_dir / f"{stem}.csv"
     atomic_write_json(json_path, {"meta": meta, "rows": rows})
     columns: list[str] = []

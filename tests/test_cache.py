@@ -41,6 +41,7 @@ CONTRACT_CONFIGS: dict[str, dict] = {
     "two_bit": {"quantization_bits": 2, "basis_bits": 4},
     "min_rank_floor": {"min_rank_ratio": 0.25},
     "reference_fp16": {"reference_dtype": "float16"},
+    "pooled_ranks": {"rank_allocation": "pooled"},
     # Attention over the factors (values factored, pre-rotary keys rebuilt), and with keys factored too.
     "factored_attention": {"decode_attention": "factored"},
     "factored_attention_post_rope": {"decode_attention": "factored", "compress_keys_pre_rope": False},
@@ -91,7 +92,8 @@ def full_rank(setting: str, model: torch.nn.Module | None = None) -> Compression
     if model is not None:
         _, kv_heads, head_dim = cache_geometry(model)
         rank = kv_heads * head_dim if CONTRACT_CONFIGS[setting].get("head_mode") == "joined" else head_dim
-    return config(setting, **{**FULL_RANK, "target_rank": rank})
+    # A fixed rank leaves no budget to pool: pooled allocation refuses target_rank.
+    return config(setting, **{**FULL_RANK, "target_rank": rank, "rank_allocation": "per_layer"})
 
 
 @torch.no_grad()

@@ -56,6 +56,15 @@ BAD_VALUES = [
     ("use_quantization", "true"),
     ("parallel_processing", 2),
     ("debug", "on"),
+    ("rank_allocation", "global"),
+    ("rank_allocation", None),
+    ("head_weights", []),
+    ("head_weights", [[1.0, 1.0]]),
+    ("head_weights", [[[1.0], [1.0, 2.0]]]),
+    ("head_weights", [[[1.0], [0.0]]]),
+    ("head_weights", [[[1.0], [float("nan")]]]),
+    ("head_weights", [[[1.0], [1.0]], [[1.0, 1.0], [1.0, 1.0]]]),
+    ("head_weights", "uniform"),
 ]
 
 
@@ -102,6 +111,17 @@ def test_inconsistent_combinations_are_refused() -> None:
         CompressionConfig(use_low_rank_approximation=False, use_quantization=False)
     with pytest.raises(ValueError, match="target_rank"):
         CompressionConfig(use_low_rank_approximation=False, target_rank=4)
+    for extra in ({"adaptive_rank": False}, {"target_rank": 4}):
+        with pytest.raises(ValueError, match="rank_allocation"):
+            CompressionConfig(rank_allocation="pooled", **extra)
+    with pytest.raises(ValueError, match="head_weights"):
+        CompressionConfig(head_weights=[[[1.0], [1.0]]], head_mode="joined")
+
+
+def test_head_weights_round_trip_as_nested_lists() -> None:
+    cfg = CompressionConfig(rank_allocation="pooled", head_weights=(((1, 2.5), (0.5, 1)),))
+    assert cfg.head_weights == [[[1.0, 2.5], [0.5, 1.0]]]
+    assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_resolved_factorizer() -> None:

@@ -178,6 +178,12 @@ class ChunkedSVDLayer(DynamicLayer):
         self.reference_element_size = (
             _DTYPES[ref].itemsize if ref is not None else torch.empty((), dtype=self.dtype).element_size()
         )
+        hw = self.config.head_weights
+        if hw is not None and len(hw[0][0]) != self.heads:
+            raise ValueError(
+                f"head_weights gives {len(hw[0][0])} weights per layer and kind, layer {self.layer_idx} has "
+                f"{self.heads} KV heads"
+            )
         self.codec = FactorCodec(
             quantize=self.config.use_quantization,
             token_bits=self.config.quantization_bits,
@@ -625,6 +631,15 @@ class ChunkedSVDLayer(DynamicLayer):
         balance = rho * ref_token * aged_tokens - stored - pending_bytes
         return allowance + max(balance, -_MAX_REPAYMENT * allowance)
 
+    def _unit_weights(self, key_groups: int, value_groups: int) -> np.ndarray:
+        """Weights of the energy shares of this layer's units (key groups, then value groups) in the adaptive
+        allocation: ``key_weight`` for keys, times the layer's ``head_weights`` when given."""
+        w = np.array([self.config.key_weight] * key_groups + [1.0] * value_groups)
+        hw = self.config.head_weights
+        if hw is not None:
+            w = w * np.asarray(hw[self.layer_idx][0][:key_groups] + hw[self.layer_idx][1][:value_groups])
+        return w
+
     def _rank_cost(self, length: int, columns: int) -> int:
         """Bytes one component of a (batch, length, columns) unit costs."""
         key = (self.batch, length, columns)
@@ -655,7 +670,7 @@ class ChunkedSVDLayer(DynamicLayer):
         floors = [min(k, math.ceil(cfg.min_rank_ratio * k)) for _ in kinds]
         budget = self._chunk_budget(length, pending_tokens, pending_bytes, stored)
         if cfg.adaptive_rank:
-            weights = np.array([cfg.key_weight if kd == "k" else 1.0 for kd in kinds])[:, None]
+            weights = self._unit_weights(kinds.count("k"), kinds.count("v"))[:, None]
             return choose_ranks_linear(energies * weights, per_rank, budget, floors)
         ranks = []
         for kind, share in (("k", cfg.key_budget_share), ("v", 1.0 - cfg.key_budget_share)):
@@ -796,8 +811,11 @@ def _compress_layers(requests: list[tuple[ChunkedSVDLayer, list[int]]]) -> None:
         for (job, length), n, (k_at, v_at) in zip(members, counts, at):
             job.factored[length] = (fk.part(k_at, k_at + n), fv.part(v_at, v_at + n))
         stacked[sig] = (fk, fv, at)
-    for job in jobs:
-        job.layer._allocate(job)
+    if jobs[0].layer.config.rank_allocation == "pooled":
+        _allocate_pooled(jobs)
+    else:
+        for job in jobs:
+            job.layer._allocate(job)
     # Encode each stack once, cut to the largest rank any of its chunks keeps (components are encoded one by
     # one, so a prefix of a longer encoding equals a shorter one).
     for sig, members in groups.items():
@@ -818,6 +836,50 @@ def _compress_layers(requests: list[tuple[ChunkedSVDLayer, list[int]]]) -> None:
     share = (time.perf_counter() - t0) / len(jobs)
     for job in jobs:
         job.layer.compression_seconds += share
+
+
+def _allocate_pooled(jobs: list[_Job]) -> None:
+    """Ranks of every chunk of every job at once (``rank_allocation="pooled"``): one energy-per-byte ranking
+    of all their components against the jobs' summed budget, instead of one ranking per chunk and layer.
+
+    A component's score is its share of its unit's (chunk, layer, key/value, head) squared norm, times the
+    unit's weight (:meth:`ChunkedSVDLayer._unit_weights`) and the chunk's length (a token counts the same in every
+    chunk), divided by its bytes. The budget is the sum of the chunks' allowances plus the jobs' summed balance
+    (credit, or at most ``_MAX_REPAYMENT`` of the allowances towards the debt), so the bytes the layers store
+    together converge to the budget as each layer's do with ``"per_layer"``.
+    """
+    rows, costs, floors, owners = [], [], [], []
+    allowance = balance = 0.0
+    for n, job in enumerate(jobs):
+        layer, cfg = job.layer, job.layer.config
+        ref_token = layer._token_bytes(layer.reference_element_size)
+        allowance += cfg.compression_ratio * ref_token * sum(job.sizes)
+        aged = layer.sink_length + layer.compressed_length
+        balance += cfg.compression_ratio * ref_token * aged - layer._aged_stored_bytes()
+        shares = {
+            s: np.concatenate([fk.energy.cpu().numpy(), fv.energy.cpu().numpy()], axis=1)
+            for s, (fk, fv) in job.factored.items()
+        }
+        for i, s in enumerate(job.sizes):
+            fk, fv = job.factored[s]
+            e = shares[s][job.slot[i]].astype(np.float64)
+            k = e.shape[-1]
+            weights = layer._unit_weights(fk.groups, fv.groups)
+            cols = [fk.columns] * fk.groups + [fv.columns] * fv.groups
+            rows += list(e * (weights * s)[:, None])
+            costs += [layer._rank_cost(s, c) for c in cols]
+            floors += [min(k, math.ceil(cfg.min_rank_ratio * k))] * len(cols)
+            owners.append((n, len(cols)))
+    # Units of short chunks have fewer components: the missing ones score -inf and are never taken.
+    energies = np.full((len(rows), max(r.size for r in rows)), -np.inf)
+    for u, r in enumerate(rows):
+        energies[u, : r.size] = r
+    budget = allowance + max(balance, -_MAX_REPAYMENT * allowance)
+    ranks = choose_ranks_linear(energies, costs, budget, floors)
+    at = 0
+    for n, units in owners:
+        jobs[n].ranks.append(ranks[at : at + units])
+        at += units
 
 
 def _take_all(f: torch.Tensor | QuantizedTensor, picks: list[tuple[int, list[int]]]) -> list[list]:
@@ -933,6 +995,11 @@ class ChunkedSVDCache(Cache):
                 )
             layer_types = ["full_attention"] * num_layers
         sliding_windows = sliding_windows or [None] * len(layer_types)
+        weights = self.compression_config.head_weights
+        if weights is not None and len(weights) != len(layer_types):
+            raise ValueError(
+                f"head_weights gives {len(weights)} layers, the model has {len(layer_types)} decoder layers"
+            )
         layers = []
         for i, (kind, window) in enumerate(zip(layer_types, sliding_windows)):
             if kind == "full_attention":

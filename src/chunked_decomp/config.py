@@ -20,6 +20,7 @@ _HEAD_MODES = ("per_head", "joined")
 _FACTORIZERS = ("gram", "randomized", "exact")
 _BASIS_SHARING = ("none", "layer")
 _DECODE_ATTENTION = ("rebuild", "factored")
+_RANK_ALLOCATION = ("per_layer", "pooled")
 
 
 @dataclass
@@ -68,6 +69,18 @@ class CompressionConfig:
         key_weight: with ``adaptive_rank``, the energy share of key components is multiplied by this before
             components are ranked by energy per byte (> 1 favours keys, whose errors pass through the softmax);
             > 0.
+        rank_allocation: with ``adaptive_rank``, ``"per_layer"`` chooses each chunk's ranks against that layer's
+            own share of the budget; ``"pooled"`` chooses the ranks of all chunks compressed in the same step (all
+            layers, keys and values, every head) against their summed budget, by one energy-share-per-byte
+            ranking, so a layer whose spectrum is flatter gets more rank and one whose energy sits in a few
+            components less. Stored bytes still meet the budget in total, not layer by layer. The pool is the
+            chunks of one batched compression call (``parallel_processing``: up to 8 MB of tokens, i.e. all layers
+            of a decoding step, or several layers of a long prefill at a time; one chunk of one layer without it).
+        head_weights: with ``adaptive_rank``, a weight per layer, key/value and KV head multiplying the energy
+            shares of that head's components (on top of ``key_weight``): ``[[key_weights, value_weights], ...]``,
+            one pair of lists per decoder layer, ``kv_heads`` positive numbers each; ``None`` = all 1. Needs
+            ``head_mode="per_head"``. Measure them for a model with
+            :func:`chunked_decomp.calibration.head_sensitivity` (how much the loss reacts to each head's error).
 
     Factoriser and quantiser
         use_fast_svd: factor with batched matrix products (Gram matrix + small symmetric eigensolver, or a
@@ -105,6 +118,8 @@ class CompressionConfig:
     decode_attention: str = "rebuild"
     key_budget_share: float = 0.5
     key_weight: float = 4.0
+    rank_allocation: str = "per_layer"
+    head_weights: list[list[list[float]]] | None = None
     use_fast_svd: bool = True
     factorizer: str | None = None
     use_quantization: bool = True
@@ -138,6 +153,10 @@ class CompressionConfig:
         self.key_weight = _number("key_weight", self.key_weight)
         if not self.key_weight > 0:
             raise ValueError(f"key_weight must be > 0, got {self.key_weight}")
+        if self.rank_allocation not in _RANK_ALLOCATION:
+            raise ValueError(
+                f"rank_allocation must be one of {_RANK_ALLOCATION}, got {self.rank_allocation!r}"
+            )
         if self.head_mode not in _HEAD_MODES:
             raise ValueError(f"head_mode must be one of {_HEAD_MODES}, got {self.head_mode!r}")
         if self.decode_attention not in _DECODE_ATTENTION:
@@ -183,6 +202,17 @@ class CompressionConfig:
             raise ValueError(
                 "target_rank does not apply when use_low_rank_approximation=False (full rank is kept)"
             )
+        if self.rank_allocation == "pooled" and not (
+            self.adaptive_rank and self.use_low_rank_approximation and self.target_rank is None
+        ):
+            raise ValueError(
+                "rank_allocation='pooled' shares the budget by energy per byte, which needs adaptive_rank=True, "
+                "use_low_rank_approximation=True and target_rank=None"
+            )
+        if self.head_weights is not None:
+            self.head_weights = _head_weights(self.head_weights)
+            if self.head_mode != "per_head":
+                raise ValueError("head_weights needs head_mode='per_head' (one weight per KV head)")
         if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
             self.debug = True
 
@@ -233,6 +263,36 @@ def _integer(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _head_weights(value: Any) -> list[list[list[float]]]:
+    """``head_weights`` as nested lists of floats: one ``[key_weights, value_weights]`` pair per layer, each a
+    non-empty list of positive finite numbers of the same length."""
+    shape = "[[key_weights, value_weights], ...] (one pair of lists of per-head weights per layer)"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"head_weights must be a non-empty list {shape}, got {value!r}")
+    out = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"head_weights[{i}] must be a pair [key_weights, value_weights], got {pair!r}")
+        kinds = []
+        for kind, weights in zip(("key", "value"), pair):
+            if not isinstance(weights, (list, tuple)) or not weights:
+                raise ValueError(
+                    f"head_weights[{i}] {kind} weights must be a non-empty list, got {weights!r}"
+                )
+            nums = [_number(f"head_weights[{i}] {kind} weight", w) for w in weights]
+            if not all(w > 0 for w in nums):
+                raise ValueError(f"head_weights[{i}] {kind} weights must be > 0, got {weights!r}")
+            kinds.append(nums)
+        if len(kinds[0]) != len(kinds[1]):
+            raise ValueError(
+                f"head_weights[{i}] has {len(kinds[0])} key and {len(kinds[1])} value weights; give one per KV head"
+            )
+        out.append(kinds)
+    if len({len(k) for k, _ in out}) != 1:
+        raise ValueError("head_weights must give every layer the same number of KV heads")
+    return out
 
 
 def presets_path() -> Path:

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig
+from chunked_decomp.config import parse_overrides
 from chunked_decomp.data import load_texts, load_token_ids
 from chunked_decomp.evaluation.methods import ChunkedDecompMethod, FullCache
 from chunked_decomp.evaluation.perplexity import continuation_perplexity, recall_perplexity
@@ -127,12 +127,10 @@ def main() -> None:
         parser.error(f"--windows must be >= 1, got {args.windows}")
     if args.timing_runs < 1:
         parser.error(f"--timing_runs must be >= 1, got {args.timing_runs}")
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
     if args.recall_windows > args.windows:
         parser.error(f"--recall_windows ({args.recall_windows}) must not exceed --windows ({args.windows})")
     # Unknown presets and bad overrides fail here, before minutes of work.

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from chunked_decomp.config import CompressionConfig
+from chunked_decomp.config import CompressionConfig, parse_overrides
 from chunked_decomp.evaluation.methods import (
     ChunkedDecompMethod,
     FullCache,
@@ -259,12 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     token_ids = load_token_ids(tokenizer, load_texts(args.dataset))
     methods = build_methods(args)
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.calibrate:
         from chunked_decomp.calibration import head_sensitivity
 

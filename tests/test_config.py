@@ -210,3 +210,23 @@ def test_debug_environment_variable(monkeypatch, value, expected) -> None:
     monkeypatch.setenv("CHUNKED_DECOMP_DEBUG", value)
     assert CompressionConfig().debug is expected
     assert CompressionConfig(debug=True).debug is True
+
+
+def test_parse_overrides_reads_yaml_values_and_names_a_bad_item() -> None:
+    from chunked_decomp.config import parse_overrides
+
+    got = parse_overrides(
+        ["rank_allocation=pooled", "key_weight=2.5", "chunk_size=128", "head_weights=[[[1, 2]]]"]
+    )
+    assert got == {
+        "rank_allocation": "pooled",
+        "key_weight": 2.5,
+        "chunk_size": 128,
+        "head_weights": [[[1, 2]]],
+    }
+    assert (
+        CompressionConfig.from_preset("aggressive", **parse_overrides(["chunk_size=128"])).chunk_size == 128
+    )
+    for bad in ("chunk_size", "=3"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_overrides([bad])

@@ -322,3 +322,16 @@ def load_presets(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
         except ValueError as err:
             raise ValueError(f"preset {name!r} in {str(path)!r} is invalid: {err}") from err
     return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Config fields from ``KEY=VALUE`` strings (the value read as YAML: ``4``, ``pooled``, ``[1, 2]``), as the
+    benchmarks' ``--set`` flags give them; an item without ``=`` raises a ValueError naming it. The fields are
+    checked when a `CompressionConfig` is built from them."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out

@@ -167,3 +167,17 @@ def test_head_dim_must_be_a_power_of_two(triton_on) -> None:
         triton_attention.attention(
             torch.randn(2, 2, 2, 24), ctx.key_packed, ctx.value_packed, ctx.tail_keys, ctx.tail_values, 0.25
         )
+
+
+def test_a_mask_of_the_wrong_length_is_refused_on_both_paths(monkeypatch) -> None:
+    layer = _compressed_layer(pre_rope=True)
+    query = torch.randn(2, 4, 1, 16)
+    length = layer._full_states()[0].shape[-2]
+    mask = torch.ones(2, 1, 1, length - 1, dtype=torch.bool)
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CHUNKED_DECOMP_TRITON", flag)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        ctx = layer.factored_context()
+        assert ctx.triton == (flag == "1")
+        with pytest.raises(ValueError, match=f"covers {length - 1} positions but the cache holds {length}"):
+            attend(query, ctx, mask, 0.25)

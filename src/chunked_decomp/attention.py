@@ -98,6 +98,10 @@ def attend(
     rep = hq // hkv
     rows = rep * q
     qg = query.float().reshape(b, hkv, rows, d)  # row = (repeat, query position)
+    if attention_mask is not None and attention_mask.shape[-1] != ctx.length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds {ctx.length}"
+        )
     if ctx.triton:
         out = _attend_triton(qg, q, ctx, attention_mask, scaling)
         return out.view(b, hq, q, -1).transpose(1, 2).to(query.dtype)
@@ -122,10 +126,6 @@ def attend(
             last = torch.arange(length - q, length, device=scores.device)
             scores = scores.masked_fill(pos[None, :] > last[:, None], float("-inf"))
     else:
-        if attention_mask.shape[-1] != length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds {length}"
-            )
         mask = attention_mask[:, :, None]  # (batch, 1, 1, q, length)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -173,10 +173,6 @@ def _attend_triton(
             None, None
         ]
     if attention_mask is not None:
-        if attention_mask.shape[-1] != length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds {length}"
-            )
         mask = attention_mask[:, 0].expand(b, q, length)
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))

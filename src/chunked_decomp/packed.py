@@ -182,7 +182,7 @@ class PackedFactors:
     @property
     def fusable(self) -> bool:
         """Whether the fused kernel can read these factors: quantised token and channel factors on the CPU."""
-        return self._meta is not None and self.token.codes.device.type == "cpu"
+        return self.quantized and self.token.codes.device.type == "cpu"
 
     def kernel_inputs(self) -> tuple:
         """The arguments of `chunked_decomp.kernels` after the query: flat token and channel codes with their

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from chunked_decomp import triton_attention
-from chunked_decomp.decomposition import factorize_randomized, gram_basis
+from chunked_decomp.decomposition import factorize_subspace, gram_basis
 from chunked_decomp.factors import FactorSet
 from chunked_decomp.io import atomic_write_json
 from chunked_decomp.packed import PackedFactors
@@ -72,7 +72,22 @@ def bench(fn, reps: int = 3) -> float:
     )
 
 
-CONFIGS = [dict(num_warps=w, block_tokens=t) for w, t in ((2, 32), (4, 16), (4, 32), (8, 16), (8, 32))]
+# Launch settings tried by --sweep: warps and token block, software-pipelining stages, and chunks per program
+# (None = the default split, a few programs per multiprocessor; fewer chunks per program = more programs).
+CONFIGS = [
+    dict(num_warps=w, block_tokens=t, num_stages=st, chunks_per_program=c)
+    for w, t in ((4, 32), (8, 32), (4, 64))
+    for st in (1, 2)
+    for c in (None, 4, 1)
+]
+
+
+def launch(cfg: dict, n_chunks: int) -> dict:
+    """`triton_attention.attention` keywords of a sweep setting for a context of ``n_chunks`` chunks."""
+    out = {k: v for k, v in cfg.items() if k != "chunks_per_program"}
+    if cfg.get("chunks_per_program"):
+        out["splits"] = -(-n_chunks // cfg["chunks_per_program"])
+    return out
 
 
 def setting(args, device, context, budget, gen):
@@ -98,12 +113,13 @@ def setting(args, device, context, budget, gen):
 
 
 def sweep(args, device) -> dict:
-    """Launch settings at the longest context and highest budget (the largest tiles), per key mode: the fastest is
-    used for every row of the table."""
+    """Launch settings at the longest context and lowest budget (the issue's main case), per key mode: the
+    fastest is used for every row of the table."""
     gen = torch.Generator(device=device).manual_seed(0)
     d = args.head_dim
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-    qg, kp, vp, ex_k, ex_v, *_ = setting(args, device, max(args.contexts), max(args.budgets), gen)
+    qg, kp, vp, ex_k, ex_v, *_ = setting(args, device, max(args.contexts), min(args.budgets), gen)
+    n_chunks = sum(run["chunks"] for run in vp.runs)
     best = {}
     for pre_rope in (True, False):
         times = []
@@ -117,7 +133,7 @@ def sweep(args, device) -> dict:
                 d**-0.5,
                 inv_freq=inv_freq if pre_rope else None,
                 rope_offset=SINKS,
-                **cfg,
+                **launch(cfg, n_chunks),
             )
             try:
                 times.append((bench(fn, reps=1), cfg))
@@ -150,9 +166,11 @@ def attention_rows(args, device, best: dict) -> list[dict]:
                 keys_mode = "pre-RoPE" if pre_rope else "post-RoPE"
                 cfg = best.get(keys_mode, {})
 
-                def ours(freq=freq, kp=kp, vp=vp, ex_k=ex_k, ex_v=ex_v, qg=qg, cfg=cfg):
+                kw = launch(cfg, sum(run["chunks"] for run in vp.runs))
+
+                def ours(freq=freq, kp=kp, vp=vp, ex_k=ex_k, ex_v=ex_v, qg=qg, kw=kw):
                     return triton_attention.attention(
-                        qg, kp, vp, ex_k, ex_v, scale, inv_freq=freq, rope_offset=SINKS, **cfg
+                        qg, kp, vp, ex_k, ex_v, scale, inv_freq=freq, rope_offset=SINKS, **kw
                     )
 
                 got = ours()
@@ -184,9 +202,15 @@ def attention_rows(args, device, best: dict) -> list[dict]:
 
 
 def factorisation_rows(args, device) -> list[dict]:
+    """One layer's prefill (batch, KV heads, ``--prefill`` tokens, keys and values) in chunks: the factorisers
+    timed against one pass over the bytes; the matrix-product ones also checked for accuracy against the exact
+    basis (relative error at the rank of the 0.25 budget ÷ the optimal one, on a slice); and the cache's whole
+    compression of that layer (factorise, choose ranks, quantise, store), bf16 states on the GPU."""
     b, h, d, length, chunk = args.batch, args.kv_heads, args.head_dim, args.prefill, args.chunk
     gen = torch.Generator(device=device).manual_seed(1)
-    kv = torch.randn(2, b, h, length, d, device=device, dtype=torch.bfloat16, generator=gen)
+    # Channels of decaying scale, so chunks have a skewed spectrum like real keys and values.
+    scale = torch.logspace(0, -2, d, device=device)
+    kv = (torch.randn(2, b, h, length, d, device=device, generator=gen) * scale).to(torch.bfloat16)
     copy = torch.empty_like(kv)
     t_copy = bench(lambda: copy.copy_(kv))
     x = kv.view(-1, chunk, d)  # (2·b·h·chunks, chunk, d)
@@ -194,27 +218,103 @@ def factorisation_rows(args, device) -> list[dict]:
     floor = t_copy / 2  # one read of the bytes
     rank = rank_for_budget(0.25, chunk, d, 4, 64)
     rows.append(dict(method="Gram only (bf16 bmm)", ms=bench(lambda: x.transpose(-1, -2) @ x)))
-    rows.append(
-        dict(method="Gram only (fp32 bmm)", ms=bench(lambda: (lambda y: y.transpose(-1, -2) @ y)(x.float())))
-    )
-    rows.append(
-        dict(
-            method=f"randomized range finder, rank {rank}+8",
-            ms=bench(lambda: factorize_randomized(x, rank), reps=1),
-        )
-    )
-    # eigh is slow on GPUs: time it on a slice and scale up.
     part = max(1, x.shape[0] // args.eigh_fraction)
+    xs = x[:part].float()
+    exact = gram_basis(xs)
+    best = (xs - exact.tokens(rank) @ exact.channels(rank)).flatten(1).norm(dim=-1)
+    for iters in (1, 2, 3):
+        for label, r in (("full basis", None), (f"rank {rank}+8", rank)):
+            t = bench(lambda r=r, iters=iters: factorize_subspace(x, r, iters=iters), reps=1)
+            f = factorize_subspace(xs, r, iters=iters)
+            err = (xs - f.reconstruct(rank)).flatten(1).norm(dim=-1) / best
+            rows.append(dict(method=f"subspace, {iters} iterations, {label}", ms=t,
+                             err_vs_optimal_median=float(err.median()), err_vs_optimal_max=float(err.max())))  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    gram_basis(x[:part])
+    gram_basis(xs)
     torch.cuda.synchronize()
-    rows.append(dict(method=f"Gram + eigh (cache default), 1/{args.eigh_fraction} timed, scaled",
+    rows.append(dict(method=f"Gram + eigh (cache's CPU default), 1/{args.eigh_fraction} timed, scaled",
                      ms=(time.perf_counter() - t0) * 1e3 * x.shape[0] / part))  # fmt: skip
+    rows += cache_compression_rows(args, device, kv)
     for row in rows:
         row["x_floor"] = row["ms"] / floor
         print(json.dumps(row), flush=True)
     return rows
+
+
+def cache_compression_rows(args, device, kv) -> list[dict]:
+    """The cache taking one layer's prefill and compressing all of it but the sinks (``update`` then
+    ``compress_all``: factorise, choose ranks, quantise, store), default settings at ρ 0.25 (factoriser
+    ``subspace`` on CUDA), keys after and before the rotary embedding: median of 3. ``ratio``: stored ÷ 16-bit
+    bytes of the compressed tokens."""
+    from chunked_decomp import CompressionConfig
+    from chunked_decomp.cache import ChunkedSVDCache
+
+    d = args.head_dim
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    rows = []
+    for pre_rope in (False, True):
+        config = CompressionConfig(
+            compression_ratio=0.25, reference_dtype="float16", compress_keys_pre_rope=pre_rope
+        )
+        times, ratio = [], None
+        for _ in range(3):
+            cache = ChunkedSVDCache(config, inv_freq=inv_freq, layer_types=["full_attention"])
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            cache.update(kv[0], kv[1], 0)  # the prefill; compresses what leaves the residual window
+            cache.compress_all()  # and the rest but the sinks
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+            stats = cache.layers[0].memory_stats()
+            ratio = stats.aged_stored_bytes / stats.aged_reference_bytes
+            del cache
+        rows.append(dict(method=f"cache.compress_all, one layer, {'pre' if pre_rope else 'post'}-RoPE keys",
+                         ms=statistics.median(times), runs_ms=times, ratio=ratio))  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def device_map_check(device) -> dict:
+    """A tiny random Llama split across the GPU and the CPU by accelerate (layers 0-1 on cuda:0, 2-3 on the CPU):
+    every cache layer must live on its attention layer's device, and greedy tokens must equal the one-device
+    run's."""
+    from accelerate import dispatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chunked_decomp import ChunkedDecomp
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=None,
+                      pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    ids = torch.randint(1, 512, (2, 200), generator=torch.Generator().manual_seed(3))
+    options = dict(chunk_size=64, residual_length=32, num_sink_tokens=4, compression_ratio=0.25)
+    with ChunkedDecomp(**options).applied(model), torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                  "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}  # fmt: skip
+    model = dispatch_model(model, device_map=device_map)
+    compressor = ChunkedDecomp(**options)
+    with compressor.applied(model), torch.no_grad():
+        out = model.generate(ids.to(device), max_new_tokens=24, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    placed = []
+    for i, layer in enumerate(cache.layers):
+        tensors = [layer.keys, layer.values]
+        for chunk in layer.chunks:
+            for factors in (chunk.keys, chunk.values):
+                for pair in factors.pairs:
+                    tensors += [getattr(f, "codes", f) for f in pair if f is not None]
+        want = "cuda" if i < 2 else "cpu"
+        placed.append(all(t.device.type == want for t in tensors))
+    result = dict(tokens_equal=bool(torch.equal(out.sequences.cpu(), ref)), layers_on_their_device=placed,
+                  compressed_chunks=[len(getattr(layer, "chunks", [])) for layer in cache.layers])  # fmt: skip
+    print(json.dumps(dict(device_map_check=result)), flush=True)
+    return result
 
 
 def model_check(device) -> dict:
@@ -263,6 +363,9 @@ def main() -> None:
     parser.add_argument("--eigh-fraction", type=int, default=64)
     parser.add_argument("--skip-factorisation", action="store_true")
     parser.add_argument("--skip-model-check", action="store_true")
+    parser.add_argument(
+        "--skip-device-map", action="store_true", help="no GPU + CPU device_map generation check"
+    )
     parser.add_argument("--sweep", action="store_true", help="try launch settings first and use the fastest")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_attention.json"))
     args = parser.parse_args()
@@ -278,6 +381,11 @@ def main() -> None:
     except Exception as err:  # report, and still time the kernel
         check = dict(error=repr(err))
         print(json.dumps(dict(model_check=check)), flush=True)
+    try:
+        placement = {} if args.skip_device_map else device_map_check(device)
+    except Exception as err:
+        placement = dict(error=repr(err)[:300])
+        print(json.dumps(dict(device_map_check=placement)), flush=True)
     best = sweep(args, device) if args.sweep else {}
     attn = attention_rows(args, device, best)
     fact = [] if args.skip_factorisation else factorisation_rows(args, device)
@@ -295,7 +403,18 @@ def main() -> None:
             print(f"  {r['method']:<50} {r['ms']:>10.3f} ms  {r['x_floor']:>8.1f}x floor")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"\nTiny Llama on the GPU, Triton attention vs rebuild: {json.dumps(check)}")
-    atomic_write_json(args.out, dict(info=info, model_check=check, attention=attn, factorisation=fact))
+    print(f"Tiny Llama split across the GPU and the CPU (device_map): {json.dumps(placement)}")
+    atomic_write_json(
+        args.out,
+        dict(
+            info=info,
+            model_check=check,
+            device_map_check=placement,
+            sweep=best,
+            attention=attn,
+            factorisation=fact,
+        ),
+    )
 
 
 if __name__ == "__main__":

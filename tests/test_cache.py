@@ -36,6 +36,7 @@ CONTRACT_CONFIGS: dict[str, dict] = {
     "sequential_processing": {"parallel_processing": False},
     "post_rope_keys": {"compress_keys_pre_rope": False},
     "randomized_factorizer": {"factorizer": "randomized"},
+    "subspace_factorizer": {"factorizer": "subspace"},
     "exact_svd": {"use_fast_svd": False},
     "quantisation_only": {"use_low_rank_approximation": False},
     "two_bit": {"quantization_bits": 2, "basis_bits": 4},

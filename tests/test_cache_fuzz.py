@@ -32,6 +32,7 @@ VARIANTS = {
     "dynamic_chunking": {"dynamic_chunking": True},
     "sequential": {"parallel_processing": False},
     "randomized": {"factorizer": "randomized"},
+    "subspace": {"factorizer": "subspace"},
 }
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
 # Channel scales fall off so chunks have a skewed spectrum, like real keys.

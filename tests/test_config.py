@@ -230,3 +230,10 @@ def test_parse_overrides_reads_yaml_values_and_names_a_bad_item() -> None:
     for bad in ("chunk_size", "=3"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             parse_overrides([bad])
+
+
+def test_factorizer_for_device_prefers_matrix_products_on_cuda() -> None:
+    assert CompressionConfig().factorizer_for("cpu") == "gram"
+    assert CompressionConfig().factorizer_for("cuda") == "subspace"
+    assert CompressionConfig(factorizer="gram").factorizer_for("cuda") == "gram"
+    assert CompressionConfig(use_fast_svd=False).factorizer_for("cuda") == "exact"

@@ -15,12 +15,13 @@ from chunked_decomp.decomposition import (
     choose_ranks_linear,
     factorize,
     factorize_randomized,
+    factorize_subspace,
     gram_basis,
     relative_error,
 )
 from chunked_decomp.rotary import rotate
 
-METHODS = ("exact", "gram", "randomized")
+METHODS = ("exact", "gram", "randomized", "subspace")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -106,6 +107,39 @@ def test_randomized_top_spectrum_and_near_optimal_error(rank) -> None:
         assert got <= 1.02 * optimal + 1e-6, (got, optimal)
 
 
+@pytest.mark.parametrize("rank", [None, 6])
+def test_subspace_components_are_nested_near_optimal_with_exact_energies(rank) -> None:
+    # A decaying spectrum (singular values 1 … 1e-3) in random directions, as key and value chunks have.
+    g = _gen(11)
+    basis = torch.linalg.qr(torch.randn(6, 48, 48, generator=g))[0]
+    x = torch.randn(6, 96, 48, generator=g) @ torch.diag(torch.logspace(0, -3, 48)) @ basis
+    fac = factorize_subspace(x, rank=rank)
+    k = fac.spectrum.shape[-1]
+    assert k == (48 if rank is None else 14)
+    b = fac.channel_factor  # (N, k, n): orthonormal rows
+    assert torch.allclose(b @ b.transpose(-1, -2), torch.eye(k).expand(6, k, k), atol=1e-5)
+    # spectrum: each component's captured norm ‖x b_j‖ (the rank allocation's energies), non-increasing.
+    assert torch.allclose(
+        fac.spectrum.square().sum(-1), (x @ b.transpose(-1, -2)).square().sum((-1, -2)), rtol=1e-4
+    )
+    assert (fac.spectrum[..., :-1] >= fac.spectrum[..., 1:]).all()
+    s_ref = torch.linalg.svdvals(x)
+    for r in (2, 4, 6):
+        optimal = s_ref[:, r:].square().sum(-1).sqrt()
+        got = (x - fac.reconstruct(r)).flatten(1).norm(dim=-1)
+        assert (got <= 1.1 * optimal).all(), (r, (got / optimal).max())
+        assert (got >= optimal * (1 - 1e-4)).all()  # Eckart–Young: nothing beats the SVD
+
+
+def test_subspace_more_iterations_converge_to_the_svd() -> None:
+    x = _low_rank(4, 96, 48, 12, seed=5, noise=0.05)
+    s_ref = torch.linalg.svdvals(x)
+    optimal = s_ref[:, 4:].square().sum(-1).sqrt()
+    ratios = [float(((x - factorize_subspace(x, iters=i).reconstruct(4)).flatten(1).norm(dim=-1) / optimal).max())
+              for i in (1, 3, 16)]  # fmt: skip
+    assert ratios[0] > ratios[1] > ratios[2] and ratios[2] < 1.002, ratios
+
+
 def test_randomized_recovers_a_low_rank_matrix_exactly() -> None:
     x = _low_rank(2, 64, 48, 3, seed=7)
     fac = factorize_randomized(x, rank=3)
@@ -121,7 +155,7 @@ def test_reduced_rank_error_equals_eckart_young(method) -> None:
     for r in (1, 4):
         optimal = s[:, r:].square().sum(-1).sqrt()
         got = (x - fac.reconstruct(r)).flatten(1).norm(dim=-1)
-        slack = 1.05 if method == "randomized" else 1.0 + 1e-4
+        slack = 1.05 if method in ("randomized", "subspace") else 1.0 + 1e-4
         assert (got <= slack * optimal + 1e-4).all()
 
 

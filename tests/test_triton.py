@@ -35,9 +35,10 @@ def _compressed_layer(
     batch: int = 2,
     seed: int = 5,
     tokens: int = 70,
+    model=None,
     **extra,
 ):
-    model = make_tiny_model("llama")
+    model = make_tiny_model("llama") if model is None else model
     config = CompressionConfig(
         **{**BASE, **extra}, compress_keys_pre_rope=pre_rope, decode_attention="factored", quantization_bits=bits,
         basis_bits=basis_bits,
@@ -99,6 +100,30 @@ def test_chunks_longer_than_a_token_block(pre_rope, group, bits, triton_on) -> N
     mask[1, ..., :15] = False
     want = _reference(query, keys, values, mask, 0.25)
     torch.testing.assert_close(attend(query, ctx, mask, 0.25), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_full_rotary_head_dim_64_rebuilds_keys_in_halves(group, triton_on) -> None:
+    """head_dim 64 rotated over every channel (as Llama, Qwen and Mistral are): the kernel rebuilds each key's two
+    halves from the halves of the chunk's basis (each one group at groups of 32, half a group at 64) and rotates
+    them on chip, without the channel permutation of the general route."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _build
+
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=None)  # fmt: skip
+    model = _build(LlamaForCausalLM, config)
+    layer = _compressed_layer(
+        pre_rope=True, tokens=170, chunk_size=64, quant_group_size=group, model=model, batch=1
+    )
+    assert [c.length for c in layer.chunks] == [64, 64, 40] and layer.chunks[0].keys.ranks[0] > 1
+    ctx = layer.factored_context()
+    assert ctx.triton
+    query = torch.randn(1, 2, 1, 64, generator=torch.Generator().manual_seed(1)) * 2
+    keys, values = layer._full_states()
+    want = _reference(query, keys, values, None, 0.125)
+    torch.testing.assert_close(attend(query, ctx, None, 0.125), want, atol=2e-5, rtol=1e-4)
 
 
 def test_kernel_applies_a_padding_mask_in_every_region(triton_on) -> None:

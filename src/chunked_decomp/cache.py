@@ -579,14 +579,13 @@ class ChunkedSVDLayer(DynamicLayer):
             energy = energy.flip(-1).cummax(-1).values.flip(-1).float()
             stored = self.shared_bases[kind]
             return _Factored(token_t, [SharedRows(stored[gi], cols) for gi in range(g)], energy, g, cols)
-        if self.config.resolved_factorizer == "gram" and cols <= t:
+        method = self.config.factorizer_for(mats.device.type)
+        if method == "gram" and cols <= t:
             # Only the basis now: the factors are formed at encoding, for the components some chunk keeps.
             basis = gram_basis(mats)
             token_t, channel, spectrum = None, None, basis.spectrum
         else:
-            fac = factorize(
-                mats, self.config.resolved_factorizer, rank=self.config.target_rank, check_finite=False
-            )
+            fac = factorize(mats, method, rank=self.config.target_rank, check_finite=False)
             k = fac.spectrum.shape[-1]
             basis, spectrum = None, fac.spectrum
             token_t = fac.token_factor.reshape(n, b, g, t, k).permute(0, 2, 1, 4, 3)

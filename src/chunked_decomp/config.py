@@ -17,7 +17,7 @@ import yaml
 _DTYPES = ("float16", "bfloat16", "float32")
 _QUANT_BITS = (2, 4, 8)
 _HEAD_MODES = ("per_head", "joined")
-_FACTORIZERS = ("gram", "randomized", "exact")
+_FACTORIZERS = ("gram", "randomized", "exact", "subspace")
 _BASIS_SHARING = ("none", "layer")
 _DECODE_ATTENTION = ("rebuild", "factored")
 _RANK_ALLOCATION = ("per_layer", "pooled")
@@ -85,8 +85,9 @@ class CompressionConfig:
     Factoriser and quantiser
         use_fast_svd: factor with batched matrix products (Gram matrix + small symmetric eigensolver, or a
             randomized range finder) instead of ``torch.linalg.svd``.
-        factorizer: ``"gram"``, ``"randomized"`` or ``"exact"``; ``None`` picks ``"gram"`` when ``use_fast_svd``
-            else ``"exact"``.
+        factorizer: ``"gram"``, ``"randomized"``, ``"subspace"`` or ``"exact"``; ``None`` picks ``"gram"`` when
+            ``use_fast_svd`` (``"subspace"`` for chunks on a GPU, where batched eigensolvers are orders of magnitude
+            slower than matrix products) else ``"exact"``.
         use_quantization: store factors as packed integers with per-group min/max scales.
         quantization_bits: bits of the token coefficients (2, 4 or 8).
         basis_bits: bits of the basis vectors (2, 4 or 8).
@@ -218,10 +219,18 @@ class CompressionConfig:
 
     @property
     def resolved_factorizer(self) -> str:
-        """The factoriser actually used: ``factorizer`` or the one ``use_fast_svd`` implies."""
+        """The factoriser used for chunks on the CPU: ``factorizer`` or the one ``use_fast_svd`` implies."""
+        return self.factorizer_for("cpu")
+
+    def factorizer_for(self, device_type: str) -> str:
+        """The factoriser used for chunks on a device of type ``device_type`` (``"cpu"``, ``"cuda"``, …): ``factorizer`` when set; else, with ``use_fast_svd``,
+        ``"gram"`` (an eigensolver on the small Gram matrix: fastest on a CPU) or, on CUDA, ``"subspace"``
+        (matrix products and Cholesky factorisations only); else ``"exact"``."""
         if self.factorizer is not None:
             return self.factorizer
-        return "gram" if self.use_fast_svd else "exact"
+        if not self.use_fast_svd:
+            return "exact"
+        return "subspace" if device_type == "cuda" else "gram"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (round-trips through :meth:`from_dict`)."""

@@ -15,6 +15,11 @@ Factorisers (Halko, Martinsson & Tropp 2011 for the randomized range finder):
   and a small symmetric eigensolver; gives the whole spectrum, which adaptive ranks need.
 - ``randomized``: randomized range finder with power iterations, orthonormalised by shifted Cholesky-QR2,
   i.e. matrix products and ``(r+p) × (r+p)`` Cholesky factorisations only; gives the top ``r + p`` triplets.
+- ``subspace``: orthogonal (subspace) iteration on the Gram matrix, orthonormalised by Cholesky-QR: matrix
+  products and small Cholesky factorisations only, no eigensolver, so it suits GPUs, where batched ``eigh`` and
+  ``svd`` cost orders of magnitude more than the bytes they read (MEASUREMENTS.md). Components come out nested
+  (the first j span the dominant j-dimensional subspace, to the accuracy of the iteration) with their exact
+  captured energies.
 """
 
 from __future__ import annotations
@@ -110,15 +115,17 @@ def factorize_gram(x: torch.Tensor, rank: int | None = None) -> Factorization:
     return Factorization(evecs, evecs.transpose(-1, -2) @ x, spectrum)
 
 
-def _cholesky_qr(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormalise the columns of y: (N, m, q) by shifted Cholesky-QR2 (matrix products only)."""
-    for _ in range(2):
+def _cholesky_qr(y: torch.Tensor, passes: int = 2, shift: float = 1e-6) -> torch.Tensor:
+    """Orthonormalise the columns of y: (N, m, q) by shifted Cholesky-QR, ``passes`` times (matrix products and
+    q × q Cholesky factorisations only). The factor is triangular, so the first j columns of the result span
+    the first j of y whatever the shift. Each pass adds ``shift`` × the mean diagonal of ``yᵀy``."""
+    for _ in range(passes):
         gram = y.transpose(-1, -2) @ y
         q = gram.shape[-1]
         # A shift proportional to the Gram's scale keeps Cholesky defined on rank-deficient chunks
         # (Fukaya et al. 2020, shifted CholeskyQR); the second pass restores orthogonality.
-        shift = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30) / q
-        gram = gram + shift[..., None, None] * torch.eye(q, dtype=y.dtype, device=y.device)
+        shift_ = shift * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30) / q
+        gram = gram + shift_[..., None, None] * torch.eye(q, dtype=y.dtype, device=y.device)
         chol, info = torch.linalg.cholesky_ex(gram)
         if bool((info != 0).any()):
             gram = gram + 1e-3 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(
@@ -156,10 +163,70 @@ def factorize_randomized(
     return Factorization(y @ w, w.transpose(-1, -2) @ b, small.spectrum)
 
 
+@contextmanager
+def _tf32_on(device: torch.device) -> Iterator[None]:
+    """float32 matrix products in TF32 on CUDA (10-bit mantissa, several times the float32 rate on tensor cores;
+    far finer than the 2-8-bit quantisation of the factors); a no-op on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def factorize_subspace(
+    x: torch.Tensor, rank: int | None = None, iters: int = 3, oversample: int = 8, seed: int = 0
+) -> Factorization:
+    """Orthogonal iteration on the Gram matrix. x: (N, m, n) → `Factorization`, ``k = min(rank + oversample,
+    min(m, n))`` (all of ``min(m, n)`` when ``rank`` is None).
+
+    With ``n <= m``: ``G = xᵀx`` (scaled to unit mean eigenvalue, plus a shift of 1e-3 that caps its condition
+    number without moving its eigenvectors), ``B ← cholqr(G B)`` ``iters`` times from a Gaussian start, then
+    ``x ≈ (x B) Bᵀ`` with B: (N, n, k) orthonormal. Cholesky-QR's triangular factor keeps the columns nested, so
+    column j converges to the j-th eigenvector at the rate ``((λ_{j+1} + μ) / (λ_j + μ))^iters``; the columns are
+    then sorted by their captured norm ``‖x b_j‖``, which is ``spectrum``: exact for the projection whatever the
+    convergence, and what the rank allocation spends bytes on. At ``k = n`` the reconstruction is exact up
+    to the orthonormality of B (about 1e-6). Each step orthonormalises by a shifted pass then a plain one
+    (shifted Cholesky-QR, Fukaya et al. 2020: the shift bounds the condition number of the first pass's output,
+    so the second is accurate), which keeps B orthonormal although powers of G are ill-conditioned in float32.
+    Cost: one Gram product, ``2 * iters + 1`` Cholesky-QR passes of (n × k) matrices, and the token product; in
+    TF32 on CUDA.
+    """
+    x = x.to(torch.float32)
+    m, n = x.shape[-2:]
+    if n > m:
+        f = factorize_subspace(x.transpose(-1, -2), rank, iters, oversample, seed)
+        return Factorization(f.channel_factor.transpose(-1, -2), f.token_factor.transpose(-1, -2), f.spectrum)
+    q = n if rank is None else min(rank + oversample, n)
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    with _tf32_on(x.device):
+        gram = x.transpose(-1, -2) @ x  # (N, n, n)
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]  # mean eigenvalue
+        # All-zero chunks iterate on the identity (any orthonormal basis is exact for them).
+        g = torch.where(scale > 0, gram / scale.clamp_min(1e-30), eye) + 1e-3 * eye
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        basis = torch.randn(n, q, generator=gen, dtype=torch.float32).to(x.device).expand(x.shape[0], n, q)
+        for _ in range(iters):
+            basis = _cholesky_qr(_cholesky_qr(g @ basis, passes=1, shift=1e-3), passes=1)
+        basis = _cholesky_qr(basis, passes=1)  # (N, n, q), orthonormal columns
+        tokens = x @ basis  # (N, m, q)
+    # Columns sorted by captured energy ‖x b_j‖²: any order of an orthonormal basis is one, and this one makes
+    # every prefix the best that r of its columns can do.
+    captured, order = tokens.square().sum(-2).sort(-1, descending=True)  # (N, q)
+    tokens = tokens.gather(-1, order[:, None, :].expand_as(tokens))
+    basis = basis.gather(-1, order[:, None, :].expand_as(basis))
+    return Factorization(tokens, basis.transpose(-1, -2), captured.sqrt())
+
+
 FACTORIZERS: dict[str, Callable[..., Factorization]] = {
     "exact": factorize_exact,
     "gram": factorize_gram,
     "randomized": factorize_randomized,
+    "subspace": factorize_subspace,
 }
 
 

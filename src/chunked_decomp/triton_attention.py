@@ -74,27 +74,45 @@ if triton is not None:
     @triton.jit
     def _dequant_block(codes, scale, minimum, code_off, group_off, row0, rank, n, t0, BITS: tl.constexpr,
                        GS: tl.constexpr, RP: tl.constexpr, TB: tl.constexpr):  # fmt: skip
-        """`_dequant` of the token block t0 … t0 + TB - 1 (t0 a multiple of TB): one scale and minimum per row when
-        the block lies in one group (TB divides GS), and 4-bit codes read a byte per two values."""
-        if (GS % TB == 0) and (BITS == 4):
-            width = (n * 4 + 7) // 8
+        """`_dequant` of the columns t0 … t0 + TB - 1 (t0 a multiple of TB) of the rows, in whole-tile loads when
+        the codes are 4 or 8 bits and the block lies in one group (TB divides GS: a scale and a minimum per row)
+        or covers whole groups (GS divides TB: TB / GS of them per row)."""
+        if ((BITS == 4) or (BITS == 8)) and ((GS % TB == 0) or (TB % GS == 0)):
+            width = (n * BITS + 7) // 8
             groups = (n + GS - 1) // GS
             i = tl.arange(0, RP)
             row = (row0 + i).to(tl.int64)
             row_ok = i < rank
-            k = tl.arange(0, TB // 2)
-            byte_ok = row_ok[:, None] & (t0 // 2 + k < width)[None, :]
-            byte = tl.load(
-                codes + code_off + row[:, None] * width + t0 // 2 + k[None, :], mask=byte_ok, other=0
-            )
-            byte = byte.to(tl.int32)
-            code = tl.interleave(byte & 15, byte >> 4).to(tl.float32)  # (RP, TB), element 0 in the low bits
-            g = group_off + row * groups + t0 // GS
-            sc = tl.load(scale + g, mask=row_ok, other=0.0).to(tl.float32)
-            mn = tl.load(minimum + g, mask=row_ok, other=0.0).to(tl.float32)
+            if BITS == 4:
+                k = tl.arange(0, TB // 2)
+                byte_ok = row_ok[:, None] & (t0 // 2 + k < width)[None, :]
+                byte = tl.load(
+                    codes + code_off + row[:, None] * width + t0 // 2 + k[None, :], mask=byte_ok, other=0
+                )
+                byte = byte.to(tl.int32)
+                # (RP, TB), element 0 in the low bits
+                code = tl.interleave(byte & 15, byte >> 4).to(tl.float32)
+            else:
+                k = tl.arange(0, TB)
+                byte_ok = row_ok[:, None] & (t0 + k < width)[None, :]
+                at = codes + code_off + row[:, None] * width + t0 + k[None, :]
+                code = tl.load(at, mask=byte_ok, other=0).to(tl.float32)
             t = t0 + tl.arange(0, TB)
             ok = row_ok[:, None] & (t < n)[None, :]
-            return tl.where(ok, code * sc[:, None] + mn[:, None], 0.0)
+            if GS % TB == 0:
+                g = group_off + row * groups + t0 // GS
+                sc = tl.load(scale + g, mask=row_ok, other=0.0).to(tl.float32)
+                mn = tl.load(minimum + g, mask=row_ok, other=0.0).to(tl.float32)
+                return tl.where(ok, code * sc[:, None] + mn[:, None], 0.0)
+            else:
+                NG: tl.constexpr = TB // GS
+                gi = tl.arange(0, NG)
+                g = group_off + row[:, None] * groups + t0 // GS + gi[None, :]
+                g_ok = row_ok[:, None] & (t0 // GS + gi < groups)[None, :]
+                sc = tl.load(scale + g, mask=g_ok, other=0.0).to(tl.float32)
+                mn = tl.load(minimum + g, mask=g_ok, other=0.0).to(tl.float32)
+                x = tl.reshape(code, (RP, NG, GS)) * sc[:, :, None] + mn[:, :, None]
+                return tl.where(ok, tl.reshape(x, (RP, TB)), 0.0)
         else:
             t = t0 + tl.arange(0, TB)
             return _dequant(codes, scale, minimum, code_off, group_off, row0, rank, n, t, t < n, BITS, GS, RP)
@@ -133,12 +151,13 @@ if triton is not None:
         )
 
     @triton.jit
-    def _store(M_OUT, L_OUT, ACC_OUT, slot, rows, d, m_i, l_i, acc, D: tl.constexpr, RP: tl.constexpr):
-        """Write one program's partial result (maximum, sum, unnormalised output) to its slot."""
+    def _store(M_OUT, L_OUT, ACC_OUT, slot, rows, R, d, m_i, l_i, acc, D: tl.constexpr, RP: tl.constexpr):
+        """Write one program's partial result (maximum, sum, unnormalised output) to its slot, rows < R only."""
         out = slot * RP + rows
-        tl.store(M_OUT + out, m_i)
-        tl.store(L_OUT + out, l_i)
-        tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc)
+        ok = rows < R
+        tl.store(M_OUT + out, m_i, mask=ok)
+        tl.store(L_OUT + out, l_i, mask=ok)
+        tl.store(ACC_OUT + out[:, None] * D + d[None, :], acc, mask=ok[:, None])
 
     @triton.jit
     def _mm(a, b, LOWP: tl.constexpr):
@@ -171,7 +190,16 @@ if triton is not None:
         row_ok = rows < R
         q, m_i, l_i, acc = _start(Q, bh, R, RP, D)
         d_ok = d < D
-        if PRE_ROPE:
+        # Keys rotated over every channel (2·HALF = D, as in Llama, Qwen, Mistral) are rebuilt in two halves,
+        # which needs no permutation of channels and half the products; partial rotary takes the general route.
+        HALVES: tl.constexpr = PRE_ROPE and (2 * HALF == D) and (HALF >= 16)
+        if HALVES:
+            dh = tl.arange(0, HALF)
+            q_at = Q + (bh * R + rows[:, None]) * D + dh[None, :]
+            q1 = tl.load(q_at, mask=row_ok[:, None], other=0.0)
+            q2 = tl.load(q_at + HALF, mask=row_ok[:, None], other=0.0)
+            freq_h = tl.load(INV_FREQ + dh)
+        elif PRE_ROPE:
             # rotate_half over the first 2·HALF channels: partner channel and sign; the rest pass through.
             rot = d < 2 * HALF
             partner = tl.where(d < HALF, d + HALF, d - HALF)
@@ -192,13 +220,16 @@ if triton is not None:
             rv = tl.where(fv >= 0, tl.load(vm + 4), 0)
             kcode, kgroup = tl.load(km), tl.load(km + 1)
             vcode, vgroup = tl.load(vm), tl.load(vm + 1)
-            v = _dequant(
-                KCC, KCS, KCM, tl.load(km + 2), tl.load(km + 3), b * rk, rk, D, d, d_ok, KCB, KCG, WP
-            )  # (WP, D) key basis
-            if PRE_ROPE:
-                vr = _dequant(KCC, KCS, KCM, tl.load(km + 2), tl.load(km + 3), b * rk, rk, D, partner, rot,
+            kc_code, kc_group = tl.load(km + 2), tl.load(km + 3)
+            if HALVES:
+                v1 = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, 0, KCB, KCG, WP, HALF)
+                v2 = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, HALF, KCB, KCG, WP, HALF)
+            elif PRE_ROPE:
+                v = _dequant(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, d, d_ok, KCB, KCG, WP)
+                vr = _dequant(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, partner, rot,
                               KCB, KCG, WP) * sign[None, :]  # fmt: skip
             else:
+                v = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, 0, KCB, KCG, WP, D)
                 qv = _mm(q, tl.trans(v), LOWP)  # (RP, WP): the query in the chunk's basis
             pu = tl.zeros([RP, WP], tl.float32)  # Σ_t p_t u_t, on the same running scale as acc
             for blk in range(TP // TB):
@@ -208,7 +239,16 @@ if triton is not None:
                 u = _dequant_block(
                     KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, blk * TB, KTB, KTG, WP, TB
                 )  # (WP, TB)
-                if PRE_ROPE:
+                if HALVES:
+                    ut = tl.trans(u)
+                    # The keys' halves (TB, HALF) before the rotation, rebuilt on chip, then rotated.
+                    k1 = _mm(ut, v1, LOWP)
+                    k2 = _mm(ut, v2, LOWP)
+                    angle = (rope_offset + start + t).to(tl.float32)[:, None] * freq_h[None, :]
+                    cos, sin = tl.cos(angle), tl.sin(angle)
+                    s = _mm(q1, tl.trans(k1 * cos - k2 * sin), LOWP)
+                    s += _mm(q2, tl.trans(k2 * cos + k1 * sin), LOWP)
+                elif PRE_ROPE:
                     ut = tl.trans(u)
                     k = _mm(ut, v, LOWP)  # (TB, D) keys before the rotation, rebuilt on chip
                     kr = _mm(ut, vr, LOWP)  # rotate_half of them
@@ -226,11 +266,10 @@ if triton is not None:
                 acc = acc * alpha[:, None]
                 m_i = m_new
             # The value basis is read only now, so that it does not occupy registers during the token loop.
-            vv = _dequant(
-                VCC, VCS, VCM, tl.load(vm + 2), tl.load(vm + 3), b * rv, rv, D, d, d_ok, VCB, VCG, WP
-            )  # (WP, D)
+            vc_code, vc_group = tl.load(vm + 2), tl.load(vm + 3)
+            vv = _dequant_block(VCC, VCS, VCM, vc_code, vc_group, b * rv, rv, D, 0, VCB, VCG, WP, D)
             acc += _mm(pu, vv, LOWP)  # (p Uᵀ) V
-        _store(M_OUT, L_OUT, ACC_OUT, bh * SPLITS + split, rows, d, m_i, l_i, acc, D, RP)
+        _store(M_OUT, L_OUT, ACC_OUT, bh * SPLITS + split, rows, R, d, m_i, l_i, acc, D, RP)
 
     @triton.jit
     def _dense_partials_kernel(
@@ -257,7 +296,7 @@ if triton is not None:
             p, alpha, m_new, l_i = _online(s, ok, m_i, l_i)
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
             m_i = m_new
-        _store(M_OUT, L_OUT, ACC_OUT, bh * SPLITS + slot, rows, d, m_i, l_i, acc, D, RP)
+        _store(M_OUT, L_OUT, ACC_OUT, bh * SPLITS + slot, rows, R, d, m_i, l_i, acc, D, RP)
 
     @triton.jit
     def _merge_kernel(M, L, ACC, OUT, R, SPLITS, D: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr):
@@ -266,14 +305,15 @@ if triton is not None:
         rows = tl.arange(0, RP)
         d = tl.arange(0, D)
         top = tl.full([RP], float("-inf"), tl.float32)
+        row_ok = rows < R
         for sp in range(SP):
-            ok = (rows * 0 + sp) < SPLITS
+            ok = ((rows * 0 + sp) < SPLITS) & row_ok
             top = tl.maximum(top, tl.load(M + (bh * SPLITS + sp) * RP + rows, mask=ok, other=float("-inf")))
         top = tl.where(top == float("-inf"), 0.0, top)
         total = tl.zeros([RP], tl.float32)
         acc = tl.zeros([RP, D], tl.float32)
         for sp in range(SP):
-            ok = (rows * 0 + sp) < SPLITS
+            ok = ((rows * 0 + sp) < SPLITS) & row_ok
             at = (bh * SPLITS + sp) * RP + rows
             w = tl.where(ok, tl.exp2(tl.load(M + at, mask=ok, other=0.0) - top), 0.0)
             total += w * tl.load(L + at, mask=ok, other=0.0)
@@ -332,6 +372,7 @@ def attention(
     splits: int | None = None,
     num_warps: int | None = None,
     block_tokens: int = 32,
+    num_stages: int = 1,
 ) -> torch.Tensor:
     """Softmax attention over a layer's compressed chunks and its exact tokens, in three launches: the chunks in
     ``splits`` programs per (batch row, KV head), the exact tokens in one, and a merge.
@@ -383,7 +424,7 @@ def attention(
         KTB=kt.bits, KTG=kt.group_size, KCB=kc.bits, KCG=kc.group_size,
         VTB=vt.bits, VTG=vt.group_size, VCB=vc.bits, VCG=vc.group_size,
         D=d, RP=rp, WP=lay["wp"], TP=lay["tp"], TB=min(lay["tp"], block_tokens),
-        HAS_BIAS=bias is not None, PRE_ROPE=pre_rope, LOWP=query.is_cuda, num_stages=1, num_warps=num_warps,
+        HAS_BIAS=bias is not None, PRE_ROPE=pre_rope, LOWP=query.is_cuda, num_stages=num_stages, num_warps=num_warps,
         HALF=freq.numel() if pre_rope else 1,
     )  # fmt: skip
     e = exact_keys.shape[-2]

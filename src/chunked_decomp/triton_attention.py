@@ -101,8 +101,9 @@ if triton is not None:
             ok = row_ok[:, None] & (t < n)[None, :]
             if GS % TB == 0:
                 g = group_off + row * groups + t0 // GS
-                sc = tl.load(scale + g, mask=row_ok, other=0.0).to(tl.float32)
-                mn = tl.load(minimum + g, mask=row_ok, other=0.0).to(tl.float32)
+                g_ok = row_ok & (t0 < n)  # a block past the end has no group
+                sc = tl.load(scale + g, mask=g_ok, other=0.0).to(tl.float32)
+                mn = tl.load(minimum + g, mask=g_ok, other=0.0).to(tl.float32)
                 return tl.where(ok, code * sc[:, None] + mn[:, None], 0.0)
             else:
                 NG: tl.constexpr = TB // GS
@@ -116,6 +117,29 @@ if triton is not None:
         else:
             t = t0 + tl.arange(0, TB)
             return _dequant(codes, scale, minimum, code_off, group_off, row0, rank, n, t, t < n, BITS, GS, RP)
+
+    @triton.jit
+    def _codes4(codes, scale, minimum, code_off, group_off, row0, rank, n, t0, GS: tl.constexpr, RP: tl.constexpr,
+                TB: tl.constexpr):  # fmt: skip
+        """The 4-bit codes of columns t0 … t0 + TB - 1 of the rows (a block within one group) without dequantising
+        them: (even, odd, scale, minimum), even / odd the codes of columns t0, t0 + 2, … and t0 + 1, t0 + 3, …
+        as (RP, TB / 2) float32, scale / minimum (RP,) per row; all 0 past ``rank`` and codes 0 past n. A row's
+        values are ``code * scale + minimum``, which callers fold into their products instead."""
+        width = (n * 4 + 7) // 8
+        groups = (n + GS - 1) // GS
+        i = tl.arange(0, RP)
+        row = (row0 + i).to(tl.int64)
+        row_ok = i < rank
+        k = tl.arange(0, TB // 2)
+        byte_ok = row_ok[:, None] & (t0 // 2 + k < width)[None, :]
+        byte = tl.load(codes + code_off + row[:, None] * width + t0 // 2 + k[None, :], mask=byte_ok, other=0)
+        byte = byte.to(tl.int32)
+        # A block past the end (a shorter chunk's) has no group: its scales stay 0, never another row's.
+        g = group_off + row * groups + t0 // GS
+        g_ok = row_ok & (t0 < n)
+        sc = tl.load(scale + g, mask=g_ok, other=0.0).to(tl.float32)
+        mn = tl.load(minimum + g, mask=g_ok, other=0.0).to(tl.float32)
+        return (byte & 15).to(tl.float32), (byte >> 4).to(tl.float32), sc, mn
 
     @triton.jit
     def _bias(BIAS, b, QLEN, width, rows, row_ok, cols, col_ok):
@@ -168,6 +192,18 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
+    def _halves_scores(q1, q2, ct_codes, v1s, v2s, m1, m2, cb, sb, ct, st, LOWP: tl.constexpr):
+        """Scores (rows, n) of n keys rebuilt in halves from their codes ct_codes (n, WP) and the chunk's basis
+        halves scaled by the block's scales, v1s / v2s (WP, HALF), plus the minima's share m1 / m2 (HALF,), then
+        rotated to positions p0, p0 + 2, …: cos(p0 f) = cb, sin(p0 f) = sb (HALF,), ct / st (n, HALF) the table of
+        the offsets."""
+        k1 = _mm(ct_codes, v1s, LOWP) + m1[None, :]
+        k2 = _mm(ct_codes, v2s, LOWP) + m2[None, :]
+        cos = cb[None, :] * ct - sb[None, :] * st
+        sin = sb[None, :] * ct + cb[None, :] * st
+        return _mm(q1, tl.trans(k1 * cos - k2 * sin), LOWP) + _mm(q2, tl.trans(k2 * cos + k1 * sin), LOWP)
+
+    @triton.jit
     def _partials_kernel(
         Q, BIAS, INV_FREQ, PAIRS, CSTART, CLEN,
         KTC, KTS, KTM, KCC, KCS, KCM, KMETA,
@@ -199,6 +235,15 @@ if triton is not None:
             q1 = tl.load(q_at, mask=row_ok[:, None], other=0.0)
             q2 = tl.load(q_at + HALF, mask=row_ok[:, None], other=0.0)
             freq_h = tl.load(INV_FREQ + dh)
+        # 4-bit token factors read a block within one group at a time: codes kept, scales folded into products.
+        FAST: tl.constexpr = ((KTB == 4) and (VTB == 4) and (KTG % TB == 0) and (VTG % TB == 0) and (TB >= 32)
+                              and (HALVES or not PRE_ROPE))  # fmt: skip
+        th = tl.arange(0, TB // 2)
+        if HALVES:
+            # cos / sin of the offsets 0, 2, 4, … within a block, and of one step (for the odd tokens).
+            ang = (2 * th).to(tl.float32)[:, None] * freq_h[None, :]
+            ct, st = tl.cos(ang), tl.sin(ang)
+            c1, s1 = tl.cos(freq_h), tl.sin(freq_h)
         elif PRE_ROPE:
             # rotate_half over the first 2·HALF channels: partner channel and sign; the rest pass through.
             rot = d < 2 * HALF
@@ -232,39 +277,83 @@ if triton is not None:
                 v = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, 0, KCB, KCG, WP, D)
                 qv = _mm(q, tl.trans(v), LOWP)  # (RP, WP): the query in the chunk's basis
             pu = tl.zeros([RP, WP], tl.float32)  # Σ_t p_t u_t, on the same running scale as acc
-            for blk in range(TP // TB):
-                # Tokens of the chunk in blocks of TB, so that tiles stay small.
-                t = blk * TB + tb
-                t_ok = t < T
-                u = _dequant_block(
-                    KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, blk * TB, KTB, KTG, WP, TB
-                )  # (WP, TB)
-                if HALVES:
-                    ut = tl.trans(u)
-                    # The keys' halves (TB, HALF) before the rotation, rebuilt on chip, then rotated.
-                    k1 = _mm(ut, v1, LOWP)
-                    k2 = _mm(ut, v2, LOWP)
-                    angle = (rope_offset + start + t).to(tl.float32)[:, None] * freq_h[None, :]
-                    cos, sin = tl.cos(angle), tl.sin(angle)
-                    s = _mm(q1, tl.trans(k1 * cos - k2 * sin), LOWP)
-                    s += _mm(q2, tl.trans(k2 * cos + k1 * sin), LOWP)
-                elif PRE_ROPE:
-                    ut = tl.trans(u)
-                    k = _mm(ut, v, LOWP)  # (TB, D) keys before the rotation, rebuilt on chip
-                    kr = _mm(ut, vr, LOWP)  # rotate_half of them
-                    angle = (rope_offset + start + t).to(tl.float32)[:, None] * freq[None, :]
-                    k = tl.where(rot[None, :], k * tl.cos(angle) + kr * tl.sin(angle), k)
-                    s = _mm(q, tl.trans(k), LOWP)  # (RP, TB)
-                else:
-                    s = _mm(qv, u, LOWP)  # (q Vᵀ) U
-                s = s * scale_log2
-                if HAS_BIAS:
-                    s += _bias(BIAS, b, QLEN, C, rows, row_ok, start + t, t_ok)
-                p, alpha, m_new, l_i = _online(s, t_ok, m_i, l_i)
-                uv = _dequant_block(VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, blk * TB, VTB, VTG, WP, TB)
-                pu = pu * alpha[:, None] + _mm(p, tl.trans(uv), LOWP)
-                acc = acc * alpha[:, None]
-                m_i = m_new
+            if FAST:
+                # 4-bit token factors in blocks within one group: even and odd tokens apart (no interleave), and the
+                # rows' scale and minimum folded into the products instead of dequantising every code.
+                for blk in range(TP // TB):
+                    t0 = blk * TB
+                    t_lo = t0 + 2 * th
+                    t_hi = t_lo + 1
+                    lo, hi, sc, mn = _codes4(KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, t0, KTG, WP, TB)
+                    if HALVES:
+                        v1s, v2s = v1 * sc[:, None], v2 * sc[:, None]
+                        m1, m2 = tl.sum(v1 * mn[:, None], 0), tl.sum(v2 * mn[:, None], 0)  # (HALF,)
+                        # cos / sin at the block's first (even) and second (odd) position, then by table.
+                        a0 = (rope_offset + start + t0).to(tl.float32) * freq_h
+                        cb, sb = tl.cos(a0), tl.sin(a0)
+                        cbo, sbo = cb * c1 - sb * s1, sb * c1 + cb * s1
+                        s_lo = _halves_scores(q1, q2, tl.trans(lo), v1s, v2s, m1, m2, cb, sb, ct, st, LOWP)
+                        s_hi = _halves_scores(q1, q2, tl.trans(hi), v1s, v2s, m1, m2, cbo, sbo, ct, st, LOWP)
+                    else:
+                        qvs = qv * sc[None, :]
+                        qm = tl.sum(qv * mn[None, :], 1)[:, None]
+                        s_lo = _mm(qvs, lo, LOWP) + qm
+                        s_hi = _mm(qvs, hi, LOWP) + qm
+                    s_lo = s_lo * scale_log2
+                    s_hi = s_hi * scale_log2
+                    if HAS_BIAS:
+                        s_lo += _bias(BIAS, b, QLEN, C, rows, row_ok, start + t_lo, t_lo < T)
+                        s_hi += _bias(BIAS, b, QLEN, C, rows, row_ok, start + t_hi, t_hi < T)
+                    s_lo = tl.where((t_lo < T)[None, :], s_lo, float("-inf"))
+                    s_hi = tl.where((t_hi < T)[None, :], s_hi, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.maximum(tl.max(s_lo, 1), tl.max(s_hi, 1)))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_i - m_safe)
+                    p_lo = tl.exp2(s_lo - m_safe[:, None])
+                    p_hi = tl.exp2(s_hi - m_safe[:, None])
+                    p_sum = tl.sum(p_lo, 1) + tl.sum(p_hi, 1)
+                    l_i = l_i * alpha + p_sum
+                    vlo, vhi, vsc, vmn = _codes4(VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, t0, VTG, WP, TB)
+                    pc = _mm(p_lo, tl.trans(vlo), LOWP) + _mm(p_hi, tl.trans(vhi), LOWP)
+                    pu = pu * alpha[:, None] + pc * vsc[None, :] + p_sum[:, None] * vmn[None, :]
+                    acc = acc * alpha[:, None]
+                    m_i = m_new
+            if not FAST:
+                for blk in range(TP // TB):
+                    # Tokens of the chunk in blocks of TB, so that tiles stay small.
+                    t = blk * TB + tb
+                    t_ok = t < T
+                    u = _dequant_block(
+                        KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, blk * TB, KTB, KTG, WP, TB
+                    )  # (WP, TB)
+                    if HALVES:
+                        ut = tl.trans(u)
+                        # The keys' halves (TB, HALF) before the rotation, rebuilt on chip, then rotated.
+                        k1 = _mm(ut, v1, LOWP)
+                        k2 = _mm(ut, v2, LOWP)
+                        angle = (rope_offset + start + t).to(tl.float32)[:, None] * freq_h[None, :]
+                        cos, sin = tl.cos(angle), tl.sin(angle)
+                        s = _mm(q1, tl.trans(k1 * cos - k2 * sin), LOWP)
+                        s += _mm(q2, tl.trans(k2 * cos + k1 * sin), LOWP)
+                    elif PRE_ROPE:
+                        ut = tl.trans(u)
+                        k = _mm(ut, v, LOWP)  # (TB, D) keys before the rotation, rebuilt on chip
+                        kr = _mm(ut, vr, LOWP)  # rotate_half of them
+                        angle = (rope_offset + start + t).to(tl.float32)[:, None] * freq[None, :]
+                        k = tl.where(rot[None, :], k * tl.cos(angle) + kr * tl.sin(angle), k)
+                        s = _mm(q, tl.trans(k), LOWP)  # (RP, TB)
+                    else:
+                        s = _mm(qv, u, LOWP)  # (q Vᵀ) U
+                    s = s * scale_log2
+                    if HAS_BIAS:
+                        s += _bias(BIAS, b, QLEN, C, rows, row_ok, start + t, t_ok)
+                    p, alpha, m_new, l_i = _online(s, t_ok, m_i, l_i)
+                    uv = _dequant_block(
+                        VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, blk * TB, VTB, VTG, WP, TB
+                    )
+                    pu = pu * alpha[:, None] + _mm(p, tl.trans(uv), LOWP)
+                    acc = acc * alpha[:, None]
+                    m_i = m_new
             # The value basis is read only now, so that it does not occupy registers during the token loop.
             vc_code, vc_group = tl.load(vm + 2), tl.load(vm + 3)
             vv = _dequant_block(VCC, VCS, VCM, vc_code, vc_group, b * rv, rv, D, 0, VCB, VCG, WP, D)

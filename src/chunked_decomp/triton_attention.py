@@ -192,18 +192,6 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _halves_scores(q1, q2, ct_codes, v1s, v2s, m1, m2, cb, sb, ct, st, LOWP: tl.constexpr):
-        """Scores (rows, n) of n keys rebuilt in halves from their codes ct_codes (n, WP) and the chunk's basis
-        halves scaled by the block's scales, v1s / v2s (WP, HALF), plus the minima's share m1 / m2 (HALF,), then
-        rotated to positions p0, p0 + 2, …: cos(p0 f) = cb, sin(p0 f) = sb (HALF,), ct / st (n, HALF) the table of
-        the offsets."""
-        k1 = _mm(ct_codes, v1s, LOWP) + m1[None, :]
-        k2 = _mm(ct_codes, v2s, LOWP) + m2[None, :]
-        cos = cb[None, :] * ct - sb[None, :] * st
-        sin = sb[None, :] * ct + cb[None, :] * st
-        return _mm(q1, tl.trans(k1 * cos - k2 * sin), LOWP) + _mm(q2, tl.trans(k2 * cos + k1 * sin), LOWP)
-
-    @triton.jit
     def _partials_kernel(
         Q, BIAS, INV_FREQ, PAIRS, CSTART, CLEN,
         KTC, KTS, KTM, KCC, KCS, KCM, KMETA,
@@ -229,21 +217,18 @@ if triton is not None:
         # Keys rotated over every channel (2·HALF = D, as in Llama, Qwen, Mistral) are rebuilt in two halves,
         # which needs no permutation of channels and half the products; partial rotary takes the general route.
         HALVES: tl.constexpr = PRE_ROPE and (2 * HALF == D) and (HALF >= 16)
+        # Post-RoPE keys with 4-bit token factors read a block within one group at a time: codes kept, the rows'
+        # scales folded into the products. (For pre-RoPE keys the folded route measured slower on an H200: it
+        # doubles the rebuild products; results/gpu_attention_run2.json.)
+        FAST: tl.constexpr = ((KTB == 4) and (VTB == 4) and (KTG % TB == 0) and (VTG % TB == 0) and (TB >= 32)
+                              and not PRE_ROPE)  # fmt: skip
+        th = tl.arange(0, TB // 2)
         if HALVES:
             dh = tl.arange(0, HALF)
             q_at = Q + (bh * R + rows[:, None]) * D + dh[None, :]
             q1 = tl.load(q_at, mask=row_ok[:, None], other=0.0)
             q2 = tl.load(q_at + HALF, mask=row_ok[:, None], other=0.0)
             freq_h = tl.load(INV_FREQ + dh)
-        # 4-bit token factors read a block within one group at a time: codes kept, scales folded into products.
-        FAST: tl.constexpr = ((KTB == 4) and (VTB == 4) and (KTG % TB == 0) and (VTG % TB == 0) and (TB >= 32)
-                              and (HALVES or not PRE_ROPE))  # fmt: skip
-        th = tl.arange(0, TB // 2)
-        if HALVES:
-            # cos / sin of the offsets 0, 2, 4, … within a block, and of one step (for the odd tokens).
-            ang = (2 * th).to(tl.float32)[:, None] * freq_h[None, :]
-            ct, st = tl.cos(ang), tl.sin(ang)
-            c1, s1 = tl.cos(freq_h), tl.sin(freq_h)
         elif PRE_ROPE:
             # rotate_half over the first 2·HALF channels: partner channel and sign; the rest pass through.
             rot = d < 2 * HALF
@@ -278,27 +263,17 @@ if triton is not None:
                 qv = _mm(q, tl.trans(v), LOWP)  # (RP, WP): the query in the chunk's basis
             pu = tl.zeros([RP, WP], tl.float32)  # Σ_t p_t u_t, on the same running scale as acc
             if FAST:
-                # 4-bit token factors in blocks within one group: even and odd tokens apart (no interleave), and the
-                # rows' scale and minimum folded into the products instead of dequantising every code.
+                # Even and odd tokens apart (no interleave); (q Vᵀ)(diag(s) C + m 1ᵀ) = ((q Vᵀ) ⊙ s) C + (q Vᵀ) m for
+                # token codes C with the rows' scale s and minimum m, and likewise for the values' coefficients.
                 for blk in range(TP // TB):
                     t0 = blk * TB
                     t_lo = t0 + 2 * th
                     t_hi = t_lo + 1
                     lo, hi, sc, mn = _codes4(KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, t0, KTG, WP, TB)
-                    if HALVES:
-                        v1s, v2s = v1 * sc[:, None], v2 * sc[:, None]
-                        m1, m2 = tl.sum(v1 * mn[:, None], 0), tl.sum(v2 * mn[:, None], 0)  # (HALF,)
-                        # cos / sin at the block's first (even) and second (odd) position, then by table.
-                        a0 = (rope_offset + start + t0).to(tl.float32) * freq_h
-                        cb, sb = tl.cos(a0), tl.sin(a0)
-                        cbo, sbo = cb * c1 - sb * s1, sb * c1 + cb * s1
-                        s_lo = _halves_scores(q1, q2, tl.trans(lo), v1s, v2s, m1, m2, cb, sb, ct, st, LOWP)
-                        s_hi = _halves_scores(q1, q2, tl.trans(hi), v1s, v2s, m1, m2, cbo, sbo, ct, st, LOWP)
-                    else:
-                        qvs = qv * sc[None, :]
-                        qm = tl.sum(qv * mn[None, :], 1)[:, None]
-                        s_lo = _mm(qvs, lo, LOWP) + qm
-                        s_hi = _mm(qvs, hi, LOWP) + qm
+                    qvs = qv * sc[None, :]
+                    qm = tl.sum(qv * mn[None, :], 1)[:, None]
+                    s_lo = _mm(qvs, lo, LOWP) + qm
+                    s_hi = _mm(qvs, hi, LOWP) + qm
                     s_lo = s_lo * scale_log2
                     s_hi = s_hi * scale_log2
                     if HAS_BIAS:

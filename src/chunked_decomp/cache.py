@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -996,6 +996,11 @@ class ChunkedSVDCache(Cache):
             layer_types = ["full_attention"] * num_layers
         sliding_windows = sliding_windows or [None] * len(layer_types)
         weights = self.compression_config.head_weights
+        if isinstance(weights, str):
+            raise ValueError(
+                f"head_weights={weights!r} is resolved against a model: build the cache with "
+                "ChunkedSVDCache.from_model(model, config), or give the weights as lists"
+            )
         if weights is not None and len(weights) != len(layer_types):
             raise ValueError(
                 f"head_weights gives {len(weights)} layers, the model has {len(layer_types)} decoder layers"
@@ -1053,6 +1058,11 @@ class ChunkedSVDCache(Cache):
         """
         from chunked_decomp.model_utils import decoder_layout, rotary_inv_freq
 
+        if config is not None and isinstance(config.head_weights, str):
+            from chunked_decomp.head_weights import resolve_head_weights
+
+            # "auto" or a file, read against this model; the caller's config keeps the string.
+            config = replace(config, head_weights=resolve_head_weights(config.head_weights, model.config))
         if config is not None and config.decode_attention == "factored":
             use_factored_attention(model)
         layer_types, windows = decoder_layout(model)

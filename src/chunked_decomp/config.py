@@ -78,8 +78,11 @@ class CompressionConfig:
             of a decoding step, or several layers of a long prefill at a time; one chunk of one layer without it).
         head_weights: with ``adaptive_rank``, a weight per layer, key/value and KV head multiplying the energy
             shares of that head's components (on top of ``key_weight``): ``[[key_weights, value_weights], ...]``,
-            one pair of lists per decoder layer, ``kv_heads`` positive numbers each; ``None`` = all 1. Needs
-            ``head_mode="per_head"``. Measure them for a model with
+            one pair of lists per decoder layer, ``kv_heads`` positive numbers each; ``None`` = all 1;
+            ``"auto"`` = the weights shipped with the package for the model (SmolLM2-135M-Instruct), all 1 with a
+            warning for other models; or the path of a JSON file written by ``chunked-decomp calibrate``. Strings
+            are kept as given (the config round-trips) and resolved when the cache meets the model
+            (:mod:`chunked_decomp.head_weights`). Needs ``head_mode="per_head"``. Measured with
             :func:`chunked_decomp.calibration.head_sensitivity` (how much the loss reacts to each head's error).
 
     Factoriser and quantiser
@@ -119,7 +122,7 @@ class CompressionConfig:
     key_budget_share: float = 0.5
     key_weight: float = 4.0
     rank_allocation: str = "per_layer"
-    head_weights: list[list[list[float]]] | None = None
+    head_weights: list[list[list[float]]] | str | None = None
     use_fast_svd: bool = True
     factorizer: str | None = None
     use_quantization: bool = True
@@ -210,7 +213,7 @@ class CompressionConfig:
                 "use_low_rank_approximation=True and target_rank=None"
             )
         if self.head_weights is not None:
-            self.head_weights = _head_weights(self.head_weights)
+            self.head_weights = _head_weights_option(self.head_weights)
             if self.head_mode != "per_head":
                 raise ValueError("head_weights needs head_mode='per_head' (one weight per KV head)")
         if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
@@ -263,6 +266,25 @@ def _integer(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _head_weights_option(value: Any) -> list[list[list[float]]] | str:
+    """``head_weights`` checked: ``"auto"``, the path of a readable head-weight file (kept as a string), or
+    explicit weights (see :func:`_head_weights`)."""
+    from chunked_decomp.head_weights import ALLOWED, AUTO, load_head_weights_file
+
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        if value == AUTO:
+            return value
+        if not value.strip():
+            raise ValueError(f"head_weights must be {ALLOWED}, got an empty string")
+        load_head_weights_file(value)  # fails now, naming head_weights, rather than when the cache is built
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"head_weights must be {ALLOWED}, got {value!r}")
+    return _head_weights(value)
 
 
 def _head_weights(value: Any) -> list[list[list[float]]]:

@@ -207,7 +207,13 @@ def test_auto_needs_a_model() -> None:
     with pytest.raises(ValueError, match="head_weights='auto' is resolved against a model"):
         ChunkedSVDCache(CompressionConfig(head_weights="auto"), num_layers=2)
     with pytest.raises(ValueError, match="head_weights needs head_mode='per_head'"):
-        CompressionConfig(head_weights="auto", head_mode="joined")
+        CompressionConfig(head_weights=[[[1.0], [1.0]]], head_mode="joined")
+
+
+def test_auto_gives_joined_heads_no_weights() -> None:
+    config = CompressionConfig(head_weights="auto", head_mode="joined")
+    cache = ChunkedSVDCache.from_model(_build(LlamaForCausalLM, default_like_config()), config)
+    assert cache.compression_config.head_weights is None and config.head_weights == "auto"
 
 
 def test_a_rewritten_file_is_read_again(calibrated_file, tmp_path) -> None:

@@ -1061,8 +1061,10 @@ class ChunkedSVDCache(Cache):
         if config is not None and isinstance(config.head_weights, str):
             from chunked_decomp.head_weights import resolve_head_weights
 
-            # "auto" or a file, read against this model; the caller's config keeps the string.
-            config = replace(config, head_weights=resolve_head_weights(config.head_weights, model.config))
+            # "auto" or a file, read against this model; the caller's config keeps the string. Joined heads
+            # have no per-head units to weigh ("auto" only; a file with joined heads is refused by the config).
+            weights = None if config.head_mode != "per_head" else config.head_weights
+            config = replace(config, head_weights=resolve_head_weights(weights, model.config))
         if config is not None and config.decode_attention == "factored":
             use_factored_attention(model)
         layer_types, windows = decoder_layout(model)

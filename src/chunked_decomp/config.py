@@ -82,7 +82,8 @@ class CompressionConfig:
             ``"auto"`` = the weights shipped with the package for the model (SmolLM2-135M-Instruct), all 1 with a
             warning for other models; or the path of a JSON file written by ``chunked-decomp calibrate``. Strings
             are kept as given (the config round-trips) and resolved when the cache meets the model
-            (:mod:`chunked_decomp.head_weights`). Needs ``head_mode="per_head"``. Measured with
+            (:mod:`chunked_decomp.head_weights`). Needs ``head_mode="per_head"`` (``"auto"`` gives joined heads
+            no weights). Measured with
             :func:`chunked_decomp.calibration.head_sensitivity` (how much the loss reacts to each head's error).
 
     Factoriser and quantiser
@@ -214,7 +215,8 @@ class CompressionConfig:
             )
         if self.head_weights is not None:
             self.head_weights = _head_weights_option(self.head_weights)
-            if self.head_mode != "per_head":
+            # "auto" (as in a preset) stays valid with joined heads, which then get no weights.
+            if self.head_mode != "per_head" and self.head_weights != "auto":
                 raise ValueError("head_weights needs head_mode='per_head' (one weight per KV head)")
         if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
             self.debug = True

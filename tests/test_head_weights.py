@@ -127,15 +127,19 @@ def test_auto_compresses_like_explicit_weights() -> None:
     model = _build(LlamaForCausalLM, default_like_config())
     ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(0))
     base = dict(compression_ratio=0.125, chunk_size=64, residual_length=16, rank_allocation="pooled")
+    square_roots = [[[w**0.5 for w in k], [w**0.5 for w in v]] for k, v in SHIPPED[0].weights]
     out = []
-    for weights in ("auto", SHIPPED[0].weights, None):
-        cache = ChunkedSVDCache.from_model(model, CompressionConfig(**base, head_weights=weights))
+    for weights, power in (("auto", 1), (SHIPPED[0].weights, 1), (None, 1), ("auto", 0.5), (square_roots, 1)):
+        config = CompressionConfig(**base, head_weights=weights, head_weights_power=power)
+        cache = ChunkedSVDCache.from_model(model, config)
         with torch.no_grad():
             model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
         cache.compress_all()
         out.append([[c.keys.ranks + c.values.ranks for c in layer.chunks] for layer in cache.layers])
     assert out[0] == out[1]
     assert out[0] != out[2]  # the weights move rank between heads
+    assert out[3] == out[4]  # head_weights_power applies to the resolved weights
+    assert out[3] not in (out[0], out[2])
 
 
 # ---- files -------------------------------------------------------------------------------------------------

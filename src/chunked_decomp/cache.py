@@ -633,11 +633,13 @@ class ChunkedSVDLayer(DynamicLayer):
 
     def _unit_weights(self, key_groups: int, value_groups: int) -> np.ndarray:
         """Weights of the energy shares of this layer's units (key groups, then value groups) in the adaptive
-        allocation: ``key_weight`` for keys, times the layer's ``head_weights`` when given."""
+        allocation: ``key_weight`` for keys, times the layer's ``head_weights`` (to ``head_weights_power``) when
+        given."""
         w = np.array([self.config.key_weight] * key_groups + [1.0] * value_groups)
         hw = self.config.head_weights
         if hw is not None:
-            w = w * np.asarray(hw[self.layer_idx][0][:key_groups] + hw[self.layer_idx][1][:value_groups])
+            heads = np.asarray(hw[self.layer_idx][0][:key_groups] + hw[self.layer_idx][1][:value_groups])
+            w = w * heads**self.config.head_weights_power
         return w
 
     def _rank_cost(self, length: int, columns: int) -> int:

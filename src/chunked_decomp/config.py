@@ -85,6 +85,9 @@ class CompressionConfig:
             (:mod:`chunked_decomp.head_weights`). Needs ``head_mode="per_head"`` (``"auto"`` gives joined heads
             no weights). Measured with
             :func:`chunked_decomp.calibration.head_sensitivity` (how much the loss reacts to each head's error).
+        head_weights_power: exponent applied to ``head_weights`` where they are used (> 0): 0.5 takes the square
+            root and damps them (the shipped weights are calibrated at power 0.5, so 0.5 here gives power 0.25);
+            1 uses them as given.
 
     Factoriser and quantiser
         use_fast_svd: factor with batched matrix products (Gram matrix + small symmetric eigensolver, or a
@@ -124,6 +127,7 @@ class CompressionConfig:
     key_weight: float = 4.0
     rank_allocation: str = "per_layer"
     head_weights: list[list[list[float]]] | str | None = None
+    head_weights_power: float = 1.0
     use_fast_svd: bool = True
     factorizer: str | None = None
     use_quantization: bool = True
@@ -213,6 +217,9 @@ class CompressionConfig:
                 "rank_allocation='pooled' shares the budget by energy per byte, which needs adaptive_rank=True, "
                 "use_low_rank_approximation=True and target_rank=None"
             )
+        self.head_weights_power = _number("head_weights_power", self.head_weights_power)
+        if not self.head_weights_power > 0:
+            raise ValueError(f"head_weights_power must be > 0, got {self.head_weights_power}")
         if self.head_weights is not None:
             self.head_weights = _head_weights_option(self.head_weights)
             # "auto" (as in a preset) stays valid with joined heads, which then get no weights.

@@ -74,7 +74,7 @@ def generation_agreement(model, cd: ChunkedDecomp, prompt: torch.Tensor, new_tok
     }
 
 
-PRESET_FOR_BUDGET = {0.5: "conservative", 0.25: "balanced", 0.125: "aggressive", 0.0625: "aggressive"}
+PRESET_FOR_BUDGET = {0.5: "conservative", 0.25: "balanced", 0.125: "aggressive", 0.0625: "extreme"}
 
 
 def window_starts(n: int) -> list[int]:
@@ -88,7 +88,7 @@ def main() -> None:
         "--preset",
         default=None,
         help="preset whose options are used at every budget (default: conservative at 0.5, balanced at 0.25, "
-        "aggressive at 0.125 and 0.0625, balanced elsewhere)",
+        "aggressive at 0.125, extreme at 0.0625, balanced elsewhere)",
     )
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--windows", type=int, default=8, help="context + continuation windows (default 8)")

@@ -79,6 +79,12 @@ def test_shipped_calibration_text_is_no_evaluation_text() -> None:
 
 
 def test_default_starts_sit_at_the_end_of_the_text() -> None:
+    from chunked_decomp import calibration, cli
+
+    assert (cli._CALIBRATION_WINDOWS, cli._CALIBRATION_STRIDE) == (
+        calibration.DEFAULT_NUM_WINDOWS,
+        calibration.DEFAULT_STRIDE,
+    )
     assert default_starts(546_260) == list(range(474_000, 544_001, 10_000))
     assert default_starts(3_000, num_windows=2, stride=100, span=1_000) == [1_000, 1_100]
     with pytest.raises(ValueError, match="need 71536 tokens"):

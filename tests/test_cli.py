@@ -467,6 +467,7 @@ def test_importing_the_cli_is_light():
         ([sys.executable, "scripts/run_compression.py", "--help"], "--chunk_size C [C ...]"),
         ([sys.executable, "scripts/evaluate_model.py", "--help"], "--comparison_study"),
         ([sys.executable, "scripts/benchmark_memory.py", "--help"], "--save_timeline"),
+        ([sys.executable, "scripts/calibrate_head_weights.py", "--help"], "--overwrite"),
         (
             [str(Path(sys.executable).parent / "chunked-decomp"), "benchmark", "--help"],
             "--sequence_lengths N [N ...]",

@@ -118,6 +118,8 @@ BAD_INPUT = [
     ),
     ("reduction of 100%", ["evaluate", "--target_memory_reduction", "100"], "--target_memory_reduction"),
     ("unknown device map", ["compress", "--device_map", "everywhere"], "--device_map"),
+    ("missing head weights", ["evaluate", "--head_weights", "{root}/nope.json"], "--head_weights"),
+    ("head weights not a file", ["benchmark", "--head_weights", "{text}"], "--head_weights"),
     (
         "device and device map",
         [
@@ -461,10 +463,11 @@ def test_importing_the_cli_is_light():
 @pytest.mark.parametrize(
     ("argv", "expect"),
     [
-        ([sys.executable, "-m", "chunked_decomp.cli", "--help"], "{compress,evaluate,benchmark}"),
+        ([sys.executable, "-m", "chunked_decomp.cli", "--help"], "{compress,evaluate,benchmark,calibrate}"),
         ([sys.executable, "scripts/run_compression.py", "--help"], "--chunk_size C [C ...]"),
         ([sys.executable, "scripts/evaluate_model.py", "--help"], "--comparison_study"),
         ([sys.executable, "scripts/benchmark_memory.py", "--help"], "--save_timeline"),
+        ([sys.executable, "scripts/calibrate_head_weights.py", "--help"], "--overwrite"),
         (
             [str(Path(sys.executable).parent / "chunked-decomp"), "benchmark", "--help"],
             "--sequence_lengths N [N ...]",
@@ -496,6 +499,74 @@ def test_script_reports_bad_input_with_its_own_name(tmp_path):
     assert (
         "run_compression.py: error: argument --compression_ratio" in proc.stderr and "(0, 1]" in proc.stderr
     )
+
+
+# ---- calibrate ---------------------------------------------------------------------------------------------------
+
+
+def test_calibrate_writes_head_weights_and_keeps_an_existing_file(assets, tmp_path, capsys):
+    from chunked_decomp.head_weights import load_head_weights_file
+
+    output = tmp_path / "weights.json"
+    argv = ["calibrate", "--model_name", assets["model"], "--text_file", assets["text"], "--output", output]
+    argv += ["--context_length", "32", "--continuation_length", "16", "--num_windows", "2", "--stride", "100"]
+    code, stdout, err = run([*argv, "--names", "tiny-llama"], capsys)
+    assert code == 0, err
+    assert "calibration windows" in err  # the progress bar
+    loaded = load_head_weights_file(output)
+    assert loaded.model["names"] == ["llama", "tiny-llama"] and loaded.model["num_hidden_layers"] == 2
+    assert len(loaded.weights) == 2 and all(len(k) == len(v) == 2 for k, v in loaded.weights)
+    calibration = loaded.record["calibration"]
+    n = calibration["num_tokens_in_text"]
+    # Placed at the end of the text: the last window ends within its last 1,000 tokens.
+    assert calibration["starts"][1] - calibration["starts"][0] == 100
+    assert n - 1000 - 48 < calibration["token_ranges"][-1][1] <= n
+    assert calibration["source"]["text_file"] == str(assets["text"])
+    assert f"wrote {output}" in stdout
+    written = output.read_bytes()
+
+    code, _, err = run([*argv, "--start", "0"], capsys)  # refused before any work: the file is kept
+    assert code == 2 and "--output" in err and "--overwrite" in err
+    assert output.read_bytes() == written
+    code, _, err = run([*argv, "--start", "0", "--power", "1", "--overwrite"], capsys)
+    assert code == 0, err
+    replaced = load_head_weights_file(output)
+    assert (
+        replaced.record["calibration"]["starts"] == [0, 100] and replaced.record["calibration"]["power"] == 1
+    )
+    assert replaced.weights != loaded.weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.json"]  # no temporary file left behind
+
+    # The file drives compression through --head_weights, and the config records the path.
+    out = tmp_path / "out"
+    code, _, err = run(
+        [
+            "compress", "--model_name", assets["model"], "--text_file", assets["text"], "--test_mode",
+            "--chunk_size", "16", "--output_dir", out, "--no_progress", *SMALL, "--generation_tokens", "0",
+            "--head_weights", output,
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    cells = [json.loads(p.read_text()) for p in (out / "cells" / "compress").glob("*.json")]
+    assert [c["params"]["config"]["head_weights"] for c in cells] == [str(output)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--power", "0"], "--power"),
+        (["--num_windows", "500", "--stride", "1000"], "--num_windows"),
+        (["--start", "100000"], "tokens"),
+        (["--output", "{root}"], "--output"),
+    ],
+)
+def test_calibrate_bad_input_exits_2(extra, flag, assets, tmp_path, capsys):
+    argv = ["calibrate", "--model_name", assets["model"], "--text_file", assets["text"]]
+    argv += ["--output", tmp_path / "w.json", *[a.format(**assets) for a in extra]]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and flag in err, err
+    assert not (tmp_path / "w.json").exists()
 
 
 # ---- the real default model ----------------------------------------------------------------------------------

@@ -65,6 +65,10 @@ BAD_VALUES = [
     ("head_weights", [[[1.0], [float("nan")]]]),
     ("head_weights", [[[1.0], [1.0]], [[1.0, 1.0], [1.0, 1.0]]]),
     ("head_weights", "uniform"),
+    ("head_weights_power", 0),
+    ("head_weights_power", -0.5),
+    ("head_weights_power", float("nan")),
+    ("head_weights_power", "half"),
 ]
 
 

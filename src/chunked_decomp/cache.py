@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -632,11 +632,13 @@ class ChunkedSVDLayer(DynamicLayer):
 
     def _unit_weights(self, key_groups: int, value_groups: int) -> np.ndarray:
         """Weights of the energy shares of this layer's units (key groups, then value groups) in the adaptive
-        allocation: ``key_weight`` for keys, times the layer's ``head_weights`` when given."""
+        allocation: ``key_weight`` for keys, times the layer's ``head_weights`` (to ``head_weights_power``) when
+        given."""
         w = np.array([self.config.key_weight] * key_groups + [1.0] * value_groups)
         hw = self.config.head_weights
         if hw is not None:
-            w = w * np.asarray(hw[self.layer_idx][0][:key_groups] + hw[self.layer_idx][1][:value_groups])
+            heads = np.asarray(hw[self.layer_idx][0][:key_groups] + hw[self.layer_idx][1][:value_groups])
+            w = w * heads**self.config.head_weights_power
         return w
 
     def _rank_cost(self, length: int, columns: int) -> int:
@@ -995,6 +997,11 @@ class ChunkedSVDCache(Cache):
             layer_types = ["full_attention"] * num_layers
         sliding_windows = sliding_windows or [None] * len(layer_types)
         weights = self.compression_config.head_weights
+        if isinstance(weights, str):
+            raise ValueError(
+                f"head_weights={weights!r} is resolved against a model: build the cache with "
+                "ChunkedSVDCache.from_model(model, config), or give the weights as lists"
+            )
         if weights is not None and len(weights) != len(layer_types):
             raise ValueError(
                 f"head_weights gives {len(weights)} layers, the model has {len(layer_types)} decoder layers"
@@ -1052,6 +1059,13 @@ class ChunkedSVDCache(Cache):
         """
         from chunked_decomp.model_utils import decoder_layout, rotary_inv_freq
 
+        if config is not None and isinstance(config.head_weights, str):
+            from chunked_decomp.head_weights import resolve_head_weights
+
+            # "auto" or a file, read against this model; the caller's config keeps the string. Joined heads
+            # have no per-head units to weigh ("auto" only; a file with joined heads is refused by the config).
+            weights = None if config.head_mode != "per_head" else config.head_weights
+            config = replace(config, head_weights=resolve_head_weights(weights, model.config))
         if config is not None and config.decode_attention == "factored":
             use_factored_attention(model)
         layer_types, windows = decoder_layout(model)

@@ -12,10 +12,16 @@ error in e.g. Kim et al. 2024, "SqueezeLLM").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+#: Calibration windows of ``chunked-decomp calibrate`` by default: 8 windows 10,000 tokens apart, the last
+#: ending within the text's last 1,000 tokens (see :func:`default_starts`).
+DEFAULT_NUM_WINDOWS = 8
+DEFAULT_STRIDE = 10_000
 
 
 def head_sensitivity(
@@ -26,6 +32,7 @@ def head_sensitivity(
     continuation_len: int = 512,
     num_sink_tokens: int = 4,
     power: float = 0.5,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
 ) -> list[list[list[float]]]:
     """``head_weights`` for ``model``: ``[[key_weights, value_weights], ...]``, one pair per decoder layer.
 
@@ -39,6 +46,7 @@ def head_sensitivity(
     measured on SmolLM2-135M at ρ 0.125: 0.5 was better than 1).
 
     The model's weights and their ``.grad`` are left untouched (gradients are taken with respect to the cache).
+    ``progress`` wraps the starts (e.g. ``tqdm``) to show one step per window.
     """
     from transformers import DynamicCache
 
@@ -53,7 +61,7 @@ def head_sensitivity(
     device = next(model.parameters()).device
     kw = cache_kwarg_name(model)
     totals: list[list[torch.Tensor]] | None = None
-    for start in starts:
+    for start in progress(starts) if progress is not None else starts:
         window = ids[start : start + context_len + continuation_len].to(device).unsqueeze(0)
         cache = DynamicCache()
         with torch.no_grad():
@@ -82,3 +90,98 @@ def head_sensitivity(
     keys = (keys / keys.mean()).clamp_min(1e-6) ** power
     values = (values / values.mean()).clamp_min(1e-6) ** power
     return [[k.tolist(), v.tolist()] for k, v in zip(keys, values)]
+
+
+def default_starts(
+    num_tokens: int,
+    num_windows: int = DEFAULT_NUM_WINDOWS,
+    stride: int = DEFAULT_STRIDE,
+    span: int = 1536,
+) -> list[int]:
+    """Window starts at the end of a text of ``num_tokens`` tokens: ``num_windows`` starts ``stride`` apart, the
+    first rounded down to a multiple of 1,000, so the last window of ``span`` tokens ends within the text.
+
+    The end of the text because the evaluations that ship with the package read its beginning (the command
+    line from token 0 or 5,000, ``benchmarks/bench_core.py`` windows up to token ~80,000 with recall filler);
+    calibration text must not be evaluation text. On the default Wikipedia stream with the SmolLM2 tokenizer
+    (546,260 tokens) this gives 474,000, 484,000, …, 544,000.
+    """
+    if num_windows < 1 or stride < 1 or span < 1:
+        raise ValueError(f"num_windows, stride and span must be >= 1, got {num_windows}, {stride} and {span}")
+    first = num_tokens - span - stride * (num_windows - 1)
+    if first < 0:
+        raise ValueError(
+            f"{num_windows} calibration windows of {span} tokens {stride} tokens apart need "
+            f"{span + stride * (num_windows - 1)} tokens, the text has {num_tokens}; use more text, fewer "
+            "windows or a smaller stride"
+        )
+    first = first // 1000 * 1000
+    return [first + stride * i for i in range(num_windows)]
+
+
+def calibrate(
+    model: torch.nn.Module,
+    token_ids: torch.Tensor,
+    starts: Sequence[int],
+    context_len: int = 1024,
+    continuation_len: int = 512,
+    num_sink_tokens: int = 4,
+    power: float = 0.5,
+    names: Sequence[str] = (),
+    source: dict[str, Any] | None = None,
+    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> dict[str, Any]:
+    """A head-weight file's record (:mod:`chunked_decomp.head_weights`): :func:`head_sensitivity` of ``model``
+    on ``token_ids`` (``(n,)``) at ``starts``, with the model's fingerprint and how the weights were made.
+
+    names: names of the model the weights are for (matched against the last part of ``name_or_path`` when
+    ``head_weights="auto"``); the model's own name is always included. source: what the text is (dataset,
+    tokens), stored as given. Write the record with :func:`chunked_decomp.io.atomic_write_json`.
+    """
+    import platform
+
+    import transformers
+
+    import chunked_decomp
+    from chunked_decomp.head_weights import FORMAT, FORMAT_VERSION, model_fingerprint
+
+    weights = head_sensitivity(
+        model,
+        token_ids,
+        starts=starts,
+        context_len=context_len,
+        continuation_len=continuation_len,
+        num_sink_tokens=num_sink_tokens,
+        power=power,
+        progress=progress,
+    )
+    fingerprint = model_fingerprint(model.config)
+    own = fingerprint.pop("name")
+    all_names = list(dict.fromkeys([*([own] if own else []), *names]))
+    param = next(model.parameters())
+    ids = torch.as_tensor(token_ids).flatten()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {**fingerprint, "names": all_names},
+        "calibration": {
+            "method": "chunked_decomp.calibration.head_sensitivity",
+            "power": power,
+            "starts": list(starts),
+            "context_len": context_len,
+            "continuation_len": continuation_len,
+            "num_sink_tokens": num_sink_tokens,
+            "token_ranges": [[s, s + context_len + continuation_len] for s in starts],
+            "num_tokens_in_text": int(ids.numel()),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "device": param.device.type,
+            **({"source": source} if source else {}),
+        },
+        "versions": {
+            "chunked_decomp": chunked_decomp.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "head_weights": weights,
+    }

@@ -1,4 +1,4 @@
-"""The ``chunked-decomp`` command line: ``compress``, ``evaluate`` and ``benchmark``.
+"""The ``chunked-decomp`` command line: ``compress``, ``evaluate``, ``benchmark`` and ``calibrate``.
 
 Each command checks its input before any work (a bad flag gets one ``error: ...`` line naming it and exit code 2;
 ``--debug`` shows the traceback instead), writes JSON, CSV and PNG files into ``--output_dir`` atomically, keeps
@@ -12,6 +12,9 @@ Examples::
     chunked-decomp compress --compression_ratio 0.5 0.25 --chunk_size 32 64 --output_dir results/compress
     chunked-decomp evaluate --compression_ratio 0.5 0.25 0.125 --metrics perplexity bleu rouge --comparison_study
     chunked-decomp benchmark --sequence_lengths 512 1024 --batch_sizes 1 4 --profile_compression --save_timeline
+    chunked-decomp calibrate --output head_weights.json            # then: --head_weights head_weights.json
+
+``calibrate`` writes one JSON file (refusing to replace one without ``--overwrite``) instead of a results folder.
 
 Heavy libraries (torch, transformers, pandas, matplotlib) are imported only when a command runs; wandb only
 with ``--wandb``.
@@ -30,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "main", "run_benchmark", "run_compress", "run_evaluate"]
+__all__ = ["build_parser", "main", "run_benchmark", "run_calibrate", "run_compress", "run_evaluate"]
 
 DEFAULT_MODEL = "smollm2-135m"  # chunked_decomp.loading.DEFAULT_MODEL, without importing transformers
 DEFAULT_DATASET = "wikipedia"
@@ -152,6 +155,22 @@ def preset_type(text: str) -> str:
     return text
 
 
+def head_weights_type(text: str) -> str:
+    """``auto`` or the path of a head-weight file written by ``chunked-decomp calibrate``."""
+    from chunked_decomp.head_weights import AUTO, load_head_weights_file
+
+    if text == AUTO:
+        return text
+    try:
+        load_head_weights_file(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"must be 'auto' (the weights shipped for the model) or a head-weight file written by "
+            f"`chunked-decomp calibrate`: {' '.join(str(err).split())}"
+        ) from None
+    return text
+
+
 def dataset_type(text: str) -> str:
     from chunked_decomp.data import DATASETS
 
@@ -190,6 +209,14 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     )
     p.add_argument(
         "--preset", type=preset_type, default=None, help="compression preset the other flags modify"
+    )
+    p.add_argument(
+        "--head_weights",
+        type=head_weights_type,
+        default=None,
+        metavar="auto|PATH",
+        help="per-head weights of the rank allocation: 'auto' (calibrated weights shipped for the model, else "
+        "uniform) or a file from `chunked-decomp calibrate` (default: the preset's)",
     )
     p.add_argument(
         "--output_dir", default=f"results/{command}", help="where results go (default: %(default)s)"
@@ -385,6 +412,96 @@ def _configure_benchmark(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_benchmark, command="benchmark")
 
 
+# chunked_decomp.calibration.DEFAULT_NUM_WINDOWS / DEFAULT_STRIDE, without importing torch
+_CALIBRATION_WINDOWS = 8
+_CALIBRATION_STRIDE = 10_000
+
+
+def _configure_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="head-weight JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument(
+        "--model_name",
+        default=DEFAULT_MODEL,
+        help=f"model: {DEFAULT_MODEL!r} (embedded, offline), a save_pretrained folder, or a hub id (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dataset_name",
+        type=dataset_type,
+        default=DEFAULT_DATASET,
+        help="calibration text (default: %(default)s)",
+    )
+    p.add_argument(
+        "--text_file", default=None, help="UTF-8 text file to calibrate on instead of --dataset_name"
+    )
+    p.add_argument(
+        "--num_samples", type=_int_at_least(1), default=None, help="texts (articles) to load (default: all)"
+    )
+    p.add_argument(
+        "--start",
+        type=_int_at_least(0),
+        default=None,
+        help="first token of the first calibration window (default: windows at the end of the text, away from "
+        "the evaluation windows, which read its beginning)",
+    )
+    p.add_argument(
+        "--num_windows",
+        type=_int_at_least(1),
+        default=_CALIBRATION_WINDOWS,
+        help="calibration windows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stride",
+        type=_int_at_least(1),
+        default=_CALIBRATION_STRIDE,
+        help="tokens from one window's start to the next (default: %(default)s)",
+    )
+    p.add_argument(
+        "--context_length",
+        type=_int_at_least(8),
+        default=1024,
+        help="context tokens per window (default: %(default)s)",
+    )
+    p.add_argument(
+        "--continuation_length",
+        type=_int_at_least(2),
+        default=512,
+        help="tokens whose loss is differentiated (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num_sink_tokens",
+        type=_int_at_least(0),
+        default=4,
+        help="first tokens left out, as the cache keeps them exact (default: %(default)s)",
+    )
+    p.add_argument(
+        "--power",
+        type=_finite,
+        default=0.5,
+        help="exponent of the normalised sensitivities, > 0 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--names",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="other names of the model for head_weights='auto' (the model's own name is always recorded)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype"
+    )
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="where the embedded model is converted once (default: ~/.cache/chunked_decomp)",
+    )
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=run_calibrate, command="calibrate", device_map=None)
+
+
 _COMMANDS = {
     "compress": (
         _configure_compress,
@@ -397,6 +514,10 @@ _COMMANDS = {
     "benchmark": (
         _configure_benchmark,
         "memory, quality and speed over sequence lengths and batch sizes; timelines",
+    ),
+    "calibrate": (
+        _configure_calibrate,
+        "measure per-head weights of the rank allocation (head_weights) for a model; writes a JSON file",
     ),
 }
 
@@ -414,7 +535,7 @@ def build_parser(command: str | None = None, prog: str | None = None) -> argpars
         description="Chunked low-rank (SVD) compression of transformers KV caches.",
         formatter_class=formatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{compress,evaluate,benchmark}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(_COMMANDS) + "}", required=True)
     for name, (configure, description) in _COMMANDS.items():
         configure(sub.add_parser(name, help=description, description=description, formatter_class=formatter))
     return parser
@@ -446,11 +567,16 @@ def _base_config(args: argparse.Namespace, **overrides: Any):
         CompressionConfig.from_preset(args.preset).to_dict() if args.preset else CompressionConfig().to_dict()
     )
     data["reference_dtype"] = "float16"
+    if getattr(args, "head_weights", None) is not None:
+        data["head_weights"] = args.head_weights
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return CompressionConfig.from_dict(data)
     except ValueError as err:
-        raise UsageError("--preset/--compression_ratio/--chunk_size", str(err)) from err
+        flags = "--preset/--compression_ratio/--chunk_size"
+        raise UsageError(
+            "--head_weights" if str(err).startswith("head_weights") else flags, str(err)
+        ) from err
 
 
 _ENCODER_ONLY_TYPES = {
@@ -1010,6 +1136,8 @@ def _comparison_methods(args: argparse.Namespace) -> list:
     seen = [m.config.to_dict() for m in methods[1:]]
     for ratio in args.compression_ratio:
         overrides = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+        if args.head_weights is not None:
+            overrides["head_weights"] = args.head_weights
         method = chunked_method(args.preset, ratio, **overrides)
         if method.config.to_dict() not in seen:  # a ratio that is exactly a preset runs once, under its name
             methods.append(method)
@@ -1084,6 +1212,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from chunked_decomp.io import atomic_write_json, atomic_write_text
 
     overrides = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+    if args.head_weights is not None:
+        overrides["head_weights"] = args.head_weights
     for ratio in args.compression_ratios:
         _base_config(args, compression_ratio=ratio, **overrides)
     bench = ComprehensiveBenchmark(
@@ -1194,6 +1324,84 @@ def _profile_generation(args: argparse.Namespace, model: Any, ids, bench: Any):
                 model, prompt, args.timeline_tokens, f"ChunkedDecomp ρ={ratio:g}", **kwargs
             )
     return profiler
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibrate
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``calibrate``: :func:`chunked_decomp.calibration.calibrate` on windows of the text, written atomically to
+    ``--output`` (never over an existing file without ``--overwrite``)."""
+    t0 = time.perf_counter()
+    output = Path(args.output).expanduser()
+    if output.is_dir():
+        raise UsageError("--output", f"{str(output)!r} is a folder; give the path of a .json file")
+    if output.exists() and not args.overwrite:
+        raise UsageError("--output", f"{str(output)!r} exists; pass --overwrite to replace it")
+    if not args.power > 0:
+        raise UsageError("--power", f"must be > 0, got {args.power}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    texts = _load_texts(args) if args.text_file else None
+    model, tokenizer = _load_model(args)
+    if texts is None:
+        _log(args, f"loading text {args.dataset_name!r} ...")
+        texts = _load_texts(args)
+    from chunked_decomp.calibration import calibrate, default_starts
+    from chunked_decomp.data import load_token_ids
+    from chunked_decomp.io import atomic_write_json
+
+    ids = load_token_ids(tokenizer, texts)
+    span = args.context_length + args.continuation_length
+    if args.start is None:
+        try:
+            starts = default_starts(ids.numel(), args.num_windows, args.stride, span)
+        except ValueError as err:
+            raise UsageError("--num_windows", str(err)) from err
+    else:
+        starts = [args.start + args.stride * i for i in range(args.num_windows)]
+        _token_ids(args, tokenizer, texts, starts[-1] + span)
+    source = {
+        "text_file" if args.text_file else "dataset_name": args.text_file or args.dataset_name,
+        "num_samples": args.num_samples,
+        "token_fingerprint": _fingerprint(ids),
+        "tokenizer": type(tokenizer).__name__,
+    }
+    record = calibrate(
+        model,
+        ids,
+        starts,
+        context_len=args.context_length,
+        continuation_len=args.continuation_length,
+        num_sink_tokens=args.num_sink_tokens,
+        power=args.power,
+        names=args.names,
+        source=source,
+        progress=lambda items: _progress(args, items, "calibration windows"),
+    )
+    record["calibration"]["arguments"] = {
+        k: v for k, v in vars(args).items() if k not in ("func", "device_map", "no_progress", "debug")
+    }
+    # Checked against --overwrite again: a file that appeared while calibrating is not replaced either.
+    if output.exists() and not args.overwrite:
+        raise UsageError(
+            "--output", f"{str(output)!r} appeared while calibrating; pass --overwrite to replace it"
+        )
+    atomic_write_json(output, record)
+    seconds = time.perf_counter() - t0
+    weights = record["head_weights"]
+    keys = [w for layer in weights for w in layer[0]]
+    values = [w for layer in weights for w in layer[1]]
+    print(
+        f"head weights of {args.model_name} ({len(weights)} layers x {len(weights[0][0])} KV heads), windows from "
+        f"tokens {starts[0]}..{starts[-1]} (+{span}), power {args.power:g}: keys {min(keys):.3f}-{max(keys):.3f}, "
+        f"values {min(values):.3f}-{max(values):.3f}"
+    )
+    print(f"wrote {output} in {seconds:.1f} s; use it with --head_weights {output}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

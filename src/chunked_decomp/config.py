@@ -78,9 +78,16 @@ class CompressionConfig:
             of a decoding step, or several layers of a long prefill at a time; one chunk of one layer without it).
         head_weights: with ``adaptive_rank``, a weight per layer, key/value and KV head multiplying the energy
             shares of that head's components (on top of ``key_weight``): ``[[key_weights, value_weights], ...]``,
-            one pair of lists per decoder layer, ``kv_heads`` positive numbers each; ``None`` = all 1. Needs
-            ``head_mode="per_head"``. Measure them for a model with
+            one pair of lists per decoder layer, ``kv_heads`` positive numbers each; ``None`` = all 1;
+            ``"auto"`` = the weights shipped with the package for the model (SmolLM2-135M-Instruct), all 1 with a
+            warning for other models; or the path of a JSON file written by ``chunked-decomp calibrate``. Strings
+            are kept as given (the config round-trips) and resolved when the cache meets the model
+            (:mod:`chunked_decomp.head_weights`). Needs ``head_mode="per_head"`` (``"auto"`` gives joined heads
+            no weights). Measured with
             :func:`chunked_decomp.calibration.head_sensitivity` (how much the loss reacts to each head's error).
+        head_weights_power: exponent applied to ``head_weights`` where they are used (> 0): 0.5 takes the square
+            root and damps them (the shipped weights are calibrated at power 0.5, so 0.5 here gives power 0.25);
+            1 uses them as given.
 
     Factoriser and quantiser
         use_fast_svd: factor with batched matrix products (Gram matrix + small symmetric eigensolver, or a
@@ -120,7 +127,8 @@ class CompressionConfig:
     key_budget_share: float = 0.5
     key_weight: float = 4.0
     rank_allocation: str = "per_layer"
-    head_weights: list[list[list[float]]] | None = None
+    head_weights: list[list[list[float]]] | str | None = None
+    head_weights_power: float = 1.0
     use_fast_svd: bool = True
     factorizer: str | None = None
     use_quantization: bool = True
@@ -210,9 +218,13 @@ class CompressionConfig:
                 "rank_allocation='pooled' shares the budget by energy per byte, which needs adaptive_rank=True, "
                 "use_low_rank_approximation=True and target_rank=None"
             )
+        self.head_weights_power = _number("head_weights_power", self.head_weights_power)
+        if not self.head_weights_power > 0:
+            raise ValueError(f"head_weights_power must be > 0, got {self.head_weights_power}")
         if self.head_weights is not None:
-            self.head_weights = _head_weights(self.head_weights)
-            if self.head_mode != "per_head":
+            self.head_weights = _head_weights_option(self.head_weights)
+            # "auto" (as in a preset) stays valid with joined heads, which then get no weights.
+            if self.head_mode != "per_head" and self.head_weights != "auto":
                 raise ValueError("head_weights needs head_mode='per_head' (one weight per KV head)")
         if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
             self.debug = True
@@ -272,6 +284,25 @@ def _integer(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _head_weights_option(value: Any) -> list[list[list[float]]] | str:
+    """``head_weights`` checked: ``"auto"``, the path of a readable head-weight file (kept as a string), or
+    explicit weights (see :func:`_head_weights`)."""
+    from chunked_decomp.head_weights import ALLOWED, AUTO, load_head_weights_file
+
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        if value == AUTO:
+            return value
+        if not value.strip():
+            raise ValueError(f"head_weights must be {ALLOWED}, got an empty string")
+        load_head_weights_file(value)  # fails now, naming head_weights, rather than when the cache is built
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"head_weights must be {ALLOWED}, got {value!r}")
+    return _head_weights(value)
 
 
 def _head_weights(value: Any) -> list[list[list[float]]]:

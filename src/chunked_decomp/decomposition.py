@@ -213,12 +213,11 @@ def factorize_subspace(
         for _ in range(iters):
             basis = _cholesky_qr(_cholesky_qr(g @ basis, passes=1, shift=1e-3), passes=1)
         basis = _cholesky_qr(basis, passes=1)  # (N, n, q), orthonormal columns
+        # Columns sorted by captured energy ‖x b_j‖² = b_jᵀ G b_j: any order of an orthonormal basis is one, and this
+        # one makes every prefix the best that r of its columns can do.
+        captured, order = ((gram @ basis) * basis).sum(-2).clamp_min(0).sort(-1, descending=True)  # (N, q)
+        basis = basis.gather(-1, order[:, None, :].expand_as(basis))
         tokens = x @ basis  # (N, m, q)
-    # Columns sorted by captured energy ‖x b_j‖²: any order of an orthonormal basis is one, and this one makes
-    # every prefix the best that r of its columns can do.
-    captured, order = tokens.square().sum(-2).sort(-1, descending=True)  # (N, q)
-    tokens = tokens.gather(-1, order[:, None, :].expand_as(tokens))
-    basis = basis.gather(-1, order[:, None, :].expand_as(basis))
     return Factorization(tokens, basis.transpose(-1, -2), captured.sqrt())
 
 

@@ -206,3 +206,15 @@ def test_a_mask_of_the_wrong_length_is_refused_on_both_paths(monkeypatch) -> Non
         assert ctx.triton == (flag == "1")
         with pytest.raises(ValueError, match=f"covers {length - 1} positions but the cache holds {length}"):
             attend(query, ctx, mask, 0.25)
+
+
+def test_offsets_are_32_bit_unless_a_buffer_needs_64() -> None:
+    from types import SimpleNamespace
+
+    def packed(n: int):
+        t = SimpleNamespace(numel=lambda: n)
+        f = SimpleNamespace(codes=t, scale=t, minimum=t)
+        return SimpleNamespace(token=f, channel=f)
+
+    assert triton_attention._index_dtype(packed(10), packed(2**31 - 1)) == torch.int32
+    assert triton_attention._index_dtype(packed(10), packed(2**31)) == torch.int64

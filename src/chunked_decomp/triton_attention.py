@@ -63,7 +63,7 @@ if triton is not None:
         i = tl.arange(0, RP)[:, None]
         c = cols[None, :]
         ok = (i < rank) & col_ok[None, :]
-        row = (row0 + i).to(tl.int64)
+        row = row0 + i  # int32 or int64, as the meta table (see _layout)
         byte = tl.load(codes + code_off + row * width + c // PER, mask=ok, other=0).to(tl.int32)
         code = (byte >> ((c % PER) * BITS)) & ((1 << BITS) - 1)
         g = group_off + row * groups + c // GS
@@ -81,7 +81,7 @@ if triton is not None:
             width = (n * BITS + 7) // 8
             groups = (n + GS - 1) // GS
             i = tl.arange(0, RP)
-            row = (row0 + i).to(tl.int64)
+            row = row0 + i  # int32 or int64, as the meta table (see _layout)
             row_ok = i < rank
             if BITS == 4:
                 k = tl.arange(0, TB // 2)
@@ -120,7 +120,7 @@ if triton is not None:
 
     @triton.jit
     def _codes4(codes, scale, minimum, code_off, group_off, row0, rank, n, t0, GS: tl.constexpr, RP: tl.constexpr,
-                TB: tl.constexpr):  # fmt: skip
+                TB: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
         """The 4-bit codes of columns t0 … t0 + TB - 1 of the rows (a block within one group) without dequantising
         them: (even, odd, scale, minimum), even / odd the codes of columns t0, t0 + 2, … and t0 + 1, t0 + 3, …
         as (RP, TB / 2) float32, scale / minimum (RP,) per row; all 0 past ``rank`` and codes 0 past n. A row's
@@ -128,7 +128,7 @@ if triton is not None:
         width = (n * 4 + 7) // 8
         groups = (n + GS - 1) // GS
         i = tl.arange(0, RP)
-        row = (row0 + i).to(tl.int64)
+        row = row0 + i  # int32 or int64, as the meta table (see _layout)
         row_ok = i < rank
         k = tl.arange(0, TB // 2)
         byte_ok = row_ok[:, None] & (t0 // 2 + k < width)[None, :]
@@ -139,6 +139,8 @@ if triton is not None:
         g_ok = row_ok & (t0 < n)
         sc = tl.load(scale + g, mask=g_ok, other=0.0).to(tl.float32)
         mn = tl.load(minimum + g, mask=g_ok, other=0.0).to(tl.float32)
+        if LOWP:  # codes 0-15 are exact in float16, the dot products' operand type on the GPU
+            return (byte & 15).to(tl.float16), (byte >> 4).to(tl.float16), sc, mn
         return (byte & 15).to(tl.float32), (byte >> 4).to(tl.float32), sc, mn
 
     @triton.jit
@@ -244,9 +246,9 @@ if triton is not None:
             start = tl.load(CSTART + c)
             T = tl.where(live, tl.load(CLEN + c), 0)
             # Meta rows: token code, token group, channel code, channel group offsets, rank, T, start, head.
-            km = KMETA + tl.maximum(fk, 0).to(tl.int64) * 8
+            km = KMETA + tl.maximum(fk, 0) * 8
             rk = tl.where(fk >= 0, tl.load(km + 4), 0)
-            vm = VMETA + tl.maximum(fv, 0).to(tl.int64) * 8
+            vm = VMETA + tl.maximum(fv, 0) * 8
             rv = tl.where(fv >= 0, tl.load(vm + 4), 0)
             kcode, kgroup = tl.load(km), tl.load(km + 1)
             vcode, vgroup = tl.load(vm), tl.load(vm + 1)
@@ -269,7 +271,9 @@ if triton is not None:
                     t0 = blk * TB
                     t_lo = t0 + 2 * th
                     t_hi = t_lo + 1
-                    lo, hi, sc, mn = _codes4(KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, t0, KTG, WP, TB)
+                    lo, hi, sc, mn = _codes4(
+                        KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, t0, KTG, WP, TB, LOWP
+                    )
                     qvs = qv * sc[None, :]
                     qm = tl.sum(qv * mn[None, :], 1)[:, None]
                     s_lo = _mm(qvs, lo, LOWP) + qm
@@ -288,7 +292,9 @@ if triton is not None:
                     p_hi = tl.exp2(s_hi - m_safe[:, None])
                     p_sum = tl.sum(p_lo, 1) + tl.sum(p_hi, 1)
                     l_i = l_i * alpha + p_sum
-                    vlo, vhi, vsc, vmn = _codes4(VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, t0, VTG, WP, TB)
+                    vlo, vhi, vsc, vmn = _codes4(
+                        VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, t0, VTG, WP, TB, LOWP
+                    )
                     pc = _mm(p_lo, tl.trans(vlo), LOWP) + _mm(p_hi, tl.trans(vhi), LOWP)
                     pu = pu * alpha[:, None] + pc * vsc[None, :] + p_sum[:, None] * vmn[None, :]
                     acc = acc * alpha[:, None]
@@ -386,6 +392,15 @@ if triton is not None:
         tl.store(OUT + (bh * R + rows[:, None]) * D + d[None, :], out, mask=(rows < R)[:, None])
 
 
+def _index_dtype(*packed) -> torch.dtype:
+    """int32 when every buffer of the `PackedFactors` has fewer than 2**31 elements (so are all offsets into them),
+    else int64."""
+    largest = max(
+        t.numel() for p in packed for f in (p.token, p.channel) for t in (f.codes, f.scale, f.minimum)
+    )
+    return torch.int32 if largest < 2**31 else torch.int64
+
+
 def _layout(key_packed, value_packed) -> dict:
     """What the kernel needs besides the buffers, built once per `PackedFactors` pair (they are rebuilt whenever the
     chunks change): pairs (heads, chunks, 2) int32, the key and value factor of each (head, chunk) or -1 for a
@@ -412,8 +427,9 @@ def _layout(key_packed, value_packed) -> dict:
         pairs=pairs.to(device),
         cstart=torch.tensor(starts, dtype=torch.int32, device=device),
         clen=torch.tensor(lengths, dtype=torch.int32, device=device),
-        kmeta=key_packed._meta.to(device),
-        vmeta=value_packed._meta.to(device),
+        # Offsets in 32 bits (cheaper address arithmetic, which bounds the kernel) unless a buffer is too large.
+        kmeta=key_packed._meta.to(device, _index_dtype(key_packed, value_packed)),
+        vmeta=value_packed._meta.to(device, _index_dtype(key_packed, value_packed)),
         chunks=len(starts),
         wp=_pow2(int(ranks.max()) if ranks.numel() else 1),
         tp=_pow2(max(lengths)),

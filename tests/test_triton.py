@@ -218,3 +218,35 @@ def test_offsets_are_32_bit_unless_a_buffer_needs_64() -> None:
 
     assert triton_attention._index_dtype(packed(10), packed(2**31 - 1)) == torch.int32
     assert triton_attention._index_dtype(packed(10), packed(2**31)) == torch.int64
+
+
+def test_a_fast_route_that_fails_to_compile_falls_back_to_the_general_one(
+    triton_on, monkeypatch, caplog
+) -> None:
+    """4-bit post-RoPE keys in groups of 64 take the folded-scale route; if it fails to compile (checked on one GPU
+    and triton only), the kernel warns once and answers through the general route, with the same attention."""
+    layer = _compressed_layer(False, tokens=250, chunk_size=96, quant_group_size=64)
+    ctx = layer.factored_context()
+    query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
+    keys, values = layer._full_states()
+    want = _reference(query, keys, values, None, 0.25)
+    real = triton_attention._partials_kernel
+    routes = []
+
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                routes.append(kwargs["ALLOW_FAST"])
+                if kwargs["ALLOW_FAST"]:
+                    raise RuntimeError("simulated compilation failure")
+                return real[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(triton_attention, "_partials_kernel", Broken())
+    monkeypatch.setattr(triton_attention, "_FAST_FAILED", [])
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(attend(query, ctx, None, 0.25), want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(attend(query, ctx, None, 0.25), want, atol=2e-5, rtol=1e-4)
+    assert routes == [True, False, False]  # tried once, then the general route only
+    assert "simulated compilation failure" in caplog.text

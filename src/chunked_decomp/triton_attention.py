@@ -20,6 +20,7 @@ tests use).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -32,6 +33,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     tl = None
 
 _LOG2E = 1.4426950408889634
+logger = logging.getLogger(__name__)
 
 
 def usable(device: torch.device) -> bool:
@@ -120,7 +122,7 @@ if triton is not None:
 
     @triton.jit
     def _codes4(codes, scale, minimum, code_off, group_off, row0, rank, n, t0, GS: tl.constexpr, RP: tl.constexpr,
-                TB: tl.constexpr, LOWP: tl.constexpr):  # fmt: skip
+                TB: tl.constexpr):  # fmt: skip
         """The 4-bit codes of columns t0 … t0 + TB - 1 of the rows (a block within one group) without dequantising
         them: (even, odd, scale, minimum), even / odd the codes of columns t0, t0 + 2, … and t0 + 1, t0 + 3, …
         as (RP, TB / 2) float32, scale / minimum (RP,) per row; all 0 past ``rank`` and codes 0 past n. A row's
@@ -139,8 +141,6 @@ if triton is not None:
         g_ok = row_ok & (t0 < n)
         sc = tl.load(scale + g, mask=g_ok, other=0.0).to(tl.float32)
         mn = tl.load(minimum + g, mask=g_ok, other=0.0).to(tl.float32)
-        if LOWP:  # codes 0-15 are exact in float16, the dot products' operand type on the GPU
-            return (byte & 15).to(tl.float16), (byte >> 4).to(tl.float16), sc, mn
         return (byte & 15).to(tl.float32), (byte >> 4).to(tl.float32), sc, mn
 
     @triton.jit
@@ -205,6 +205,7 @@ if triton is not None:
         VTB: tl.constexpr, VTG: tl.constexpr, VCB: tl.constexpr, VCG: tl.constexpr,
         D: tl.constexpr, RP: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr, TB: tl.constexpr,
         HAS_BIAS: tl.constexpr, PRE_ROPE: tl.constexpr, HALF: tl.constexpr, LOWP: tl.constexpr,
+        ALLOW_FAST: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -222,8 +223,8 @@ if triton is not None:
         # Post-RoPE keys with 4-bit token factors read a block within one group at a time: codes kept, the rows'
         # scales folded into the products. (For pre-RoPE keys the folded route measured slower on an H200: it
         # doubles the rebuild products; results/gpu_attention_run2.json.)
-        FAST: tl.constexpr = ((KTB == 4) and (VTB == 4) and (KTG % TB == 0) and (VTG % TB == 0) and (TB >= 32)
-                              and not PRE_ROPE)  # fmt: skip
+        FAST: tl.constexpr = (ALLOW_FAST and (KTB == 4) and (VTB == 4) and (KTG % TB == 0) and (VTG % TB == 0)
+                              and (TB >= 32) and not PRE_ROPE)  # fmt: skip
         th = tl.arange(0, TB // 2)
         if HALVES:
             dh = tl.arange(0, HALF)
@@ -271,9 +272,7 @@ if triton is not None:
                     t0 = blk * TB
                     t_lo = t0 + 2 * th
                     t_hi = t_lo + 1
-                    lo, hi, sc, mn = _codes4(
-                        KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, t0, KTG, WP, TB, LOWP
-                    )
+                    lo, hi, sc, mn = _codes4(KTC, KTS, KTM, kcode, kgroup, b * rk, rk, T, t0, KTG, WP, TB)
                     qvs = qv * sc[None, :]
                     qm = tl.sum(qv * mn[None, :], 1)[:, None]
                     s_lo = _mm(qvs, lo, LOWP) + qm
@@ -292,9 +291,7 @@ if triton is not None:
                     p_hi = tl.exp2(s_hi - m_safe[:, None])
                     p_sum = tl.sum(p_lo, 1) + tl.sum(p_hi, 1)
                     l_i = l_i * alpha + p_sum
-                    vlo, vhi, vsc, vmn = _codes4(
-                        VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, t0, VTG, WP, TB, LOWP
-                    )
+                    vlo, vhi, vsc, vmn = _codes4(VTC, VTS, VTM, vcode, vgroup, b * rv, rv, T, t0, VTG, WP, TB)
                     pc = _mm(p_lo, tl.trans(vlo), LOWP) + _mm(p_hi, tl.trans(vhi), LOWP)
                     pu = pu * alpha[:, None] + pc * vsc[None, :] + p_sum[:, None] * vmn[None, :]
                     acc = acc * alpha[:, None]
@@ -390,6 +387,25 @@ if triton is not None:
             acc += w[:, None] * tl.load(ACC + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         out = tl.where(total[:, None] > 0, acc / total[:, None], 0.0)
         tl.store(OUT + (bh * R + rows[:, None]) * D + d[None, :], out, mask=(rows < R)[:, None])
+
+
+_FAST_FAILED: list[str] = []  # the folded-scale route failed to compile here once: use the general one
+
+
+def _launch_partials(grid: tuple, buffers: tuple, launch: dict) -> None:
+    """Launch `_partials_kernel`. If the folded-scale route for 4-bit post-RoPE keys fails to compile on this GPU
+    and triton (it was checked on an H200 with triton 3.6 only), warn once and use the general route, which
+    computes the same attention, from then on."""
+    if not _FAST_FAILED:
+        try:
+            _partials_kernel[grid](*buffers, **launch, ALLOW_FAST=True)
+            return
+        except Exception as err:  # triton.CompilationError and kin, raised before anything runs
+            _FAST_FAILED.append(repr(err)[-500:])
+            logger.warning(
+                "chunked_decomp: Triton fast route failed to compile, using the general one: %s", err
+            )
+    _partials_kernel[grid](*buffers, **launch, ALLOW_FAST=False)
 
 
 def _index_dtype(*packed) -> torch.dtype:
@@ -494,12 +510,7 @@ def attention(
     pre_rope = inv_freq is not None
     freq = inv_freq.float().contiguous().to(dev) if pre_rope else q
     q_len = bias.shape[1] if bias is not None else 1
-    _partials_kernel[(b * h, splits)](
-        q, bias if bias is not None else q, freq, lay["pairs"], lay["cstart"], lay["clen"],
-        kt.codes, kt.scale, kt.minimum, kc.codes, kc.scale, kc.minimum, lay["kmeta"],
-        vt.codes, vt.scale, vt.minimum, vc.codes, vc.scale, vc.minimum, lay["vmeta"],
-        m, lsum, acc,
-        h, n_chunks, key_packed.length, r, q_len, slots, int(rope_offset), scaling * _LOG2E,
+    launch = dict(
         PER_SPLIT=per_split,
         KTB=kt.bits, KTG=kt.group_size, KCB=kc.bits, KCG=kc.group_size,
         VTB=vt.bits, VTG=vt.group_size, VCB=vc.bits, VCG=vc.group_size,
@@ -507,6 +518,14 @@ def attention(
         HAS_BIAS=bias is not None, PRE_ROPE=pre_rope, LOWP=query.is_cuda, num_stages=num_stages, num_warps=num_warps,
         HALF=freq.numel() if pre_rope else 1,
     )  # fmt: skip
+    buffers = (
+        q, bias if bias is not None else q, freq, lay["pairs"], lay["cstart"], lay["clen"],
+        kt.codes, kt.scale, kt.minimum, kc.codes, kc.scale, kc.minimum, lay["kmeta"],
+        vt.codes, vt.scale, vt.minimum, vc.codes, vc.scale, vc.minimum, lay["vmeta"],
+        m, lsum, acc,
+        h, n_chunks, key_packed.length, r, q_len, slots, int(rope_offset), scaling * _LOG2E,
+    )  # fmt: skip
+    _launch_partials((b * h, splits), buffers, launch)
     e = exact_keys.shape[-2]
     eb = 64
     _dense_partials_kernel[(b * h,)](

@@ -347,16 +347,21 @@ def model_check(device) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The layer shapes (Llama-3.1-8B's by default), shared with gpu_profile.py."""
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--prefill", type=int, default=32768)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
+    add_shape_args(parser)
     parser.add_argument("--eigh-fraction", type=int, default=64)
     parser.add_argument("--skip-factorisation", action="store_true")
     parser.add_argument("--skip-model-check", action="store_true")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_attention import SINKS, setting
+from gpu_attention import SINKS, add_shape_args, setting
 
 from chunked_decomp import triton_attention
 from chunked_decomp.decomposition import factorize_subspace
@@ -113,12 +113,7 @@ def compression_profile(args, device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--q-heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--prefill", type=int, default=32768)
+    add_shape_args(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_profile.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available() or triton_attention.triton is None:

@@ -185,8 +185,8 @@ def dataset_type(text: str) -> str:
 # Parser
 
 
-def _add_common(p: argparse.ArgumentParser, command: str) -> None:
-    d = _PROTOCOL_DEFAULTS[command]
+def _add_model_and_text(p: argparse.ArgumentParser, purpose: str, num_samples_help: str) -> None:
+    """--model_name, --dataset_name, --text_file and --num_samples, for text used to ``purpose`` (a verb)."""
     p.add_argument(
         "--model_name",
         default=DEFAULT_MODEL,
@@ -196,16 +196,18 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         "--dataset_name",
         type=dataset_type,
         default=DEFAULT_DATASET,
-        help="evaluation text (default: %(default)s)",
+        help=f"text to {purpose} on (default: %(default)s)",
     )
     p.add_argument(
-        "--text_file", default=None, help="UTF-8 text file to evaluate on instead of --dataset_name"
+        "--text_file", default=None, help=f"UTF-8 text file to {purpose} on instead of --dataset_name"
     )
-    p.add_argument(
-        "--num_samples",
-        type=_int_at_least(1),
-        default=None,
-        help=f"texts (articles) to load (default: all; {d['num_samples'][0]} with --test_mode)",
+    p.add_argument("--num_samples", type=_int_at_least(1), default=None, help=num_samples_help)
+
+
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
+    d = _PROTOCOL_DEFAULTS[command]
+    _add_model_and_text(
+        p, "evaluate", f"texts (articles) to load (default: all; {d['num_samples'][0]} with --test_mode)"
     )
     p.add_argument(
         "--preset", type=preset_type, default=None, help="compression preset the other flags modify"
@@ -420,23 +422,7 @@ _CALIBRATION_STRIDE = 10_000
 def _configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="head-weight JSON file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.add_argument(
-        "--model_name",
-        default=DEFAULT_MODEL,
-        help=f"model: {DEFAULT_MODEL!r} (embedded, offline), a save_pretrained folder, or a hub id (default: %(default)s)",
-    )
-    p.add_argument(
-        "--dataset_name",
-        type=dataset_type,
-        default=DEFAULT_DATASET,
-        help="calibration text (default: %(default)s)",
-    )
-    p.add_argument(
-        "--text_file", default=None, help="UTF-8 text file to calibrate on instead of --dataset_name"
-    )
-    p.add_argument(
-        "--num_samples", type=_int_at_least(1), default=None, help="texts (articles) to load (default: all)"
-    )
+    _add_model_and_text(p, "calibrate", "texts (articles) to load (default: all)")
     p.add_argument(
         "--start",
         type=_int_at_least(0),

@@ -80,14 +80,6 @@ def bench(fn, reps: int = 3) -> float:
 CONFIGS = [dict(num_warps=w, block_tokens=t) for w in (4, 8) for t in (32, 64)]
 
 
-def launch(cfg: dict, n_chunks: int) -> dict:
-    """`triton_attention.attention` keywords of a sweep setting for a context of ``n_chunks`` chunks."""
-    out = {k: v for k, v in cfg.items() if k != "chunks_per_program"}
-    if cfg.get("chunks_per_program"):
-        out["splits"] = -(-n_chunks // cfg["chunks_per_program"])
-    return out
-
-
 def setting(args, device, context, budget, gen):
     """One layer's context at ``budget``: (query rows (b, kv, rows, d), key / value PackedFactors, exact keys and
     values, full bf16 keys and values, query (b, q_heads, 1, d), rank, stored-bytes ratio)."""
@@ -117,7 +109,6 @@ def sweep(args, device) -> dict:
     d = args.head_dim
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     qg, kp, vp, ex_k, ex_v, *_ = setting(args, device, max(args.contexts), min(args.budgets), gen)
-    n_chunks = sum(run["chunks"] for run in vp.runs)
     best = {}
     for pre_rope in (True, False):
         times = []
@@ -131,7 +122,7 @@ def sweep(args, device) -> dict:
                 d**-0.5,
                 inv_freq=inv_freq if pre_rope else None,
                 rope_offset=SINKS,
-                **launch(cfg, n_chunks),
+                **cfg,
             )
             try:
                 times.append((bench(fn, reps=1), cfg))
@@ -164,11 +155,9 @@ def attention_rows(args, device, best: dict) -> list[dict]:
                 keys_mode = "pre-RoPE" if pre_rope else "post-RoPE"
                 cfg = best.get(keys_mode, {})
 
-                kw = launch(cfg, sum(run["chunks"] for run in vp.runs))
-
-                def ours(freq=freq, kp=kp, vp=vp, ex_k=ex_k, ex_v=ex_v, qg=qg, kw=kw):
+                def ours(freq=freq, kp=kp, vp=vp, ex_k=ex_k, ex_v=ex_v, qg=qg, cfg=cfg):
                     return triton_attention.attention(
-                        qg, kp, vp, ex_k, ex_v, scale, inv_freq=freq, rope_offset=SINKS, **kw
+                        qg, kp, vp, ex_k, ex_v, scale, inv_freq=freq, rope_offset=SINKS, **cfg
                     )
 
                 got = ours()

@@ -468,7 +468,6 @@ def attention(
     splits: int | None = None,
     num_warps: int | None = None,
     block_tokens: int = 32,
-    num_stages: int = 1,
 ) -> torch.Tensor:
     """Softmax attention over a layer's compressed chunks and its exact tokens, in three launches: the chunks in
     ``splits`` programs per (batch row, KV head), the exact tokens in one, and a merge.
@@ -510,12 +509,13 @@ def attention(
     pre_rope = inv_freq is not None
     freq = inv_freq.float().contiguous().to(dev) if pre_rope else q
     q_len = bias.shape[1] if bias is not None else 1
+    # One software-pipelining stage: two measured no faster on an H200 (results/gpu_attention_run1.json).
     launch = dict(
         PER_SPLIT=per_split,
         KTB=kt.bits, KTG=kt.group_size, KCB=kc.bits, KCG=kc.group_size,
         VTB=vt.bits, VTG=vt.group_size, VCB=vc.bits, VCG=vc.group_size,
         D=d, RP=rp, WP=lay["wp"], TP=lay["tp"], TB=min(lay["tp"], block_tokens),
-        HAS_BIAS=bias is not None, PRE_ROPE=pre_rope, LOWP=query.is_cuda, num_stages=num_stages, num_warps=num_warps,
+        HAS_BIAS=bias is not None, PRE_ROPE=pre_rope, LOWP=query.is_cuda, num_stages=1, num_warps=num_warps,
         HALF=freq.numel() if pre_rope else 1,
     )  # fmt: skip
     buffers = (

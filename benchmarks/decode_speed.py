@@ -16,6 +16,9 @@ For each run it also records the cache's stored bytes and the process's peak RSS
     python benchmarks/decode_speed.py                      # contexts 1024 2048 4096, ~15 min on a 2-core CPU
     python benchmarks/decode_speed.py --contexts 8192      # long: prefill alone takes minutes
     python benchmarks/decode_speed.py --quick              # contexts 512 1024, 8 steps, 1 round
+    python benchmarks/decode_speed.py --batch 4 --contexts 4096 --preset fast --modes factored_post_rope
+
+``--batch N`` decodes N rows at once, each prompt a different stretch of the text (consecutive, non-overlapping).
 
 Prints a table; writes ``benchmarks/results/decode_speed.json`` atomically (last stdout line: the JSON summary).
 """
@@ -66,7 +69,7 @@ def kernel_switch(on: bool) -> Iterator[None]:
 
 @torch.no_grad()
 def time_decode(model, prompt: torch.Tensor, steps: int) -> dict:
-    """Prefill prompt (1, P) with the model's default cache, then time ``steps`` greedy single-token steps."""
+    """Prefill prompt (batch, P) with the model's default cache, then time ``steps`` greedy single-token steps."""
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     prefill_s = time.perf_counter() - t0
@@ -99,12 +102,13 @@ def main() -> None:
         "--modes", nargs="+", default=["rebuild", "factored", "factored_post_rope"], choices=list(MODES)
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded at once (default 1)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/decode_speed.json)"
     )
     args = parser.parse_args()
-    for flag in ("steps", "repeats", "threads"):
+    for flag in ("steps", "repeats", "threads", "batch"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if any(c < 16 for c in args.contexts):
@@ -117,13 +121,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=max(args.contexts) + 1)
+    ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=args.batch * max(args.contexts) + 1)
     configs = {m: CompressionConfig.from_preset(args.preset, **MODES[m]) for m in args.modes}
     kinds = ["dynamic", *args.modes]
     results: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in kinds} for c in args.contexts}
     for rnd in range(args.repeats):
         for ctx in args.contexts:
-            prompt = ids[:ctx].unsqueeze(0)
+            prompt = ids[: args.batch * ctx].view(args.batch, ctx)
             for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
                 if kind in configs:
                     # The rebuild uses the fused kernel's dequantisation only once the factored attention has
@@ -134,7 +138,7 @@ def main() -> None:
                     r = time_decode(model, prompt, args.steps)
                 results[ctx][kind].append(r)
                 print(
-                    f"round {rnd + 1} context {ctx} {kind}: {1 / r['median_step_seconds']:.2f} tok/s, "
+                    f"round {rnd + 1} context {ctx} {kind}: {args.batch / r['median_step_seconds']:.2f} tok/s, "
                     f"cache {r['cache_bytes'] / 2**20:.1f} MiB",
                     flush=True,
                 )
@@ -145,14 +149,14 @@ def main() -> None:
         mem = {k: statistics.median(r["peak_rss_increase_mb"] for r in v) for k, v in results[ctx].items()}
         row = {"context": ctx}
         for k in kinds:
-            row[f"{k}_tok_s"] = 1 / med[k]
+            row[f"{k}_tok_s"] = args.batch / med[k]  # tokens of all rows
             row[f"{k}_cache_mib"] = results[ctx][k][-1]["cache_bytes"] / 2**20
             row[f"{k}_decode_peak_rss_increase_mb"] = mem[k]
             if k != "dynamic":
                 row[f"{k}_speed_ratio"] = med["dynamic"] / med[k]
         rows.append(row)
-    print(f"\nSmolLM2-135M float32 CPU, {args.threads} thread(s), preset {args.preset!r}, medians of "
-          f"{args.steps} steps x {args.repeats} round(s); tok/s (ratio to dynamic)")  # fmt: skip
+    print(f"\nSmolLM2-135M float32 CPU, batch {args.batch}, {args.threads} thread(s), preset {args.preset!r}, "
+          f"medians of {args.steps} steps x {args.repeats} round(s); tok/s of all rows (ratio to dynamic)")  # fmt: skip
     print(f"{'context':>7} " + " ".join(f"{k:>26}" for k in kinds) + f" {'cache MiB dyn/compressed':>25}")
     for r in rows:
         cells = [f"{r['dynamic_tok_s']:>26.2f}"] + [
@@ -169,6 +173,7 @@ def main() -> None:
         "preset": args.preset,
         "modes": args.modes,
         "threads": args.threads,
+        "batch": args.batch,
         "steps": args.steps,
         "repeats": args.repeats,
         "torch": torch.__version__,

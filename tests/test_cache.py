@@ -484,6 +484,51 @@ def test_compress_all_compresses_everything_but_the_sinks() -> None:
     assert (got - expected).abs().max() <= 1e-4
 
 
+def test_compression_gathers_once_per_tensor_not_per_chunk() -> None:
+    """Storing the chunks of one compression call gathers each encoded tensor's kept rows in one copy: the count
+    of gathers does not grow with the number of chunks (on a GPU each per-chunk gather and index copy cost a
+    launch and a synchronisation), and the chunks hold the same factors as chunks compressed one by one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountGathers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket is torch.ops.aten.index_select
+            return func(*args, **(kwargs or {}))
+
+    config = CompressionConfig(**BASE)
+    gen = torch.Generator().manual_seed(5)
+    counts, stores = [], []
+    for tokens in (2 + 4 * 8, 2 + 16 * 8):
+        k = torch.randn(2, 2, tokens, HEAD_DIM, generator=gen)
+        v = torch.randn(2, 2, tokens, HEAD_DIM, generator=gen)
+        cache = ChunkedSVDCache(config, layer_types=["full_attention"])
+        with CountGathers() as mode:
+            cache.update(k, v, 0)  # compresses all but the residual window, in one call
+        assert len(cache.layers[0].chunks) == (tokens - 2) // 8 - 1
+        cache.compress_all()
+        counts.append(mode.count)
+        stores.append((cache, k, v))
+    assert counts[0] == counts[1] > 0
+    # The same chunks, one compression call per chunk, are identical factor by factor.
+    batched, k, v = stores[1]
+    one_by_one = ChunkedSVDCache(config, layer_types=["full_attention"])
+    one_by_one.update(k[..., :2, :], v[..., :2, :], 0)
+    one_by_one.compress_all()
+    for i in range(16):
+        one_by_one.update(k[..., 2 + 8 * i : 10 + 8 * i, :], v[..., 2 + 8 * i : 10 + 8 * i, :], 0)
+        one_by_one.compress_all()
+    got, want = batched.layers[0].chunks, one_by_one.layers[0].chunks
+    assert len(got) == len(want) == 16
+    for a, b in zip(got, want):
+        assert a.start == b.start and a.keys.ranks == b.keys.ranks and a.values.ranks == b.values.ranks
+        torch.testing.assert_close(a.keys.reconstruct(), b.keys.reconstruct(), rtol=0, atol=0)
+        torch.testing.assert_close(a.values.reconstruct(), b.values.reconstruct(), rtol=0, atol=0)
+
+
 def test_cache_without_layers_information_is_refused() -> None:
     with pytest.raises(ValueError, match="num_layers"):
         ChunkedSVDCache(CompressionConfig())

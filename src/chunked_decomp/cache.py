@@ -533,11 +533,11 @@ class ChunkedSVDLayer(DynamicLayer):
 
     def _finish(self, job: _Job) -> None:
         """Append the job's chunks, built from its encoded factors, and drop their tokens from the tail."""
+        built = {}
+        for s, idxs in job.by_length.items():
+            built.update(zip(idxs, self._build_chunks(job, s, idxs)))
         for i, s in enumerate(job.sizes):
-            ek, ev = job.encoded[s]
-            chunk = self._build_chunk(
-                job.start + job.offsets[i], s, ek, ev, job.slot[i], job.ranks[i], job.pre_rope
-            )
+            chunk = built[i]
             if self.config.debug:
                 k_orig = job.keys[..., job.offsets[i] : job.offsets[i] + s, :]
                 v_orig = job.values[..., job.offsets[i] : job.offsets[i] + s, :]
@@ -681,33 +681,40 @@ class ChunkedSVDLayer(DynamicLayer):
             ranks += [max(min(r, k), floors[i]) for i in idx]
         return ranks
 
-    def _build_chunk(
-        self, start: int, length: int, ek: tuple, ev: tuple, j: int, ranks: list[int], pre_rope: bool
-    ) -> CompressedChunk:
-        """Chunk ``j`` of encoded length-group factors ``ek``/``ev`` = (token, channel, offset of chunk 0 in them),
-        at ``ranks`` (key groups, then value groups)."""
-        groups = len(ranks) // 2
-        (tok_k, chan_k, at_k), (tok_v, chan_v, at_v) = ek, ev
-        picks = [(at_k + j, ranks[:groups]), (at_v + j, ranks[groups:])]
+    def _build_chunks(self, job: _Job, length: int, idxs: list[int]) -> list[CompressedChunk]:
+        """Chunks ``idxs`` of the job (all of ``length``), from its encoded factors of that length: each tensor's
+        kept rows of all of them are gathered in one copy (one index per tensor, not per chunk: on a GPU every
+        gather and every host-to-device index copy per chunk cost launches and a synchronisation)."""
+        (tok_k, chan_k, at_k), (tok_v, chan_v, at_v) = job.encoded[length]
+        groups = len(job.ranks[idxs[0]]) // 2
+        picks_k = [(at_k + job.slot[i], job.ranks[i][:groups]) for i in idxs]
+        picks_v = [(at_v + job.slot[i], job.ranks[i][groups:]) for i in idxs]
+        n = len(idxs)
 
-        def take(f_k, f_v) -> list[list]:
+        def take(f_k, f_v) -> tuple[list, list]:
             # Keys and values encoded as one stack are gathered in one copy per tensor.
             if f_k is f_v:
-                return _take_all(f_k, picks)
-            return [_take_all(f_k, picks[:1])[0], _take_all(f_v, picks[1:])[0]]
+                both = _take_all(f_k, picks_k + picks_v)
+                return both[:n], both[n:]
+            return _take_all(f_k, picks_k), _take_all(f_v, picks_v)
 
         tokens = take(tok_k, tok_v)
         if isinstance(chan_k, list):
-            channels = [
-                [take_rank(c, r) for c, r in zip(chan, rs)] for chan, (_, rs) in zip((chan_k, chan_v), picks)
-            ]
+            channels = tuple(
+                [[take_rank(c, r) for c, r in zip(chan, rs)] for _, rs in picks]
+                for chan, picks in ((chan_k, picks_k), (chan_v, picks_v))
+            )
         else:
             channels = take(chan_k, chan_v)
-        sets = [
-            FactorSet(list(zip(t, c)), self.batch, length, self.heads, d, self.config.head_mode == "joined")
-            for t, c, d in zip(tokens, channels, (self.head_dim, self.v_head_dim))
-        ]
-        return CompressedChunk(start, length, sets[0], sets[1], pre_rope)
+        joined = self.config.head_mode == "joined"
+        chunks = []
+        for m, i in enumerate(idxs):
+            sets = [
+                FactorSet(list(zip(t[m], c[m])), self.batch, length, self.heads, d, joined)
+                for t, c, d in zip(tokens, channels, (self.head_dim, self.v_head_dim))
+            ]
+            chunks.append(CompressedChunk(job.start + job.offsets[i], length, sets[0], sets[1], job.pre_rope))
+        return chunks
 
 
 # Float32 bytes of tokens that one cross-layer compression call gathers (its transient copy), and that a

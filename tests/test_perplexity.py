@@ -167,12 +167,13 @@ def test_real_model_baselines():
     assert recall.perplexity < 1.5
 
 
+@pytest.mark.parametrize("preset", ["long_context", "fast"])
 @pytest.mark.parametrize("context_len", [1024, 2048])
-def test_long_context_preset_meets_its_budget_from_1k_tokens(model, ids, context_len):
-    """`long_context` keeps 32 sink tokens exact and pays for them from the budget: from 1k context tokens on, the
-    stored bytes meet 0.25 (a 512-token context holds the sinks at twice the share and overruns it, as the preset
-    file says)."""
+def test_long_context_presets_meet_their_budget_from_1k_tokens(model, ids, context_len, preset):
+    """`long_context` and `fast` keep 32 sink tokens exact and pay for them from the budget: from 1k context tokens
+    on, the stored bytes meet 0.25 (a 512-token context holds the sinks at twice the share and overruns it, as the
+    preset file says)."""
     result = continuation_perplexity(
-        model, method_from_spec("chunked:long_context@0.25"), ids, context_len, continuation_len=64, start=0
+        model, method_from_spec(f"chunked:{preset}@0.25"), ids, context_len, continuation_len=64, start=0
     )
     assert 0.24 < result.ratio <= 0.25 * 1.001

@@ -1,0 +1,281 @@
+"""Plots of the benchmark results the README shows, drawn from the JSON files in ``benchmarks/results``.
+
+Nothing is measured here: each figure reads what the benchmark scripts wrote, so it can be redrawn at any time
+(and in CI) without a model. Figures (PNG, written atomically next to the JSON files):
+
+* ``quality_per_byte.png`` — continuation and recall perplexity increase and passkey accuracy against stored
+  bytes ÷ a 16-bit cache, for ChunkedDecomp's presets, the kvpress presses and transformers' `QuantizedCache`
+  (``compare_peers*.json``; the first window of each protocol, the same for every method);
+* ``decode_speed.png`` — CPU decoding speed ÷ `DynamicCache` against context length (``decode_speed.json``, and
+  the ``fast`` preset's runs ``decode_speed_fast_preset_4k.json`` / ``_8k.json``);
+* ``memory_peak.png`` — peak process memory increase during generation ÷ `DynamicCache` (``memory_peak.json``);
+* ``gpu_attention.png`` — the Triton attention over the factors against SDPA on an H200 (``gpu_attention.json``).
+
+    python benchmarks/plot_results.py                 # all figures whose inputs exist
+    python benchmarks/plot_results.py --only quality  # one of: quality, decode, memory, gpu
+
+A figure whose input file is missing is skipped with a message; a malformed input raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from chunked_decomp.benchmarking.plots import save_figure
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The comparison runs the README quotes, oldest first: a later file's row for the same method replaces an
+# earlier one (the presets were re-run after the shipped head weights).
+PEER_FILES = [
+    "compare_peers-transformers5.24.0.json",
+    "compare_peers_kvpress_passkey1k-transformers5.2.0.json",
+    "compare_peers_kvpress_0.0625-transformers5.2.0.json",
+    "compare_peers_presets_auto_weights-transformers5.24.0.json",
+    "compare_peers_long_context-transformers5.24.0.json",
+    "compare_peers_long_context_fast-transformers5.24.0.json",
+]
+# Rows of ChunkedDecomp plotted: the shipped presets at their budgets (older rows of other settings are in the
+# JSON files and the README's table).
+PRESET_ROWS = {
+    "chunked:balanced@0.25": "balanced",
+    "chunked:long_context@0.25": "long_context",
+    "chunked:fast@0.25": "fast",
+    "chunked:aggressive@0.125": "aggressive",
+    "chunked:extreme@0.0625": "extreme",
+}
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    if not path.exists():
+        print(f"skipped: {path} does not exist")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _figure(ncols: int, size: tuple[float, float]):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+# Passkey lengths of the full protocol (1k and 2k tokens × 5 depths); rows of a shorter passkey run (the kvpress
+# presses at 0.5-0.125 were run at 1k × 3 depths only) are left out of the passkey panel.
+PASSKEY_LENGTHS = {"1024", "2048"}
+
+
+def peer_points() -> dict[str, list[tuple[float, float, float | None, float | None, str]]]:
+    """``{series: [(rho, continuation %, recall %, passkey, method), ...]}`` sorted by rho, from ``PEER_FILES``."""
+    rows: dict[str, dict[str, Any]] = {}
+    base: dict[str, float] = {}
+    for name in PEER_FILES:
+        data = _load(name)
+        if data is None:
+            continue
+        for row in data["rows"]:
+            if row["method"] == "full":
+                base = {"cont": row["continuation_ppl"], "recall": row.get("recall_ppl")}
+            else:
+                rows[row["method"]] = row
+    if not base:
+        return {}
+    series: dict[str, list] = {}
+    for method, row in rows.items():
+        if method.startswith("chunked:"):
+            if method not in PRESET_ROWS:
+                continue
+            label = "ChunkedDecomp presets"
+        elif method.startswith("kvpress:"):
+            label = "kvpress " + method.split(":")[1].split("@")[0]
+        elif method.startswith("quanto"):
+            label = "QuantizedCache (quanto 4/2-bit)"
+        else:
+            continue
+        cont = 100 * (row["continuation_ppl"] / base["cont"] - 1)
+        recall = row.get("recall_ppl")
+        recall = None if recall is None or base["recall"] is None else 100 * (recall / base["recall"] - 1)
+        passkey = row.get("passkey_acc")
+        if set(row.get("passkey_by_length", {})) != PASSKEY_LENGTHS:
+            passkey = None
+        series.setdefault(label, []).append((row["rho"], cont, recall, passkey, method))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def plot_quality(out: Path) -> Path | None:
+    series = peer_points()
+    if not series:
+        return None
+    from matplotlib.ticker import FixedLocator, ScalarFormatter
+
+    fig, axes = _figure(3, (16, 5))
+    titles = ["continuation perplexity increase (%)", "recall perplexity increase (%)", "passkey accuracy"]
+    for s, (label, pts) in enumerate(series.items()):
+        ours = label.startswith("ChunkedDecomp")
+        style = dict(color="black" if ours else f"C{s % 10}", marker="o" if ours else "os^Dvx"[s % 6],
+                     lw=2.2 if ours else 1.0, ms=7 if ours else 5, zorder=3 if ours else 2)  # fmt: skip
+        for col, ax in enumerate(axes):
+            xy = [(p[0], p[1 + col]) for p in pts if p[1 + col] is not None]
+            if not xy:
+                continue
+            if ours:  # presets, not one method at several budgets: points with their names
+                ax.plot(*zip(*xy), label=label, ls="none", **style)
+                # Presets on the same point (passkey 1.0) share one label instead of overprinting each other.
+                names: dict[tuple[float, float], list[str]] = {}
+                for p in pts:
+                    if p[1 + col] is not None:
+                        names.setdefault((round(p[0], 3), round(p[1 + col], 3)), []).append(PRESET_ROWS[p[4]])
+                for (x, y), group in names.items():
+                    below = group == ["long_context"]
+                    ax.annotate(" = ".join(group), (x, y), textcoords="offset points",
+                                xytext=(6, -10 if below else 4), fontsize=7)  # fmt: skip
+            else:
+                ax.plot(*zip(*xy), label=label, **style)
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator([0.0625, 0.125, 0.25, 0.5]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("ρ: stored bytes ÷ 16-bit cache")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.axhline(0, color="grey", lw=0.8)
+    axes[0].axhline(0.5, color="green", lw=0.8, ls=":")
+    axes[1].axhline(10, color="green", lw=0.8, ls=":")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[2].legend(fontsize=7, loc="center right")
+    fig.suptitle(
+        "SmolLM2-135M, Wikipedia, first window of each protocol: quality per byte (lower is better, passkey higher; "
+        "dotted: the targets at 0.25)"
+    )
+    return save_figure(fig, out / "quality_per_byte.png")
+
+
+def plot_decode(out: Path) -> Path | None:
+    data = _load("decode_speed.json")
+    if data is None:
+        return None
+    fig, axes = _figure(1, (7, 4.5))
+    ax = axes[0]
+    contexts = [r["context"] for r in data["rows"]]
+    names = {"rebuild": "rebuild (balanced, default)", "factored": "factored, pre-RoPE keys",
+             "factored_post_rope": "factored, post-RoPE keys (the earlier fast)"}  # fmt: skip
+    for i, mode in enumerate(data["modes"]):
+        ax.plot(contexts, [r[f"{mode}_speed_ratio"] for r in data["rows"]], marker="o", color=f"C{i}",
+                label=names.get(mode, mode))  # fmt: skip
+    # The fast preset as it ships, each context measured alone (decode_speed_fast_preset_*.json).
+    shipped = [_load(f"decode_speed_fast_preset_{k}.json") for k in ("4k", "8k")]
+    pts = [(r["context"], r["factored_post_rope_speed_ratio"]) for d in shipped if d for r in d["rows"]]
+    if pts:
+        ax.plot(
+            *zip(*pts), marker="*", ms=12, ls="none", color="black", label="fast preset as shipped (32 sinks)"
+        )
+    ax.axhline(1, color="grey", lw=1, ls="--", label="DynamicCache")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode tokens/s ÷ DynamicCache")
+    ax.set_title(
+        f"CPU decoding ({data['threads']} thread, batch {data.get('batch', 1)}, medians)", fontsize=10
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, out / "decode_speed.png")
+
+
+def plot_memory(out: Path) -> Path | None:
+    data = _load("memory_peak.json")
+    if data is None:
+        return None
+    fig, axes = _figure(1, (7, 4.5))
+    ax = axes[0]
+    rows = [r for r in data["rows"] if r["cache"] != "dynamic"]
+    groups = sorted({(r["malloc"], r["protocol"], r["cache"]) for r in rows})
+    for i, (malloc, protocol, cache) in enumerate(groups):
+        pts = sorted((r["context"], r["peak_increase_ratio"]) for r in rows
+                     if (r["malloc"], r["protocol"], r["cache"]) == (malloc, protocol, cache))  # fmt: skip
+        ax.plot(*zip(*pts), marker="os^D"[i % 4], color=f"C{i % 10}", ls="-" if malloc == "default" else "--",
+                label=f"{cache}, {protocol}, {malloc} malloc")  # fmt: skip
+    ax.axhline(1, color="grey", lw=1, ls="--")
+    ax.set_xscale("log", base=2)
+    contexts = sorted({r["context"] for r in rows})
+    ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("peak RSS increase ÷ DynamicCache")
+    ax.set_title("Peak process memory while generating (CPU)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, out / "memory_peak.png")
+
+
+def plot_gpu(out: Path) -> Path | None:
+    data = _load("gpu_attention.json")
+    if data is None:
+        return None
+    rows = data["attention"]
+    cells = sorted({(r["context"], r["budget"]) for r in rows})
+    fig, axes = _figure(1, (8, 4.5))
+    ax = axes[0]
+    width = 0.27
+    for i, (label, pick) in enumerate(
+        [
+            ("SDPA, full bf16 cache", None),
+            ("ours, pre-RoPE keys", "pre-RoPE"),
+            ("ours, post-RoPE keys", "post-RoPE"),
+        ]
+    ):
+        ys = []
+        for ctx, budget in cells:
+            match = [r for r in rows if (r["context"], r["budget"]) == (ctx, budget)]
+            if pick is None:
+                ys.append(match[0]["sdpa_ms"])
+            else:
+                ys.append(next((r["ours_ms"] for r in match if r["keys"] == pick), math.nan))
+        ax.bar([j + (i - 1) * width for j in range(len(cells))], ys, width, label=label, color=f"C{i}")
+    ax.set_xticks(range(len(cells)), [f"{c // 1024}k tokens, ρ {b:g}" for c, b in cells])
+    ax.set_ylabel("ms per decode step, one layer (median)")
+    ax.set_title("H200, Llama-3.1-8B layer shapes, batch 4 (lower is better)", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out / "gpu_attention.png")
+
+
+FIGURES: dict[str, Callable[[Path], Path | None]] = {
+    "quality": plot_quality,
+    "decode": plot_decode,
+    "memory": plot_memory,
+    "gpu": plot_gpu,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=list(FIGURES), nargs="+", help="figures to draw (default: all)")
+    parser.add_argument(
+        "--output_dir", default=str(RESULTS), help="folder of the PNG files (default: %(default)s)"
+    )
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--output_dir {str(out)!r} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or list(FIGURES):
+        path = FIGURES[name](out)
+        if path is not None:
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -162,6 +162,13 @@ def plot_quality(out: Path) -> Path | None:
     return save_figure(fig, out / "quality_per_byte.png")
 
 
+def _context_axis(ax, contexts: list[int]) -> None:
+    """A log2 x axis of context lengths, ticked at the measured ones."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+    ax.set_xlabel("context tokens")
+
+
 def plot_decode(out: Path) -> Path | None:
     data = _load("decode_speed.json")
     if data is None:
@@ -182,9 +189,7 @@ def plot_decode(out: Path) -> Path | None:
             *zip(*pts), marker="*", ms=12, ls="none", color="black", label="fast preset as shipped (32 sinks)"
         )
     ax.axhline(1, color="grey", lw=1, ls="--", label="DynamicCache")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
-    ax.set_xlabel("context tokens")
+    _context_axis(ax, contexts)
     ax.set_ylabel("decode tokens/s ÷ DynamicCache")
     ax.set_title(
         f"CPU decoding ({data['threads']} thread, batch {data.get('batch', 1)}, medians)", fontsize=10
@@ -208,11 +213,8 @@ def plot_memory(out: Path) -> Path | None:
         ax.plot(*zip(*pts), marker="os^D"[i % 4], color=f"C{i % 10}", ls="-" if malloc == "default" else "--",
                 label=f"{cache}, {protocol}, {malloc} malloc")  # fmt: skip
     ax.axhline(1, color="grey", lw=1, ls="--")
-    ax.set_xscale("log", base=2)
-    contexts = sorted({r["context"] for r in rows})
-    ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+    _context_axis(ax, sorted({r["context"] for r in rows}))
     ax.set_ylim(0, 1.1)
-    ax.set_xlabel("context tokens")
     ax.set_ylabel("peak RSS increase ÷ DynamicCache")
     ax.set_title("Peak process memory while generating (CPU)", fontsize=10)
     ax.grid(alpha=0.3)

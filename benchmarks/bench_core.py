@@ -16,6 +16,7 @@ agreeing before the first difference and in total; and the time spent compressin
     python benchmarks/bench_core.py --budgets 0.125 --calibrate --recall_windows 3
     python benchmarks/bench_core.py --budgets 0.125 --set head_weights=auto --recall_windows 3 --skip_generation
     python benchmarks/bench_core.py --preset long_context --budgets 0.25 --first_window 205000 --recall_windows 8
+    python benchmarks/bench_core.py --budgets 0.25 --context_len 4096 --windows 4 --skip_generation
 
 ``--set KEY=VALUE`` overrides a field of each budget's preset (the value read as YAML); ``--calibrate`` sets
 ``head_weights`` from :func:`chunked_decomp.calibration.head_sensitivity` on tokens 1,000-2,535 and
@@ -104,6 +105,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="context 512 / continuation 128 / 32 new tokens")
     parser.add_argument(
+        "--context_len",
+        type=int,
+        default=None,
+        help="context tokens compressed per window (default 1,024; the recall protocol keeps its own layout)",
+    )
+    parser.add_argument(
         "--timing_runs", type=int, default=5, help="prefill timings per budget (median reported)"
     )
     parser.add_argument(
@@ -139,6 +146,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.windows < 1:
         parser.error(f"--windows must be >= 1, got {args.windows}")
+    if args.context_len is not None and args.context_len < 64:
+        parser.error(f"--context_len must be >= 64, got {args.context_len}")
     if args.first_window < 0:
         parser.error(f"--first_window must be >= 0, got {args.first_window}")
     if args.timing_runs < 1:
@@ -156,6 +165,8 @@ def main() -> None:
     context_len, cont_len, prompt_len, new_tokens = (
         (512, 128, 600, 32) if args.quick else (1024, 512, 1500, 128)
     )
+    if args.context_len is not None:
+        context_len = args.context_len
     starts = window_starts(1 if args.quick else args.windows, args.first_window)
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")

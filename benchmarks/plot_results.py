@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chunked_decomp.benchmarking.plots import save_figure
+from chunked_decomp.benchmarking.plots import _figure, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,11 +62,10 @@ def _load(name: str) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
-def _figure(ncols: int, size: tuple[float, float]):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+def _row_of_axes(ncols: int, size: tuple[float, float]):
+    """A figure with one row of ``ncols`` axes (the library's figure helper)."""
+    fig, axes = _figure(1, ncols, size)
+    return fig, axes[0]
 
 
 # Passkey lengths of the full protocol (1k and 2k tokens × 5 depths); rows of a shorter passkey run (the kvpress
@@ -76,21 +75,20 @@ PASSKEY_LENGTHS = {"1024", "2048"}
 
 def peer_points() -> dict[str, list[tuple[float, float, float | None, float | None, str]]]:
     """``{series: [(rho, continuation %, recall %, passkey, method), ...]}`` sorted by rho, from ``PEER_FILES``."""
-    rows: dict[str, dict[str, Any]] = {}
-    base: dict[str, float] = {}
+    # Each row with the uncompressed row of its own file (every file measures its own baseline).
+    rows: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for name in PEER_FILES:
         data = _load(name)
         if data is None:
             continue
+        base = next((row for row in data["rows"] if row["method"] == "full"), None)
+        if base is None:
+            continue
         for row in data["rows"]:
-            if row["method"] == "full":
-                base = {"cont": row["continuation_ppl"], "recall": row.get("recall_ppl")}
-            else:
-                rows[row["method"]] = row
-    if not base:
-        return {}
+            if row is not base:
+                rows[row["method"]] = (row, base)
     series: dict[str, list] = {}
-    for method, row in rows.items():
+    for method, (row, base) in rows.items():
         if method.startswith("chunked:"):
             if method not in PRESET_ROWS:
                 continue
@@ -101,9 +99,9 @@ def peer_points() -> dict[str, list[tuple[float, float, float | None, float | No
             label = "QuantizedCache (quanto 4/2-bit)"
         else:
             continue
-        cont = 100 * (row["continuation_ppl"] / base["cont"] - 1)
-        recall = row.get("recall_ppl")
-        recall = None if recall is None or base["recall"] is None else 100 * (recall / base["recall"] - 1)
+        cont = 100 * (row["continuation_ppl"] / base["continuation_ppl"] - 1)
+        recall, base_recall = row.get("recall_ppl"), base.get("recall_ppl")
+        recall = None if recall is None or base_recall is None else 100 * (recall / base_recall - 1)
         passkey = row.get("passkey_acc")
         if set(row.get("passkey_by_length", {})) != PASSKEY_LENGTHS:
             passkey = None
@@ -117,7 +115,7 @@ def plot_quality(out: Path) -> Path | None:
         return None
     from matplotlib.ticker import FixedLocator, ScalarFormatter
 
-    fig, axes = _figure(3, (16, 5))
+    fig, axes = _row_of_axes(3, (16, 5))
     titles = ["continuation perplexity increase (%)", "recall perplexity increase (%)", "passkey accuracy"]
     for s, (label, pts) in enumerate(series.items()):
         ours = label.startswith("ChunkedDecomp")
@@ -173,7 +171,7 @@ def plot_decode(out: Path) -> Path | None:
     data = _load("decode_speed.json")
     if data is None:
         return None
-    fig, axes = _figure(1, (7, 4.5))
+    fig, axes = _row_of_axes(1, (7, 4.5))
     ax = axes[0]
     contexts = [r["context"] for r in data["rows"]]
     names = {"rebuild": "rebuild (balanced, default)", "factored": "factored, pre-RoPE keys",
@@ -203,7 +201,7 @@ def plot_memory(out: Path) -> Path | None:
     data = _load("memory_peak.json")
     if data is None:
         return None
-    fig, axes = _figure(1, (7, 4.5))
+    fig, axes = _row_of_axes(1, (7, 4.5))
     ax = axes[0]
     rows = [r for r in data["rows"] if r["cache"] != "dynamic"]
     groups = sorted({(r["malloc"], r["protocol"], r["cache"]) for r in rows})
@@ -228,7 +226,7 @@ def plot_gpu(out: Path) -> Path | None:
         return None
     rows = data["attention"]
     cells = sorted({(r["context"], r["budget"]) for r in rows})
-    fig, axes = _figure(1, (8, 4.5))
+    fig, axes = _row_of_axes(1, (8, 4.5))
     ax = axes[0]
     width = 0.27
     for i, (label, pick) in enumerate(

@@ -17,6 +17,9 @@ For each run it also records the cache's stored bytes and the process's peak RSS
     python benchmarks/decode_speed.py --contexts 8192      # long: prefill alone takes minutes
     python benchmarks/decode_speed.py --quick              # contexts 512 1024, 8 steps, 1 round
     python benchmarks/decode_speed.py --batch 4 --contexts 4096 --preset fast --modes factored_post_rope
+    python benchmarks/decode_speed.py --contexts 4096 --modes rebuild --set basis_sharing=none
+
+``--set KEY=VALUE`` overrides a field of the preset (the value read as YAML).
 
 ``--batch N`` decodes N rows at once, each prompt a different stretch of the text (consecutive, non-overlapping).
 
@@ -39,6 +42,7 @@ import torch
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker
 from chunked_decomp.compat import cache_kwarg_name, output_cache
+from chunked_decomp.config import parse_overrides
 from chunked_decomp.data import load_texts, load_token_ids
 from chunked_decomp.io import atomic_write_json
 from chunked_decomp.loading import load_model_and_tokenizer
@@ -105,6 +109,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="rows decoded at once (default 1)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the preset (repeatable; VALUE read as YAML), e.g. basis_sharing=none",
+    )
+    parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/decode_speed.json)"
     )
     args = parser.parse_args()
@@ -113,6 +125,13 @@ def main() -> None:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if any(c < 16 for c in args.contexts):
         parser.error(f"--contexts must each be >= 16 tokens, got {args.contexts}")
+    try:
+        overrides = parse_overrides(args.overrides)
+        configs = {
+            m: CompressionConfig.from_preset(args.preset, **{**overrides, **MODES[m]}) for m in args.modes
+        }
+    except ValueError as err:
+        parser.error(str(err))
     if args.quick:
         args.contexts, args.steps, args.repeats = [512, 1024], 8, 1
     output = (
@@ -122,7 +141,6 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=args.batch * max(args.contexts) + 1)
-    configs = {m: CompressionConfig.from_preset(args.preset, **MODES[m]) for m in args.modes}
     kinds = ["dynamic", *args.modes]
     results: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in kinds} for c in args.contexts}
     for rnd in range(args.repeats):
@@ -171,6 +189,7 @@ def main() -> None:
         "model": "smollm2-135m",
         "dtype": "float32",
         "preset": args.preset,
+        "overrides": overrides,
         "modes": args.modes,
         "threads": args.threads,
         "batch": args.batch,

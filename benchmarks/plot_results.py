@@ -39,6 +39,9 @@ PEER_FILES = [
     "compare_peers_presets_auto_weights-transformers5.24.0.json",
     "compare_peers_long_context-transformers5.24.0.json",
     "compare_peers_long_context_fast-transformers5.24.0.json",
+    # balanced and long_context with the shared key basis (later files' rows replace earlier ones' of that name)
+    "compare_peers_balanced_shared_keys-transformers5.24.0.json",
+    "compare_peers_long_context_shared_keys-transformers5.24.0.json",
 ]
 # Rows of ChunkedDecomp plotted: the shipped presets at their budgets (older rows of other settings are in the
 # JSON files and the README's table).

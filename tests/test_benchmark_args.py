@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("script", "args", "message"),
     [
         ("decode_speed.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
+        ("decode_speed.py", ["--set", "basis_sharing"], "--set takes KEY=VALUE, got 'basis_sharing'"),
+        ("decode_speed.py", ["--set", "basis_sharing=all"], "basis_sharing must be one of"),
         ("bench_core.py", ["--first_window", "-5"], "--first_window must be >= 0, got -5"),
         ("bench_core.py", ["--context_len", "16"], "--context_len must be >= 64, got 16"),
         ("plot_results.py", ["--output_dir", "FILE"], "is a file, not a folder"),

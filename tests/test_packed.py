@@ -83,13 +83,58 @@ def test_layouts_it_does_not_pack_are_refused() -> None:
     assert PackedFactors.supports(sets)
     joined = FactorSet(sets[0].pairs[:1], BATCH, 16, HEADS, DIM, joined=True)
     assert not PackedFactors.supports([joined])
+    # A shared basis is packed when every chunk of a head uses that head's basis, not a copy or its own.
+    bases = [torch.eye(DIM) for _ in range(HEADS)]
     shared = FactorSet(
-        [(t, SharedRows(torch.eye(DIM), 2)) for t, _ in sets[0].pairs], BATCH, 16, HEADS, DIM, joined=False
+        [(t, SharedRows(b, 2)) for (t, _), b in zip(sets[0].pairs, bases)],
+        BATCH,
+        16,
+        HEADS,
+        DIM,
+        joined=False,
     )
-    assert not PackedFactors.supports([shared])
+    assert PackedFactors.supports([shared, shared])
+    copied = FactorSet(
+        [(t, SharedRows(b.clone(), 2)) for (t, _), b in zip(sets[0].pairs, bases)],
+        BATCH,
+        16,
+        HEADS,
+        DIM,
+        False,
+    )
+    assert not PackedFactors.supports([shared, copied])
+    assert not PackedFactors.supports([shared, sets[0]])
     assert not PackedFactors.supports([])
     with pytest.raises(ValueError, match="per-head"):
         PackedFactors([joined])
+
+
+@pytest.mark.parametrize("corrections", [False, True], ids=["shared_rows", "with_own_rows"])
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batched_rebuild_with_a_shared_basis_equals_chunk_by_chunk(codec, layout, corrections) -> None:
+    """Token factors packed, each head's basis rows (more than any chunk keeps) used by all its chunks; with
+    corrections, a chunk's own rows follow the shared rows it keeps (half its rank here)."""
+    lengths, ranks = LAYOUTS[layout]
+    enc = CODECS[codec]
+    g = torch.Generator().manual_seed(3)
+    bases = [enc.encode_basis(torch.randn(DIM, DIM, generator=g)) for _ in range(HEADS)]
+    own = enc.encode(torch.randn(BATCH, DIM, 8, generator=g), torch.randn(BATCH, DIM, DIM, generator=g))[1]
+    sets = []
+    for s, rs in zip(_sets(lengths, ranks, enc), ranks):
+        pairs = []
+        for h, ((t, _), r) in enumerate(zip(s.pairs, rs)):
+            extra = r - r // 2 if corrections and r >= 2 else 0
+            c = SharedRows(bases[h], r - extra, take_rank(own, extra)) if extra else SharedRows(bases[h], r)
+            pairs.append((t, None if t is None else c))
+        sets.append(FactorSet(pairs, BATCH, s.length, HEADS, DIM, joined=False))
+    assert corrections == any(p[1].extra is not None for s in sets for p in s.pairs if p[1] is not None)
+    before = _slow(sets)
+    nbytes = sum(s.nbytes for s in sets)
+    packed = PackedFactors(sets)
+    torch.testing.assert_close(packed.reconstruct(), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_slow(sets), before, rtol=0, atol=0)
+    assert sum(s.nbytes for s in sets) == nbytes
 
 
 @pytest.mark.parametrize("bits", [2, 4])

@@ -36,7 +36,16 @@ from chunked_decomp.decomposition import (
     relative_error,
     single_thread_lapack,
 )
-from chunked_decomp.factors import CompressedChunk, FactorCodec, FactorSet, SharedRows, take_rank
+from chunked_decomp.factors import (
+    CompressedChunk,
+    Factor,
+    FactorCodec,
+    FactorSet,
+    SharedRows,
+    cat_rows,
+    factor_nbytes,
+    take_rank,
+)
 from chunked_decomp.packed import PackedFactors
 from chunked_decomp.quantization import QuantizedTensor
 from chunked_decomp.rotary import rotate, rotate_range
@@ -163,8 +172,13 @@ class ChunkedSVDLayer(DynamicLayer):
         # Set by ChunkedSVDCache with parallel_processing: update() leaves aged tokens exact, and the cache
         # compresses the chunks of all its layers together at the end of the forward pass.
         self.defer_aging = False
-        # basis_sharing="layer": one basis per kind ("k"/"v"), (groups, columns, columns), rows = components.
-        self.shared_bases: dict[str, torch.Tensor] = {}
+        # basis_sharing="layer": per kind ("k"/"v"), one encoded basis per group, (rows, columns), rows =
+        # components, cut to the rank the first span compressed keeps (later chunks keep at most that many).
+        self.shared_bases: dict[str, list[Factor]] = {}
+        # Between factoring and allocating that first span: each group's full basis, encoded, not yet counted.
+        self._basis_drafts: dict[str, list[Factor]] = {}
+        # Per kind: (q, mix) of the stored rows (see _shared_basis), derived from them once.
+        self._basis_frames: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- bookkeeping -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -214,7 +228,7 @@ class ChunkedSVDLayer(DynamicLayer):
         return self.batch * self.heads * (self.head_dim + self.v_head_dim) * element_size
 
     def _aged_stored_bytes(self) -> int:
-        bases = sum(_nbytes(b) for b in self.shared_bases.values())
+        bases = sum(factor_nbytes(b) for rows in self.shared_bases.values() for b in rows)
         return (
             _nbytes(self.sink_keys) + _nbytes(self.sink_values) + bases + sum(c.nbytes for c in self.chunks)
         )
@@ -366,6 +380,8 @@ class ChunkedSVDLayer(DynamicLayer):
         self.chunks = []
         self._packed = None
         self.shared_bases = {}
+        self._basis_drafts = {}
+        self._basis_frames = {}
         self.sink_keys = self.sink_values = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -499,19 +515,27 @@ class ChunkedSVDLayer(DynamicLayer):
     def _batch_signature(self, length: int) -> tuple:
         """Chunks of layers with equal signatures are factored and encoded in one call. A basis shared across a
         layer's chunks belongs to that layer, so those never join another layer's."""
-        own = self.layer_idx if self.config.basis_sharing == "layer" else None
+        own = self.layer_idx if self.config.basis_sharing != "none" else None
         return (length, self.batch, self.heads, self.head_dim, self.v_head_dim, self.device, self._joint, own)
 
     @property
     def _joint(self) -> bool:
         """Keys and values of equal head size are factored and encoded as one stack (half the calls, each on
         twice the matrices)."""
-        return self.config.basis_sharing != "layer" and self.head_dim == self.v_head_dim
+        return self.config.basis_sharing == "none" and self.head_dim == self.v_head_dim
+
+    def _shares_basis(self, kind: str) -> bool:
+        """Whether chunks of ``kind`` ("k"/"v") are coefficients on a basis of the layer (``basis_sharing``)."""
+        sharing = self.config.basis_sharing
+        return sharing == "layer" or (sharing == "keys" and kind == "k")
 
     def _allocate(self, job: _Job) -> None:
         """Ranks of the job's chunks, oldest first: each one's byte budget depends on what the earlier ones
         store, which the ranks fix exactly (bytes are linear in the rank), so no factor is encoded before all
         ranks are known."""
+        if self.config.basis_sharing != "none":
+            self._allocate_shared(job)
+            return
         pending_tokens = pending_bytes = 0
         # Energy shares of every unit of a group's chunks, (n_chunks, key groups + value groups, k), on the host
         # once: the allocation is a few hundred scores per chunk, where each device op would cost more.
@@ -531,11 +555,214 @@ class ChunkedSVDLayer(DynamicLayer):
             pending_tokens += s
             pending_bytes += sum(ri * self._rank_cost(s, c) for ri, c in zip(r, cols))
 
+    def _allocate_shared(self, job: _Job) -> None:
+        """Ranks with a basis shared by the layer (``basis_sharing``); see :meth:`_shared_units`."""
+        cfg = self.config
+        units = self._shared_units(job)
+        if cfg.adaptive_rank and cfg.use_low_rank_approximation and cfg.target_rank is None:
+            budget = self._chunk_budget(sum(job.sizes))
+            ranks = choose_ranks_linear(units.scores, units.per_rank, budget, units.floors)
+        else:
+            ranks = self._choose_ranks(
+                sum(job.sizes),
+                units.shares,
+                units.kinds,
+                units.cols,
+                per_rank=units.per_rank,
+                caps=units.caps,
+            )
+        self._apply_shared_ranks(job, ranks, units.owners)
+
+    def _shared_units(self, job: _Job) -> _SharedUnits:
+        """The units a job with a shared basis allocates: one per group of a kind on the shared basis, for all
+        the job's chunks; one per chunk and group of a kind without (``"keys"``: the values).
+
+        The first span compressed fixes the basis: a component kept costs its token rows in every chunk plus
+        its basis row once, so both are counted and the stored basis is cut to the ranks kept (the bytes
+        stored are exactly those ranks' bytes). Later chunks pay token rows only and keep at most the rows
+        stored. A unit's score is its component shares (each chunk's weighted by its length) times its weight
+        (:meth:`_unit_weights`) and its tokens, as in pooled allocation.
+        """
+        fk, fv = next(iter(job.factored.values()))
+        weights = self._unit_weights(fk.groups, fv.groups)
+        width = max(fk.columns, fv.columns)
+        total = sum(job.sizes)
+        units = _SharedUnits()
+
+        def add(kind, cols, share, cap, cost, owner, tokens):
+            row = np.zeros(width)
+            row[: share.shape[-1]] = share
+            score = np.where(np.arange(width) < cap, row * weights[owner[1]] * tokens, -np.inf)
+            units.kinds.append(kind)
+            units.cols.append(cols)
+            units.shares.append(row)
+            units.scores.append(score)
+            units.caps.append(cap)
+            units.per_rank.append(cost)
+            units.floors.append(min(cap, math.ceil(self.config.min_rank_ratio * width)))
+            units.owners.append(owner)
+
+        for kind, lo in (("k", 0), ("v", fk.groups)):
+            parts = [(s, f_k if kind == "k" else f_v) for s, (f_k, f_v) in job.factored.items()]
+            f0 = parts[0][1]
+            if self._shares_basis(kind):
+                share = (
+                    sum(s * f.energy.double().sum(0) for s, f in parts).cpu().numpy() / total
+                )  # (groups, k)
+                rows = [f0.columns] * f0.groups
+                if kind in self.shared_bases:
+                    rows = [0 if b is None else b.shape[-2] for b in self.shared_bases[kind]]
+                cost = sum(self._rank_cost(s, f0.columns, True) for s in job.sizes)
+                if kind in self._basis_drafts:
+                    cost += self.codec.basis_row_cost(f0.columns)
+                for g in range(f0.groups):
+                    add(kind, f0.columns, share[g], rows[g], cost, (None, lo + g), total)
+                continue
+            for s, f in parts:
+                energy = f.energy.double().cpu().numpy()  # (n, groups, k)
+                for j, i in enumerate(job.by_length[s]):
+                    for g in range(f.groups):
+                        cost = self._rank_cost(s, f.columns)
+                        add(kind, f.columns, energy[j, g], energy.shape[-1], cost, (i, lo + g), s)
+        units.shares = np.stack(units.shares)
+        units.scores = np.stack(units.scores)
+        return units
+
+    def _apply_shared_ranks(self, job: _Job, ranks: list[int], owners: list[tuple[int | None, int]]) -> None:
+        """Give the job's chunks their ranks (``owners[u]``: the chunk unit u belongs to, None for all, and its
+        position in the chunk's ranks), cut a drafted basis to them, and turn the shared kinds' coefficients
+        into coefficients on the stored rows."""
+        fk, fv = next(iter(job.factored.values()))
+        job.ranks = [[0] * (fk.groups + fv.groups) for _ in job.sizes]
+        for r, (i, pos) in zip(ranks, owners):
+            for chunk_ranks in job.ranks if i is None else [job.ranks[i]]:
+                chunk_ranks[pos] = int(r)
+        ranks = job.ranks[0]  # the shared kinds' ranks are every chunk's
+        key_groups = fk.groups
+        for kind, lo in (("k", 0), ("v", key_groups)):
+            if kind in self._basis_drafts:
+                drafts = self._basis_drafts.pop(kind)
+                kept = ranks[lo : lo + len(drafts)]
+                self.shared_bases[kind] = [take_rank(d, r) for d, r in zip(drafts, kept)]
+                # The frames of the rows kept: q's first r rows, mix's leading r × r block (see _shared_basis).
+                q, mix = self._basis_frames[kind]
+                r = torch.tensor(kept, device=q.device)
+                idx = torch.arange(q.shape[-1], device=q.device)
+                rows = idx[None, :] < r[:, None]  # (groups, cols)
+                self._basis_frames[kind] = (
+                    q * rows[:, :, None],
+                    mix * (rows[:, :, None] & rows[:, None, :]),
+                )
+        for f_k, f_v in job.factored.values():
+            for kind, f, lo in (("k", f_k, 0), ("v", f_v, key_groups)):
+                if f.mix is None:
+                    continue
+                # The chunks' channel factors: the stored rows (known now that they are cut).
+                f.channel[:] = [
+                    SharedRows(b, 0 if b is None else b.shape[-2]) for b in self.shared_bases[kind]
+                ]
+                # Coefficients on the orthonormal rows, cut to each group's rank, as coefficients on the
+                # stored rows (see _shared_basis): x ≈ Σ_{i<r} c_i q_i = Σ_i c_i Σ_{j<=i} mix[j, i] B_j; rows
+                # past the rank are zeroed first, so the kept ones depend only on kept ones.
+                r = torch.tensor(ranks[lo : lo + f.groups], device=f.token_t.device)
+                keep = torch.arange(f.columns, device=r.device)[None, :] < r[:, None]  # (groups, k)
+                cut = f.token_t * keep[None, :, None, :, None]
+                f.token_t.copy_(torch.einsum("ngbit,gji->ngbjt", cut, f.mix))
+
+    def _add_corrections(self, job: _Job, built: dict[int, CompressedChunk]) -> None:
+        """Per-chunk corrections to a shared basis (``basis_corrections``): the bytes the job's chunks leave of
+        their budget (``_chunk_budget`` of the span, less what they store) buy components of each chunk's
+        residual ``x - coefficients @ stored rows``, chosen across the job's chunks, kinds and groups by energy
+        per byte (weighted as the ranks are) and stored as extra rows of the chunk's channel factor.
+
+        Chunks of the first span rarely have bytes left (the basis was cut to what they keep); later chunks,
+        which keep at most the rows stored, have what those rows cannot hold.
+        """
+        kinds = [kind for kind in ("k", "v") if self._shares_basis(kind)]
+        spent = sum(c.keys.nbytes + c.values.nbytes for c in built.values())
+        slack = self._chunk_budget(sum(job.sizes)) - spent
+        if job.correction_pool is not None:
+            slack = min(slack, job.correction_pool[0])
+        fk, fv = next(iter(job.factored.values()))
+        weights = self._unit_weights(fk.groups, fv.groups)
+        cheapest = min(self._rank_cost(s, f.columns) for s in job.sizes for f in (fk, fv))
+        if slack < cheapest:
+            return
+        units = []  # (length, kind, float token_t (n, g, b, k, T), channel (n, g, b, k, cols))
+        rows, costs = [], []
+        for s, (f_k, f_v) in job.factored.items():
+            xk, xv = job.stack(s)
+            for kind, x, f in (("k", xk, f_k), ("v", xv, f_v)):
+                if kind not in kinds:
+                    continue
+                n, b, g, cols = x.shape[0], x.shape[1], f.groups, f.columns
+                mats = self._matrices(x).reshape(n, b, g, s, cols)
+                # The coefficients are on the stored rows (see _apply_shared_ranks), zero past each rank.
+                stored = self._stored_rows(kind, g, cols, x.device)
+                resid = mats - torch.einsum("ngbkt,gkc->nbgtc", f.token_t, stored)
+                fac = factorize(
+                    resid.reshape(n * b * g, s, cols),
+                    self.config.factorizer_for(x.device.type),
+                    check_finite=False,
+                )
+                k = fac.spectrum.shape[-1]
+                total = mats.double().pow(2).sum((-1, -2)).clamp_min(1e-30)  # (n, b, g)
+                share = (fac.spectrum.reshape(n, b, g, k).double() ** 2 / total[..., None]).mean(
+                    1
+                )  # (n, g, k)
+                lo = 0 if kind == "k" else fk.groups
+                w = weights[lo : lo + g]
+                rows += list((share * torch.as_tensor(w * s)[None, :, None]).reshape(n * g, k).numpy())
+                costs += [self._rank_cost(s, cols)] * (n * g)
+                token_t = fac.token_factor.reshape(n, b, g, s, k).permute(0, 2, 1, 4, 3)
+                channel = fac.channel_factor.reshape(n, b, g, k, cols).permute(0, 2, 1, 3, 4)
+                units.append((s, kind, token_t, channel))
+        width = max(r.size for r in rows)
+        energies = np.full((len(rows), width), -np.inf)
+        for u, r in enumerate(rows):
+            energies[u, : r.size] = r
+        extra = choose_ranks_linear(energies, costs, slack, [0] * len(rows))
+        if job.correction_pool is not None:
+            job.correction_pool[0] -= float(np.dot(extra, costs))
+        at = 0
+        for s, kind, token_t, channel in units:
+            n, g = token_t.shape[:2]
+            ranks = np.asarray(extra[at : at + n * g]).reshape(n, g)
+            at += n * g
+            top = int(ranks.max())
+            if top == 0:
+                continue
+            tok, chan = self.codec.encode(
+                token_t[..., :top, :].contiguous(), channel[..., :top, :].contiguous()
+            )
+            for j, i in enumerate(job.by_length[s]):
+                fs = built[i].keys if kind == "k" else built[i].values
+                for gi in range(g):
+                    t, c = fs.pairs[gi]
+                    r = int(ranks[j, gi])
+                    # Copies even without a correction: the job's token buffer is then held by no chunk.
+                    if r == 0:
+                        fs.pairs[gi] = (None if t is None else take_rank(t, t.shape[-2]), c)
+                        continue
+                    t_c, c_c = take_rank(tok[j, gi], r), take_rank(chan[j, gi], r)
+                    basis = self.shared_bases[kind][gi]
+                    fs.pairs[gi] = (cat_rows(t, t_c), SharedRows(basis, 0 if c is None else c.rank, c_c))
+
+    def _stored_rows(self, kind: str, groups: int, cols: int, device: torch.device) -> torch.Tensor:
+        """The stored basis of ``kind`` decoded, zero-padded: (groups, cols, cols) float32."""
+        out = torch.zeros(groups, cols, cols, device=device)
+        for gi, rows in enumerate(self.shared_bases[kind]):
+            if rows is not None:
+                out[gi, : rows.shape[-2]] = SharedRows(rows, rows.shape[-2]).decode(torch.float32)
+        return out
+
     def _finish(self, job: _Job) -> None:
         """Append the job's chunks, built from its encoded factors, and drop their tokens from the tail."""
         built = {}
         for s, idxs in job.by_length.items():
             built.update(zip(idxs, self._build_chunks(job, s, idxs)))
+        if self.config.basis_sharing != "none" and self.config.basis_corrections:
+            self._add_corrections(job, built)
         for i, s in enumerate(job.sizes):
             chunk = built[i]
             if self.config.debug:
@@ -568,17 +795,17 @@ class ChunkedSVDLayer(DynamicLayer):
         g = 1 if self.config.head_mode == "joined" else h
         mats = self._matrices(x)
         cols = mats.shape[-1]
-        if self.config.basis_sharing == "layer":
+        if self._shares_basis(kind):
             xg = mats.reshape(n, b, g, t, cols)
-            basis = self._shared_basis(kind, xg)  # (g, cols, cols), float32 copy of the stored basis
+            basis, mix = self._shared_basis(kind, xg)  # (g, cols, cols) each, see there
             coeffs = torch.einsum("nbgtc,gkc->nbgtk", xg, basis)
             token_t = coeffs.permute(0, 2, 1, 4, 3)
             energy = coeffs.double().pow(2).sum(3)  # (n, b, g, k)
             energy = (energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)).mean(1)
             # Ranks keep a prefix of the basis order: make the shares non-increasing along it.
             energy = energy.flip(-1).cummax(-1).values.flip(-1).float()
-            stored = self.shared_bases[kind]
-            return _Factored(token_t, [SharedRows(stored[gi], cols) for gi in range(g)], energy, g, cols)
+            # The channel factors (`SharedRows`) are set by _allocate_shared, once the stored rows are known.
+            return _Factored(token_t, [], energy, g, cols, mix=mix)
         method = self.config.factorizer_for(mats.device.type)
         if method == "gram" and cols <= t:
             # Only the basis now: the factors are formed at encoding, for the components some chunk keeps.
@@ -605,14 +832,39 @@ class ChunkedSVDLayer(DynamicLayer):
             return self.codec.encode_tokens(token_t), f.channel
         return self.codec.encode(token_t, f.channel_rows(top))
 
-    def _shared_basis(self, kind: str, xg: torch.Tensor) -> torch.Tensor:
-        """The layer's basis for ``kind``, computed from xg: (n, batch, groups, T, columns) on first use."""
-        if kind not in self.shared_bases:
-            gram = torch.einsum("nbgtc,nbgtd->gcd", xg, xg)
+    def _shared_basis(self, kind: str, xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's basis for ``kind``, for projecting chunks xg: (n, batch, groups, T, columns).
+
+        Returns ``(q, mix)``, each (groups, columns, columns) float32, zero beyond the rows stored: ``q`` the
+        stored rows as decoded (``B``) made orthonormal (Gram-Schmidt: row j of q spans rows 0..j of B), and
+        ``mix`` upper triangular with ``q = mix.T @ B``. Coefficients ``c = x @ q.T``, cut to a rank r, become
+        ``c @ mix.T`` on the stored rows (:meth:`_allocate_shared`), which rebuild x projected on the first r
+        stored rows: quantisation leaves the rows slightly skew, and coefficients taken on skew rows would count
+        that error twice.
+
+        On first use the basis is computed from xg, the principal directions of the span, and held as a draft
+        (each group's full basis, encoded) until the allocation cuts it; q and mix are computed then, once.
+        """
+        if kind not in self._basis_frames:
+            g, cols = xg.shape[2], xg.shape[-1]
+            gram = torch.einsum("nbgtc,nbgtd->gcd", xg.double(), xg.double())
             _, evecs = torch.linalg.eigh(gram)
-            rows = evecs.flip(-1).transpose(-1, -2).contiguous()
-            self.shared_bases[kind] = rows.to(self.codec.factor_dtype)
-        return self.shared_bases[kind].to(torch.float32)
+            rows = evecs.flip(-1).transpose(-1, -2).float().contiguous()
+            # Encoded in one call; each group's draft is a view (cut, i.e. copied, by the allocation).
+            encoded = self.codec.encode_basis(rows)
+            self._basis_drafts[kind] = [encoded[gi] for gi in range(g)]
+            decoded = SharedRows(encoded, cols).decode(torch.float64)  # (g, cols, cols)
+            # Bᵀ = QR with R's diagonal made positive (each decoded row keeps its stored row's sign):
+            # q = Qᵀ = (R⁻¹)ᵀ B, R⁻¹ upper triangular. Gram-Schmidt keeps prefixes, so cutting the basis to k rows
+            # cuts q to its first k rows and mix to its leading k × k block (_apply_shared_ranks).
+            q_, r_ = torch.linalg.qr(decoded.transpose(-1, -2))
+            sign = torch.where(torch.diagonal(r_, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(torch.float64)
+            q_, r_ = q_ * sign[:, None, :], r_ * sign[:, :, None]
+            eye = torch.eye(cols, dtype=torch.float64, device=xg.device).expand(g, cols, cols)
+            mix = torch.linalg.solve_triangular(r_, eye, upper=True)
+            self._basis_frames[kind] = (q_.transpose(-1, -2).float(), mix.float())
+        q, mix = self._basis_frames[kind]
+        return q, mix
 
     def _chunk_budget(
         self, length: int, pending_tokens: int = 0, pending_bytes: int = 0, stored: int | None = None
@@ -641,11 +893,11 @@ class ChunkedSVDLayer(DynamicLayer):
             w = w * heads**self.config.head_weights_power
         return w
 
-    def _rank_cost(self, length: int, columns: int) -> int:
-        """Bytes one component of a (batch, length, columns) unit costs."""
-        key = (self.batch, length, columns)
+    def _rank_cost(self, length: int, columns: int, shared: bool = False) -> int:
+        """Bytes one component of a (batch, length, columns) unit costs (a token row only when ``shared``: its
+        basis row is the layer's)."""
+        key = (self.batch, length, columns, shared)
         if key not in self._rank_costs:
-            shared = self.config.basis_sharing == "layer"
             self._rank_costs[key] = self.codec.rank_cost(self.batch, length, columns, shared)
         return self._rank_costs[key]
 
@@ -658,27 +910,34 @@ class ChunkedSVDLayer(DynamicLayer):
         pending_tokens: int = 0,
         pending_bytes: int = 0,
         stored: int | None = None,
+        per_rank: list[int] | None = None,
+        caps: list[int] | None = None,
     ) -> list[int]:
         """Ranks of the units (key/value × group) of one chunk. energies: (units, k), each row a unit's
-        component shares; the rest as for :meth:`_chunk_budget`."""
+        component shares; the rest as for :meth:`_chunk_budget`. ``per_rank``: bytes of one component of each
+        unit (default: a token row and a channel row of this chunk); ``caps``: the most components each unit
+        may keep (default k)."""
         cfg = self.config
         k = energies.shape[-1]
+        caps = [k] * len(kinds) if caps is None else [min(c, k) for c in caps]
         if not cfg.use_low_rank_approximation:
-            return [k] * len(kinds)
+            return caps
         if cfg.target_rank is not None:
-            return [min(cfg.target_rank, k)] * len(kinds)
-        per_rank = [self._rank_cost(length, c) for c in cols]
-        floors = [min(k, math.ceil(cfg.min_rank_ratio * k)) for _ in kinds]
+            return [min(cfg.target_rank, c) for c in caps]
+        if per_rank is None:
+            per_rank = [self._rank_cost(length, c) for c in cols]
+        floors = [min(c, math.ceil(cfg.min_rank_ratio * k)) for c in caps]
         budget = self._chunk_budget(length, pending_tokens, pending_bytes, stored)
         if cfg.adaptive_rank:
             weights = self._unit_weights(kinds.count("k"), kinds.count("v"))[:, None]
-            return choose_ranks_linear(energies * weights, per_rank, budget, floors)
+            scores = np.where(np.arange(k)[None, :] < np.asarray(caps)[:, None], energies * weights, -np.inf)
+            return choose_ranks_linear(scores, per_rank, budget, floors)
         ranks = []
         for kind, share in (("k", cfg.key_budget_share), ("v", 1.0 - cfg.key_budget_share)):
             idx = [i for i, kd in enumerate(kinds) if kd == kind]
             unit = sum(per_rank[i] for i in idx)
             r = int(budget * share // unit) if unit else k
-            ranks += [max(min(r, k), floors[i]) for i in idx]
+            ranks += [max(min(r, caps[i]), floors[i]) for i in idx]
         return ranks
 
     def _build_chunks(self, job: _Job, length: int, idxs: list[int]) -> list[CompressedChunk]:
@@ -698,12 +957,15 @@ class ChunkedSVDLayer(DynamicLayer):
                 return both[:n], both[n:]
             return _take_all(f_k, picks_k), _take_all(f_v, picks_v)
 
+        def take_channels(chan, picks) -> list:
+            # A list: one `SharedRows` per group, the layer's basis (nothing to gather).
+            if isinstance(chan, list):
+                return [[take_rank(c, r) for c, r in zip(chan, rs)] for _, rs in picks]
+            return _take_all(chan, picks)
+
         tokens = take(tok_k, tok_v)
-        if isinstance(chan_k, list):
-            channels = tuple(
-                [[take_rank(c, r) for c, r in zip(chan, rs)] for _, rs in picks]
-                for chan, picks in ((chan_k, picks_k), (chan_v, picks_v))
-            )
+        if isinstance(chan_k, list) or isinstance(chan_v, list):
+            channels = (take_channels(chan_k, picks_k), take_channels(chan_v, picks_v))
         else:
             channels = take(chan_k, chan_v)
         joined = self.config.head_mode == "joined"
@@ -772,6 +1034,9 @@ class _Job:
     factored: dict = field(default_factory=dict)
     ranks: list = field(default_factory=list)
     encoded: dict = field(default_factory=dict)
+    # With pooled ranks: the bytes the pooled allocation left, shared by the jobs of the call ([bytes]), which
+    # bounds their corrections to a shared basis (each layer's own slack would overspend the pooled budget).
+    correction_pool: list | None = None
 
     def __post_init__(self):
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
@@ -857,6 +1122,7 @@ def _allocate_pooled(jobs: list[_Job]) -> None:
     together converge to the budget as each layer's do with ``"per_layer"``.
     """
     rows, costs, floors, owners = [], [], [], []
+    shared: dict[int, _SharedUnits] = {}
     allowance = balance = 0.0
     for n, job in enumerate(jobs):
         layer, cfg = job.layer, job.layer.config
@@ -864,6 +1130,14 @@ def _allocate_pooled(jobs: list[_Job]) -> None:
         allowance += cfg.compression_ratio * ref_token * sum(job.sizes)
         aged = layer.sink_length + layer.compressed_length
         balance += cfg.compression_ratio * ref_token * aged - layer._aged_stored_bytes()
+        if cfg.basis_sharing != "none":
+            # Units of a shared basis span the job's chunks (see _shared_units).
+            shared[n] = units = layer._shared_units(job)
+            rows += list(units.scores)
+            costs += units.per_rank
+            floors += units.floors
+            owners.append((n, len(units.owners)))
+            continue
         shares = {
             s: np.concatenate([fk.energy.cpu().numpy(), fv.energy.cpu().numpy()], axis=1)
             for s, (fk, fv) in job.factored.items()
@@ -884,9 +1158,15 @@ def _allocate_pooled(jobs: list[_Job]) -> None:
         energies[u, : r.size] = r
     budget = allowance + max(balance, -_MAX_REPAYMENT * allowance)
     ranks = choose_ranks_linear(energies, costs, budget, floors)
+    pool = [budget - float(np.dot(ranks, costs))]
+    for job in jobs:
+        job.correction_pool = pool
     at = 0
     for n, units in owners:
-        jobs[n].ranks.append(ranks[at : at + units])
+        if n in shared:
+            jobs[n].layer._apply_shared_ranks(jobs[n], ranks[at : at + units], shared[n].owners)
+        else:
+            jobs[n].ranks.append(ranks[at : at + units])
         at += units
 
 
@@ -934,6 +1214,23 @@ def _take_all(f: torch.Tensor | QuantizedTensor, picks: list[tuple[int, list[int
 
 
 @dataclass
+class _SharedUnits:
+    """Units of a job with a shared basis (:meth:`ChunkedSVDLayer._shared_units`), one entry each: kind,
+    columns, component shares (padded with zeros to the widest), scores (weighted, times tokens, -inf past the
+    cap), bytes per component, most and fewest components kept, and owner (chunk index or None for every
+    chunk, position in a chunk's ranks)."""
+
+    kinds: list = field(default_factory=list)
+    cols: list = field(default_factory=list)
+    shares: list | np.ndarray = field(default_factory=list)
+    scores: list | np.ndarray = field(default_factory=list)
+    per_rank: list = field(default_factory=list)
+    caps: list = field(default_factory=list)
+    floors: list = field(default_factory=list)
+    owners: list = field(default_factory=list)
+
+
+@dataclass
 class _Factored:
     """Float factors of a stack of equal-length chunks of one kind, before encoding.
 
@@ -950,6 +1247,8 @@ class _Factored:
     columns: int
     basis: GramBasis | None = None
     dims: tuple[int, int] = (1, 1)
+    # With a shared basis: (groups, k, k), coefficients on its orthonormal rows → on its stored rows.
+    mix: torch.Tensor | None = None
 
     def token_rows(self, top: int) -> torch.Tensor:
         """The first ``top`` token rows, (n_chunks, groups, batch, top, T), contiguous."""
@@ -975,7 +1274,12 @@ class _Factored:
             return _Factored(None, None, self.energy[first:last], self.groups, self.columns, basis, self.dims)
         channel = self.channel if isinstance(self.channel, list) else self.channel[first:last]
         return _Factored(
-            self.token_t[first:last], channel, self.energy[first:last], self.groups, self.columns
+            self.token_t[first:last],
+            channel,
+            self.energy[first:last],
+            self.groups,
+            self.columns,
+            mix=self.mix,
         )
 
 

@@ -18,7 +18,7 @@ _DTYPES = ("float16", "bfloat16", "float32")
 _QUANT_BITS = (2, 4, 8)
 _HEAD_MODES = ("per_head", "joined")
 _FACTORIZERS = ("gram", "randomized", "exact", "subspace")
-_BASIS_SHARING = ("none", "layer")
+_BASIS_SHARING = ("none", "layer", "keys")
 _DECODE_ATTENTION = ("rebuild", "factored")
 _RANK_ALLOCATION = ("per_layer", "pooled")
 
@@ -52,10 +52,16 @@ class CompressionConfig:
             the byte budget; otherwise one rank per chunk from the budget.
         target_rank: fix the rank instead of deriving it from the budget (then the budget is a result).
         min_rank_ratio: no rank below ``ceil(min_rank_ratio * full_rank)``; in [0, 1].
-        basis_sharing: ``"none"`` gives every chunk its own basis (channel factor); ``"layer"`` computes one
-            basis per layer, kind and head from the first span compressed and projects every later chunk on it,
-            so a chunk stores only its token coefficients (its rank still chosen per chunk) and the basis is
-            stored once (in ``factor_dtype``).
+        basis_sharing: ``"none"`` gives every chunk its own basis (channel factor). ``"layer"`` computes one
+            basis per layer, kind and head from the first span compressed (its principal directions) and projects
+            every chunk on it, so a chunk stores only its token coefficients; the basis is stored once, at
+            ``basis_bits``, cut to the rank that span keeps (its rows are paid in that span's budget; later chunks
+            keep at most that many). ``"keys"`` shares the keys' basis only, values keep a basis per chunk
+            (pre-rotary keys keep one subspace across a layer's chunks, values do not). With a shared basis a
+            compression step chooses one rank per layer, kind and head for all its chunks.
+        basis_corrections: with a shared basis, chunks spend the bytes the shared rows leave (later chunks keep
+            at most the rows the first span kept) on their own components of what those rows miss: the residual's
+            leading singular vectors, stored as extra rows of the chunk's channel factor.
         head_mode: ``"per_head"`` factors each KV head alone; ``"joined"`` factors the heads of a layer together
             (one basis over ``kv_heads * head_dim`` columns).
         compress_keys_pre_rope: undo the rotary embedding before factoring keys and redo it on reconstruction
@@ -122,6 +128,7 @@ class CompressionConfig:
     min_rank_ratio: float = 0.0
     head_mode: str = "per_head"
     basis_sharing: str = "none"
+    basis_corrections: bool = True
     compress_keys_pre_rope: bool = True
     decode_attention: str = "rebuild"
     key_budget_share: float = 0.5
@@ -188,6 +195,7 @@ class CompressionConfig:
             "use_low_rank_approximation",
             "adaptive_rank",
             "compress_keys_pre_rope",
+            "basis_corrections",
             "use_fast_svd",
             "use_quantization",
             "parallel_processing",

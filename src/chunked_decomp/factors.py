@@ -21,18 +21,43 @@ from chunked_decomp.quantization import QuantizedTensor, quantize, quantized_nby
 
 @dataclass
 class SharedRows:
-    """The first ``rank`` rows of a basis shared by every chunk of a layer (``basis_sharing="layer"``).
+    """A chunk's channel factor on a basis shared by every chunk of a layer (``basis_sharing``): the basis's
+    first ``rank`` rows, then the chunk's own correction rows, if any.
 
-    basis: (columns, columns), row j = component j, held once by the layer — so a chunk stores no channel
-    factor and these rows count 0 bytes here (the layer counts the basis once).
+    basis: (rows, columns), row j = component j, stored once by the layer (a tensor in ``factor_dtype`` or a
+    `QuantizedTensor` at ``basis_bits``), so it counts 0 bytes here (the layer counts it once); ``rank`` <= rows.
+    extra: (batch, r_c, columns) or None, the chunk's own rows for what the shared ones miss (encoded like any
+    channel factor, and counted here). The chunk's token factor holds rank + r_c rows, in that order.
     """
 
-    basis: torch.Tensor
+    basis: torch.Tensor | QuantizedTensor | None
     rank: int
+    extra: torch.Tensor | QuantizedTensor | None = None
+
+    @property
+    def extra_rank(self) -> int:
+        return 0 if self.extra is None else self.extra.shape[-2]
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.rank, self.basis.shape[-1])
+        cols = (self.basis if self.basis is not None else self.extra).shape[-1]
+        return (self.rank + self.extra_rank, cols)
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        """(rank, columns) in ``dtype``, or (batch, rank + r_c, columns) with correction rows."""
+        if self.rank == 0 and self.extra is not None:  # no shared row kept (the basis may hold none)
+            return _decode(self.extra, dtype)
+        if isinstance(self.basis, QuantizedTensor):
+            rows = self.basis
+            if rows.shape[-2] != self.rank:
+                rows = rows.narrow_prefix(-2, self.rank)
+            rows = rows.dequantize().to(dtype)
+        else:
+            rows = self.basis[: self.rank].to(dtype)
+        if self.extra is None:
+            return rows
+        extra = _decode(self.extra, dtype)
+        return torch.cat([rows.expand(extra.shape[0], -1, -1), extra], dim=-2)
 
 
 Factor = torch.Tensor | QuantizedTensor | SharedRows | None
@@ -113,6 +138,21 @@ class FactorCodec:
             quantized_nbytes((batch, 1, n), self.channel_bits, self.group_size, -1, scale_bytes)
         )
 
+    def encode_basis(self, rows: torch.Tensor) -> Factor:
+        """rows: (k, n) float32, a basis shared by a layer's chunks → stored like a channel factor (``channel_bits``
+        per value, each row its own scales), so row j costs :meth:`basis_row_cost` bytes and any prefix of rows
+        is the encoding of that prefix."""
+        if not self.quantize:
+            return rows.to(self.factor_dtype)
+        return quantize(rows, self.channel_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype)
+
+    def basis_row_cost(self, n: int) -> int:
+        """Bytes of one row of a shared basis over ``n`` columns (see :meth:`encode_basis`)."""
+        scale_bytes = torch.empty((), dtype=self.factor_dtype).element_size()
+        if not self.quantize:
+            return n * scale_bytes
+        return quantized_nbytes((1, n), self.channel_bits, self.group_size, -1, scale_bytes)
+
     def cost(self, batch: int, m: int, n: int) -> Callable[[int], int]:
         """bytes(r) stored for a (batch, m, n) matrix at rank r."""
         per_rank = self.rank_cost(batch, m, n)
@@ -124,22 +164,42 @@ def take_rank(f: Factor, r: int) -> Factor:
     if f is None or r == 0:
         return None
     if isinstance(f, SharedRows):
+        if f.extra is not None:
+            raise ValueError("a channel factor with correction rows cannot be cut to a rank")
         return SharedRows(f.basis, r)
     if isinstance(f, QuantizedTensor):
         return f.narrow_prefix(-2, r)
     return f[..., :r, :].clone()
 
 
+def cat_rows(a: torch.Tensor | QuantizedTensor | None, b: torch.Tensor | QuantizedTensor) -> Factor:
+    """Rows of ``a`` then rows of ``b`` (dim -2), in a new buffer; encoded alike (quantised ones grouped along
+    the last dimension, with equal bits and group size). ``a`` None: a copy of ``b``."""
+    if a is None:
+        return take_rank(b, b.shape[-2])
+    if isinstance(a, QuantizedTensor):
+        return QuantizedTensor(
+            torch.cat([a.codes, b.codes], -2),
+            torch.cat([a.scale, b.scale], -2),
+            torch.cat([a.minimum, b.minimum], -2),
+            (*a.shape[:-2], a.shape[-2] + b.shape[-2], a.shape[-1]),
+            a.bits, a.group_size, a.group_dim, a.dtype,
+        )  # fmt: skip
+    return torch.cat([a, b], dim=-2)
+
+
 def _decode(f: Factor, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(f, SharedRows):
-        return f.basis[: f.rank].to(dtype)
+        return f.decode(dtype)
     if isinstance(f, QuantizedTensor):
         return f.dequantize().to(dtype)
     return f.to(dtype)
 
 
-def _nbytes(f: Factor) -> int:
-    if f is None or isinstance(f, SharedRows):
+def factor_nbytes(f: Factor) -> int:
+    if isinstance(f, SharedRows):
+        return factor_nbytes(f.extra)
+    if f is None:
         return 0
     if isinstance(f, QuantizedTensor):
         return f.nbytes
@@ -147,7 +207,9 @@ def _nbytes(f: Factor) -> int:
 
 
 def _map(f: Factor, fn_tensor: Callable, fn_q: Callable) -> Factor:
-    if f is None or isinstance(f, SharedRows):
+    if isinstance(f, SharedRows):
+        return f if f.extra is None else SharedRows(f.basis, f.rank, _map(f.extra, fn_tensor, fn_q))
+    if f is None:
         return f
     if isinstance(f, QuantizedTensor):
         return fn_q(f)
@@ -175,7 +237,7 @@ class FactorSet:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(t) + _nbytes(c) for t, c in self.pairs)
+        return sum(factor_nbytes(t) + factor_nbytes(c) for t, c in self.pairs)
 
     def reconstruct(
         self, dtype: torch.dtype = torch.float32, device: torch.device | None = None

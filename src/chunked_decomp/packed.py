@@ -7,8 +7,10 @@ factors into views of them, so no byte is held twice and the stored-byte count i
 one dequantisation per buffer and one zero-padded batched matrix product per run of equal-length chunks.
 
 Covers the layouts the presets use: one factor pair per KV head, either all quantised (groups along the last
-dimension) or all plain tensors. Other layouts (heads joined, a basis shared by the
-layer) keep the chunk-by-chunk path; :meth:`PackedFactors.supports` says which.
+dimension) or all plain tensors, the channel factors either each chunk's own or each head's basis shared by the
+layer (`SharedRows`, ``basis_sharing``; then only the token factors are packed and the fused kernels, which read
+a channel factor per chunk, are not used). Joined heads keep the chunk-by-chunk path;
+:meth:`PackedFactors.supports` says which.
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ class _FlatRole:
         return torch.addcmul(minimum, codes.to(torch.float32), scale)
 
 
+def channels_of(sets: list[FactorSet], slots: list[tuple[int, int]]) -> list:
+    """The channel factor of each slot (set index, head)."""
+    return [sets[ci].pairs[h][1] for ci, h in slots]
+
+
 class PackedFactors:
     """The factors of one kind of a layer's chunks, packed for a batched rebuild.
 
@@ -100,9 +107,7 @@ class PackedFactors:
 
     def __init__(self, sets: list[FactorSet]):
         if not self.supports(sets):
-            raise ValueError(
-                "PackedFactors needs per-head factor sets without a shared basis (see supports())"
-            )
+            raise ValueError("PackedFactors needs per-head factor sets of one layout (see supports())")
         s0 = sets[0]
         self.batch, self.heads, self.head_dim = s0.batch, s0.heads, s0.head_dim
         self.length = sum(s.length for s in sets)
@@ -115,15 +120,40 @@ class PackedFactors:
                     channels.append(c)
                     slots.append((ci, h))
         self.token = _FlatRole(tokens) if tokens else None
+        # A basis shared by the layer: each head's stored rows, held once (by the layer), not packed.
+        self.shared: list[SharedRows | None] | None = None
+        # Chunks' own correction rows on a shared basis: packed like channel factors; per factor i with
+        # corrections, (i, rows of the shared basis it keeps).
+        self.extra: _FlatRole | None = None
+        extra_of: list[tuple[int, int]] = []
+        if channels and isinstance(channels[0], SharedRows):
+            self.shared = [None] * self.heads
+            for i, ((_, h), c) in enumerate(zip(slots, channels)):
+                if self.shared[h] is None or c.rank > self.shared[h].rank:
+                    self.shared[h] = c
+                if c.extra is not None:
+                    extra_of.append((i, c.rank))
+            if extra_of:
+                self.extra = _FlatRole([channels[i].extra for i, _ in extra_of])
+            channels = []
         self.channel = _FlatRole(channels) if channels else None
         if self.token is not None and not self.token.quantized:
             # Plain tensors cannot be re-pointed in place: put the views into the pairs.
-            for (ci, h), tv, cv in zip(slots, self.token.views, self.channel.views):
+            cviews = self.channel.views if self.channel is not None else channels_of(sets, slots)
+            if self.extra is not None:
+                for (i, _), ev in zip(extra_of, self.extra.views):
+                    cviews[i] = SharedRows(cviews[i].basis, cviews[i].rank, ev)
+            for (ci, h), tv, cv in zip(slots, self.token.views, cviews):
                 sets[ci].pairs[h] = (tv, cv)
         # Per factor, for the fused kernel (`chunked_decomp.kernels`): token code and group offsets, channel code
         # and group offsets, rank, length, first compressed position, head.
         self._meta = None
-        if self.token is not None and self.token.quantized and self.channel.quantized:
+        if (
+            self.token is not None
+            and self.token.quantized
+            and self.channel is not None
+            and self.channel.quantized
+        ):
             starts = [0]
             for s in sets:
                 starts.append(starts[-1] + s.length)
@@ -142,7 +172,8 @@ class PackedFactors:
         # Runs of consecutive chunks of equal length, each rebuilt by one padded batched product.
         device = self._device(sets)
         self.runs = []
-        factor_idx = 0
+        factor_idx = extra_idx = 0
+        extra_rank = dict(extra_of)
         i = 0
         while i < len(sets):
             j = i
@@ -151,17 +182,22 @@ class PackedFactors:
             length = sets[i].length
             ranks = [sets[c].ranks for c in range(i, j)]
             width = max([max(r) for r in ranks] + [1])
-            dest = []
-            n_factors = 0
+            dest, extra_dest = [], []
+            n_factors = n_extras = 0
             for cl, rs in enumerate(ranks):
                 for h, r in enumerate(rs):
                     if r == 0:
                         continue
+                    shared_rank = extra_rank.get(factor_idx + n_factors)
                     n_factors += 1
+                    if shared_rank is not None:
+                        n_extras += 1
                     for b in range(self.batch):
                         # Products ordered (batch, head, chunk): the result is (batch, heads, tokens, d) as is.
                         base = ((b * self.heads + h) * (j - i) + cl) * width
                         dest.extend(range(base, base + r))
+                        if shared_rank is not None:  # correction rows follow the shared ones
+                            extra_dest.extend(range(base + shared_rank, base + r))
             self.runs.append(
                 dict(
                     chunks=j - i,
@@ -169,9 +205,12 @@ class PackedFactors:
                     width=width,
                     dest=torch.tensor(dest, dtype=torch.int64, device=device),
                     factors=(factor_idx, factor_idx + n_factors),
+                    extra_dest=torch.tensor(extra_dest, dtype=torch.int64, device=device),
+                    extras=(extra_idx, extra_idx + n_extras),
                 )
             )
             factor_idx += n_factors
+            extra_idx += n_extras
             i = j
 
     @property
@@ -194,6 +233,15 @@ class PackedFactors:
             self._meta, t.bits, t.group_size, c.bits, c.group_size,
         )  # fmt: skip
 
+    def _basis(self, width: int, device: torch.device) -> torch.Tensor:
+        """The shared basis rows of every head, decoded and zero-padded or cut to ``width``: (heads, width, d)."""
+        out = torch.zeros(self.heads, width, self.head_dim, device=device)
+        for h, rows in enumerate(self.shared):
+            if rows is not None and rows.rank > 0:
+                r = min(rows.rank, width)
+                out[h, :r] = SharedRows(rows.basis, r).decode(torch.float32)
+        return out
+
     @staticmethod
     def _device(sets: list[FactorSet]) -> torch.device:
         for s in sets:
@@ -209,14 +257,22 @@ class PackedFactors:
             return False
         s0 = sets[0]
         kinds = set()
+        bases: dict[int, object] = {}
         for s in sets:
             if (s.batch, s.heads, s.head_dim) != (s0.batch, s0.heads, s0.head_dim) or len(s.pairs) != s.heads:
                 return False
-            for t, c in s.pairs:
+            for h, (t, c) in enumerate(s.pairs):
                 if t is None:
                     continue
-                if isinstance(c, SharedRows) or c is None:
+                if c is None:
                     return False
+                if isinstance(c, SharedRows):
+                    # One basis per head, the same object in every chunk (its own rows, if any, are packed
+                    # like channel factors).
+                    if c.rank > 0 and bases.setdefault(h, c.basis) is not c.basis:
+                        return False
+                    kinds.add("shared")
+                    c = t if c.extra is None else c.extra
                 for f in (t, c):
                     if isinstance(f, QuantizedTensor):
                         if f.group_dim % len(f.shape) != len(f.shape) - 1:
@@ -224,6 +280,11 @@ class PackedFactors:
                         kinds.add(("q", f.bits if f is t else -f.bits, f.group_size))
                     else:
                         kinds.add(("t", f.dtype))
+        if "shared" in kinds:
+            # Channel factors all shared or none shared.
+            kinds.discard("shared")
+            if any(not isinstance(c, SharedRows) for s in sets for t, c in s.pairs if t is not None):
+                return False
         quantized = {k[0] for k in kinds}
         # Token factors share one format, channel factors another (all quantised or all plain).
         return len(quantized) <= 1 and len(kinds) <= 2
@@ -242,7 +303,17 @@ class PackedFactors:
             v = torch.zeros(p * w, self.head_dim, device=device)
             if first != last:
                 self.token.rows_into(u, run["dest"], first, last, t)
-                self.channel.rows_into(v, run["dest"], first, last, self.head_dim)
+                if self.shared is None:
+                    self.channel.rows_into(v, run["dest"], first, last, self.head_dim)
+                else:
+                    # Every chunk of a head uses its basis rows (token rows past a chunk's rank are zero).
+                    v.view(self.batch, self.heads, n, w, self.head_dim).copy_(
+                        self._basis(w, device)[None, :, None]
+                    )
+                    e0, e1 = run["extras"]
+                    if e0 != e1:
+                        # Chunks with their own rows: those follow the shared rows they keep.
+                        self.extra.rows_into(v, run["extra_dest"], e0, e1, self.head_dim)
             out.append(
                 (u.view(self.batch, self.heads, n, w, t), v.view(self.batch, self.heads, n, w, self.head_dim))
             )

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig
-from chunked_decomp.config import parse_overrides
+from chunked_decomp.config import add_overrides_option, parse_overrides
 from chunked_decomp.data import load_texts, load_token_ids
 from chunked_decomp.evaluation.methods import ChunkedDecompMethod, FullCache
 from chunked_decomp.evaluation.perplexity import continuation_perplexity, recall_perplexity
@@ -113,14 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--timing_runs", type=int, default=5, help="prefill timings per budget (median reported)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field at every budget (repeatable; VALUE read as YAML)",
-    )
+    add_overrides_option(parser, "the preset at every budget")
     parser.add_argument(
         "--calibrate",
         action="store_true",

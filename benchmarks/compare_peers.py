@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from chunked_decomp.config import CompressionConfig, parse_overrides
+from chunked_decomp.config import CompressionConfig, add_overrides_option, parse_overrides
 from chunked_decomp.evaluation.methods import (
     ChunkedDecompMethod,
     FullCache,
@@ -197,14 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", nargs="+", help="explicit method specs instead (e.g. full quanto4 chunked@0.25)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field of every ChunkedDecomp row (repeatable; VALUE read as YAML)",
-    )
+    add_overrides_option(parser, "every ChunkedDecomp row")
     parser.add_argument(
         "--calibrate",
         action="store_true",

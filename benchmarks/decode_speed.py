@@ -42,7 +42,7 @@ import torch
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker
 from chunked_decomp.compat import cache_kwarg_name, output_cache
-from chunked_decomp.config import parse_overrides
+from chunked_decomp.config import add_overrides_option, parse_overrides
 from chunked_decomp.data import load_texts, load_token_ids
 from chunked_decomp.io import atomic_write_json
 from chunked_decomp.loading import load_model_and_tokenizer
@@ -108,14 +108,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1, help="rows decoded at once (default 1)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the preset (repeatable; VALUE read as YAML), e.g. basis_sharing=none",
-    )
+    add_overrides_option(parser, "the preset")
     parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/decode_speed.json)"
     )

@@ -62,12 +62,16 @@ def test_batched_rebuild_equals_chunk_by_chunk(codec, layout, fused, monkeypatch
     if not fused:
         monkeypatch.setattr(kernels, "built", lambda: False)
     lengths, ranks = LAYOUTS[layout]
-    sets = _sets(lengths, ranks, CODECS[codec])
+    _assert_packs_exactly(_sets(lengths, ranks, CODECS[codec]))
+
+
+def _assert_packs_exactly(sets: list[FactorSet]) -> None:
+    """Packing rebuilds what the chunks rebuild one by one, and leaves their values and byte count as they were
+    (the chunks then view the packed buffers)."""
     before = _slow(sets)
     nbytes = sum(s.nbytes for s in sets)
     packed = PackedFactors(sets)
     torch.testing.assert_close(packed.reconstruct(), before, rtol=1e-5, atol=1e-5)
-    # The chunks now view the packed buffers: same values, same byte count.
     torch.testing.assert_close(_slow(sets), before, rtol=0, atol=0)
     assert sum(s.nbytes for s in sets) == nbytes
 
@@ -129,12 +133,7 @@ def test_batched_rebuild_with_a_shared_basis_equals_chunk_by_chunk(codec, layout
             pairs.append((t, None if t is None else c))
         sets.append(FactorSet(pairs, BATCH, s.length, HEADS, DIM, joined=False))
     assert corrections == any(p[1].extra is not None for s in sets for p in s.pairs if p[1] is not None)
-    before = _slow(sets)
-    nbytes = sum(s.nbytes for s in sets)
-    packed = PackedFactors(sets)
-    torch.testing.assert_close(packed.reconstruct(), before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(_slow(sets), before, rtol=0, atol=0)
-    assert sum(s.nbytes for s in sets) == nbytes
+    _assert_packs_exactly(sets)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

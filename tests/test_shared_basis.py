@@ -12,6 +12,11 @@ from chunked_decomp.factors import SharedRows
 from conftest import tiny_llama
 
 
+def _no_exact_tokens(**options) -> CompressionConfig:
+    """Every token compressed: no sinks, no exact recent window."""
+    return CompressionConfig(residual_length=0, num_sink_tokens=0, **options)
+
+
 def _run(model, cfg: CompressionConfig, ids: torch.Tensor, split: int):
     name = cache_kwarg_name(model)
     cache = ChunkedSVDCache.from_model(model, cfg)
@@ -77,9 +82,7 @@ def test_shared_basis_beats_per_chunk_basis_on_a_stable_subspace() -> None:
     v = torch.randn(b, h, n, 6) @ basis + 0.01 * torch.randn(b, h, n, d)
     errors = {}
     for sharing in ("none", "layer"):
-        cfg = CompressionConfig(
-            chunk_size=16, residual_length=0, num_sink_tokens=0, basis_sharing=sharing, compression_ratio=0.1
-        )
+        cfg = _no_exact_tokens(chunk_size=16, basis_sharing=sharing, compression_ratio=0.1)
         cache = ChunkedSVDCache(cfg, num_layers=1)
         cache.update(k, v, 0)
         cache.compress_all()
@@ -96,9 +99,7 @@ def test_key_weight_moves_rank_to_keys() -> None:
     v = torch.randn(1, 2, 256, 16)
     ranks = {}
     for w in (1.0, 8.0):
-        cfg = CompressionConfig(
-            chunk_size=64, residual_length=0, num_sink_tokens=0, key_weight=w, compression_ratio=0.08
-        )
+        cfg = _no_exact_tokens(chunk_size=64, key_weight=w, compression_ratio=0.08)
         cache = ChunkedSVDCache(cfg, num_layers=1)
         cache.update(k, v, 0)
         cache.compress_all()
@@ -108,7 +109,7 @@ def test_key_weight_moves_rank_to_keys() -> None:
 
 
 def test_reset_drops_the_shared_basis() -> None:
-    cfg = CompressionConfig(chunk_size=16, residual_length=0, num_sink_tokens=0, basis_sharing="layer")
+    cfg = _no_exact_tokens(chunk_size=16, basis_sharing="layer")
     cache = ChunkedSVDCache(cfg, num_layers=1)
     cache.update(torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), 0)
     cache.compress_all()
@@ -137,10 +138,8 @@ def test_shared_basis_is_cut_to_the_ranks_kept_and_counted_in_the_first_span() -
     b, h, d, n = 1, 2, 32, 256
     k = torch.randn(b, h, n, d) * torch.linspace(3, 0.1, d)
     v = torch.randn(b, h, n, d) * torch.linspace(2, 0.1, d)
-    cfg = CompressionConfig(
+    cfg = _no_exact_tokens(
         chunk_size=64,
-        residual_length=0,
-        num_sink_tokens=0,
         basis_sharing="layer",
         compression_ratio=0.15,
         key_weight=1.0,
@@ -166,10 +165,8 @@ def test_later_chunks_keep_at_most_the_stored_rows_and_correct_the_rest(correcti
     ``basis_corrections`` they spend the bytes those rows leave on their own components, within the budget and
     with far less error."""
     g = torch.Generator().manual_seed(1)
-    cfg = CompressionConfig(
+    cfg = _no_exact_tokens(
         chunk_size=32,
-        residual_length=0,
-        num_sink_tokens=0,
         basis_sharing="layer",
         compression_ratio=0.1,
         basis_corrections=corrections,
@@ -206,10 +203,8 @@ def test_chunks_rebuild_the_projection_on_the_stored_rows_even_when_they_are_ske
     stored rows they keep (8-bit coefficients: nearly exactly), not ``x Bᵀ B``, which counts the skew twice."""
     torch.manual_seed(2)
     k = torch.randn(1, 2, 96, 16) * torch.linspace(3, 0.1, 16)
-    cfg = CompressionConfig(
+    cfg = _no_exact_tokens(
         chunk_size=32,
-        residual_length=0,
-        num_sink_tokens=0,
         basis_sharing="keys",
         quantization_bits=8,
         basis_bits=2,
@@ -239,9 +234,7 @@ def test_keys_share_a_basis_while_values_keep_their_own_and_ranks_per_chunk() ->
     k = torch.randn(1, 2, 64, 16, generator=g) * torch.linspace(3, 0.1, 16)
     v = torch.randn(1, 2, 64, 16, generator=g)
     v[..., :32, :] = torch.randn(1, 2, 32, 1, generator=g) * torch.randn(1, 2, 1, 16, generator=g)
-    cfg = CompressionConfig(
-        chunk_size=32, residual_length=0, num_sink_tokens=0, basis_sharing="keys", compression_ratio=0.15
-    )
+    cfg = _no_exact_tokens(chunk_size=32, basis_sharing="keys", compression_ratio=0.15)
     cache = ChunkedSVDCache(cfg, num_layers=1)
     cache.update(k, v, 0)
     cache.compress_all()
@@ -268,10 +261,8 @@ def test_corrections_stay_within_a_pooled_budget() -> None:
     """Pooled ranks give one layer bytes the other leaves; corrections may spend only what the pooled allocation
     left in total, not each layer's own slack (measured before the fix: 0.182 of a 0.15 budget)."""
     g = torch.Generator().manual_seed(0)
-    cfg = CompressionConfig(
+    cfg = _no_exact_tokens(
         chunk_size=32,
-        residual_length=0,
-        num_sink_tokens=0,
         basis_sharing="keys",
         rank_allocation="pooled",
         compression_ratio=0.15,

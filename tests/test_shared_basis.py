@@ -35,14 +35,15 @@ def _reference(model, ids, split):
         return model(ids[:, split:], **{name: cache}).logits
 
 
+@pytest.mark.parametrize("sharing", ["layer", "keys"])
 @pytest.mark.parametrize("head_mode", ["per_head", "joined"])
-def test_shared_basis_full_rank_is_exact(head_mode: str) -> None:
+def test_shared_basis_full_rank_is_exact(head_mode: str, sharing: str) -> None:
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(1))
     cfg = CompressionConfig(
         chunk_size=16,
         residual_length=8,
-        basis_sharing="layer",
+        basis_sharing=sharing,
         head_mode=head_mode,
         use_quantization=False,
         factor_dtype="float32",
@@ -54,7 +55,8 @@ def test_shared_basis_full_rank_is_exact(head_mode: str) -> None:
     # Every chunk points at its group's stored basis, and stores no channel factor of its own.
     for g, stored in enumerate(layer.shared_bases["k"]):
         assert all(c.keys.pairs[g][1].basis is stored for c in layer.chunks)
-    assert all(isinstance(p[1], SharedRows) for c in layer.chunks for p in c.values.pairs)
+    values_shared = [isinstance(p[1], SharedRows) for c in layer.chunks for p in c.values.pairs]
+    assert all(values_shared) if sharing == "layer" else not any(values_shared)
 
 
 def test_shared_basis_bytes_counted_once_and_within_budget() -> None:

@@ -53,7 +53,7 @@ class SharedRows:
                 rows = rows.narrow_prefix(-2, self.rank)
             rows = rows.dequantize().to(dtype)
         else:
-            rows = self.basis[: self.rank].to(dtype)
+            rows = self.basis[..., : self.rank, :].to(dtype)
         if self.extra is None:
             return rows
         extra = _decode(self.extra, dtype)

@@ -919,7 +919,8 @@ class ChunkedSVDLayer(DynamicLayer):
         may keep (default k)."""
         cfg = self.config
         k = energies.shape[-1]
-        caps = [k] * len(kinds) if caps is None else [min(c, k) for c in caps]
+        capped = caps is not None
+        caps = [min(c, k) for c in caps] if capped else [k] * len(kinds)
         if not cfg.use_low_rank_approximation:
             return caps
         if cfg.target_rank is not None:
@@ -929,8 +930,9 @@ class ChunkedSVDLayer(DynamicLayer):
         floors = [min(c, math.ceil(cfg.min_rank_ratio * k)) for c in caps]
         budget = self._chunk_budget(length, pending_tokens, pending_bytes, stored)
         if cfg.adaptive_rank:
-            weights = self._unit_weights(kinds.count("k"), kinds.count("v"))[:, None]
-            scores = np.where(np.arange(k)[None, :] < np.asarray(caps)[:, None], energies * weights, -np.inf)
+            scores = energies * self._unit_weights(kinds.count("k"), kinds.count("v"))[:, None]
+            if capped:  # (per-chunk allocation, the common case, has no caps: no masking on that path)
+                scores = np.where(np.arange(k)[None, :] < np.asarray(caps)[:, None], scores, -np.inf)
             return choose_ranks_linear(scores, per_rank, budget, floors)
         ranks = []
         for kind, share in (("k", cfg.key_budget_share), ("v", 1.0 - cfg.key_budget_share)):

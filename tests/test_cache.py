@@ -56,6 +56,7 @@ CONTRACT_CONFIGS: dict[str, dict] = {
         "compress_keys_pre_rope": False,
     },
     "shared_key_basis_pooled": {"basis_sharing": "keys", "rank_allocation": "pooled"},
+    "shared_key_basis_8bit": {"basis_sharing": "keys", "shared_basis_bits": 8},
 }
 # Settings whose stored bytes the budget governs (the others fix a rank or keep full rank).
 BUDGETED = [

@@ -202,6 +202,7 @@ class ChunkedSVDLayer(DynamicLayer):
             quantize=self.config.use_quantization,
             token_bits=self.config.quantization_bits,
             channel_bits=self.config.basis_bits,
+            shared_bits=self.config.shared_basis_bits,
             group_size=self.config.quant_group_size,
             factor_dtype=_DTYPES[self.config.factor_dtype],
         )
@@ -559,8 +560,9 @@ class ChunkedSVDLayer(DynamicLayer):
         """Ranks with a basis shared by the layer (``basis_sharing``); see :meth:`_shared_units`."""
         cfg = self.config
         units = self._shared_units(job)
+        # Before any basis this job stores is counted: the corrections spend what the ranks leave of it.
+        job.budget = budget = self._chunk_budget(sum(job.sizes))
         if cfg.adaptive_rank and cfg.use_low_rank_approximation and cfg.target_rank is None:
-            budget = self._chunk_budget(sum(job.sizes))
             ranks = choose_ranks_linear(units.scores, units.per_rank, budget, units.floors)
         else:
             ranks = self._choose_ranks(
@@ -644,6 +646,7 @@ class ChunkedSVDLayer(DynamicLayer):
                 drafts = self._basis_drafts.pop(kind)
                 kept = ranks[lo : lo + len(drafts)]
                 self.shared_bases[kind] = [take_rank(d, r) for d, r in zip(drafts, kept)]
+                job.basis_bytes += sum(factor_nbytes(b) for b in self.shared_bases[kind])
                 # The frames of the rows kept: q's first r rows, mix's leading r × r block (see _shared_basis).
                 q, mix = self._basis_frames[kind]
                 r = torch.tensor(kept, device=q.device)
@@ -680,7 +683,13 @@ class ChunkedSVDLayer(DynamicLayer):
         """
         kinds = [kind for kind in ("k", "v") if self._shares_basis(kind)]
         spent = sum(c.keys.nbytes + c.values.nbytes for c in built.values())
-        slack = self._chunk_budget(sum(job.sizes)) - spent
+        if job.budget is not None:
+            # The allocation's budget less what it stored, the basis included. Asking _chunk_budget again would
+            # see the new basis only as debt, and debt is capped: after many exact sinks the cap is reached,
+            # and the corrections would spend the basis's bytes a second time.
+            slack = job.budget - spent - job.basis_bytes
+        else:
+            slack = self._chunk_budget(sum(job.sizes)) - spent
         if job.correction_pool is not None:
             slack = min(slack, job.correction_pool[0])
         fk, fv = next(iter(job.factored.values()))
@@ -1039,6 +1048,10 @@ class _Job:
     # With pooled ranks: the bytes the pooled allocation left, shared by the jobs of the call ([bytes]), which
     # bounds their corrections to a shared basis (each layer's own slack would overspend the pooled budget).
     correction_pool: list | None = None
+    # Per-layer allocation with a shared basis: the bytes the job's chunks may take (measured before the basis
+    # they store is counted) and the bytes of that basis.
+    budget: float | None = None
+    basis_bytes: int = 0
 
     def __post_init__(self):
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]

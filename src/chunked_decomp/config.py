@@ -104,6 +104,8 @@ class CompressionConfig:
         use_quantization: store factors as packed integers with per-group min/max scales.
         quantization_bits: bits of the token coefficients (2, 4 or 8).
         basis_bits: bits of the basis vectors (2, 4 or 8).
+        shared_basis_bits: bits of a basis shared by a layer's chunks (``basis_sharing``), which is stored once
+            per layer rather than once per chunk; ``None`` = ``basis_bits``.
         quant_group_size: values per quantisation group (≥ 8).
         factor_dtype: dtype of unquantised factors and of quantisation scales.
 
@@ -141,6 +143,7 @@ class CompressionConfig:
     use_quantization: bool = True
     quantization_bits: int = 4
     basis_bits: int = 4
+    shared_basis_bits: int | None = None
     quant_group_size: int = 64
     factor_dtype: str = "float16"
     parallel_processing: bool = True
@@ -183,8 +186,10 @@ class CompressionConfig:
             raise ValueError(f"basis_sharing must be one of {_BASIS_SHARING}, got {self.basis_sharing!r}")
         if self.factorizer is not None and self.factorizer not in _FACTORIZERS:
             raise ValueError(f"factorizer must be one of {_FACTORIZERS} or None, got {self.factorizer!r}")
-        for name in ("quantization_bits", "basis_bits"):
+        for name in ("quantization_bits", "basis_bits", "shared_basis_bits"):
             value = getattr(self, name)
+            if name == "shared_basis_bits" and value is None:
+                continue
             if value not in _QUANT_BITS or isinstance(value, bool):
                 raise ValueError(f"{name} must be one of {_QUANT_BITS}, got {value!r}")
         _integer("quant_group_size", self.quant_group_size, minimum=8)

@@ -77,6 +77,12 @@ class FactorCodec:
     channel_bits: int
     group_size: int
     factor_dtype: torch.dtype
+    shared_bits: int | None = None
+
+    @property
+    def basis_bits(self) -> int:
+        """Bits of a basis shared by a layer's chunks: ``shared_bits``, else ``channel_bits``."""
+        return self.channel_bits if self.shared_bits is None else self.shared_bits
 
     def encode(self, token_t: torch.Tensor, channel: torch.Tensor) -> tuple[Factor, Factor]:
         """token_t: (..., k, T), channel: (..., k, n) float32 → stored factors at full rank k.
@@ -139,19 +145,19 @@ class FactorCodec:
         )
 
     def encode_basis(self, rows: torch.Tensor) -> Factor:
-        """rows: (k, n) float32, a basis shared by a layer's chunks → stored like a channel factor (``channel_bits``
+        """rows: (k, n) float32, a basis shared by a layer's chunks → stored like a channel factor (``basis_bits``
         per value, each row its own scales), so row j costs :meth:`basis_row_cost` bytes and any prefix of rows
         is the encoding of that prefix."""
         if not self.quantize:
             return rows.to(self.factor_dtype)
-        return quantize(rows, self.channel_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype)
+        return quantize(rows, self.basis_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype)
 
     def basis_row_cost(self, n: int) -> int:
         """Bytes of one row of a shared basis over ``n`` columns (see :meth:`encode_basis`)."""
         scale_bytes = torch.empty((), dtype=self.factor_dtype).element_size()
         if not self.quantize:
             return n * scale_bytes
-        return quantized_nbytes((1, n), self.channel_bits, self.group_size, -1, scale_bytes)
+        return quantized_nbytes((1, n), self.basis_bits, self.group_size, -1, scale_bytes)
 
     def cost(self, batch: int, m: int, n: int) -> Callable[[int], int]:
         """bytes(r) stored for a (batch, m, n) matrix at rank r."""

@@ -25,8 +25,8 @@ def plots():
 
 def test_peer_points_are_the_readme_numbers(plots) -> None:
     """The quality panel's points are the comparison's rows: increases over the uncompressed run of the same file
-    (README table: balanced -0.5% / +4.0%, long_context +0.4% / +5.6%, extreme +3.3% / +185%, ExpectedAttention at 0.0625 +11.2% / +2,067%,
-    quanto 2-bit +210%), and passkey only from runs of the full passkey protocol."""
+    (README table: balanced -0.5% / +4.0%, long_context +0.4% / +5.6%, extreme +3.3% / +185%, ExpectedAttention
+    at 0.0625 +11.2% / +2,067%, quanto 2-bit +210%), and passkey only from runs of the full passkey protocol."""
     series = plots.peer_points()
     ours = {p[4]: p for p in series["ChunkedDecomp presets"]}
     assert set(ours) == set(plots.PRESET_ROWS)

@@ -688,7 +688,7 @@ class ChunkedSVDLayer(DynamicLayer):
             # see the new basis only as debt, and debt is capped: after many exact sinks the cap is reached,
             # and the corrections would spend the basis's bytes a second time.
             slack = job.budget - spent - job.basis_bytes
-        else:
+        else:  # pooled ranks: the pool left by the pooled allocation bounds it below
             slack = self._chunk_budget(sum(job.sizes)) - spent
         if job.correction_pool is not None:
             slack = min(slack, job.correction_pool[0])

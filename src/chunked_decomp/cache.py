@@ -673,10 +673,11 @@ class ChunkedSVDLayer(DynamicLayer):
                 f.token_t.copy_(torch.einsum("ngbit,gji->ngbjt", cut, f.mix))
 
     def _add_corrections(self, job: _Job, built: dict[int, CompressedChunk]) -> None:
-        """Per-chunk corrections to a shared basis (``basis_corrections``): the bytes the job's chunks leave of
-        their budget (``_chunk_budget`` of the span, less what they store) buy components of each chunk's
-        residual ``x - coefficients @ stored rows``, chosen across the job's chunks, kinds and groups by energy
-        per byte (weighted as the ranks are) and stored as extra rows of the chunk's channel factor.
+        """Per-chunk corrections to a shared basis (``basis_corrections``): the bytes the job leaves of its
+        budget (the allocation's ``job.budget``, less what the chunks and any basis the job stored take; with
+        pooled ranks, at most what the pool left) buy components of each chunk's residual
+        ``x - coefficients @ stored rows``, chosen across the job's chunks, kinds and groups by energy per byte
+        (weighted as the ranks are) and stored as extra rows of the chunk's channel factor.
 
         Chunks of the first span rarely have bytes left (the basis was cut to what they keep); later chunks,
         which keep at most the rows stored, have what those rows cannot hold.

@@ -13,6 +13,7 @@ from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig, ke
 from chunked_decomp import attention as attn_mod
 from chunked_decomp.attention import ATTENTION_NAME, FactoredContext, attend
 from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp.rotary import range_cos_sin, rotate_range
 from conftest import make_tiny_model, random_ids
 
 BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)
@@ -182,6 +183,51 @@ def test_fused_kernel_equals_the_pytorch_path(bits, basis_bits, q_len, monkeypat
     assert plain.key_packed is None and plain.key_runs is not None
     torch.testing.assert_close(got, attend(query, plain, None, 0.25), atol=1e-5, rtol=1e-5)
     # And both equal attention over the rebuilt states (query i at position length - q_len + i, causal).
+    keys, values = layer._full_states()
+    length, rep = keys.shape[-2], query.shape[1] // keys.shape[1]
+    allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1), attn_mask=allowed, scale=0.25
+    )
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
+@fused
+@pytest.mark.parametrize("rotary_dim", [16, 8], ids=["full_rotary", "partial_rotary"])
+def test_rope_scores_kernel_equals_rotating_then_scoring(rotary_dim) -> None:
+    """The kernel rotates pre-rotary keys while it scores them: the scores of rotating the keys first, with
+    the channels past the rotary ones left as they are."""
+    g = torch.Generator().manual_seed(8)
+    query, keys = torch.randn(2, 3, 4, 16, generator=g), torch.randn(2, 3, 37, 16, generator=g)
+    inv_freq = 1.0 / (500.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    cos, sin = range_cos_sin(50, 37, inv_freq, torch.device("cpu"))
+    want = query @ rotate_range(keys, 50, inv_freq).transpose(-1, -2)
+    torch.testing.assert_close(kernels.rope_scores(query, keys, cos, sin), want, atol=1e-5, rtol=1e-5)
+
+
+@fused
+@pytest.mark.parametrize("sharing", ["none", "keys"])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_pre_rotary_keys_scored_by_the_kernel_equal_the_pytorch_path(sharing, q_len, monkeypatch) -> None:
+    """Pre-rotary keys are rebuilt as factored and rotated inside the kernel's scoring (``keys_rope``), not
+    rotated into a second buffer first: same attention as the PyTorch path and as SDPA over the rebuilt states,
+    with a basis per chunk and a shared one, a batch of 2 and a final partial chunk."""
+    model = make_tiny_model("llama")
+    config = CompressionConfig(**BASE, decode_attention="factored", basis_sharing=sharing)
+    cache = ChunkedSVDCache.from_model(model, config)
+    with torch.no_grad():
+        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
+    cache.compress_all()
+    layer = cache.layers[1]
+    assert all(c.keys_pre_rope for c in layer.chunks) and {c.length for c in layer.chunks} == {8, 4}
+    query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(6))
+    ctx = layer.factored_context()
+    assert ctx.keys_rope is not None
+    got = attend(query, ctx, None, 0.25)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    plain = layer.factored_context()
+    assert plain.keys_rope is None
+    torch.testing.assert_close(got, attend(query, plain, None, 0.25), atol=1e-5, rtol=1e-5)
     keys, values = layer._full_states()
     length, rep = keys.shape[-2], query.shape[1] // keys.shape[1]
     allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]

@@ -295,6 +295,21 @@ def test_rotate_then_inverse_is_identity() -> None:
     assert torch.allclose(rotate(keys, torch.zeros(50), inv), keys)
 
 
+def test_rotate_gives_the_floats_of_the_textbook_formula() -> None:
+    """k·cos + rotate_half(k)·sin (Llama's form), forward and inverse, bit for bit, partial rotary included."""
+    keys = torch.randn(2, 3, 40, 16, generator=_gen(13))
+    pos = torch.arange(100, 140)
+    for inv in (_inv_freq(), _inv_freq(8)):
+        freqs = pos.float()[:, None] * inv[None, :]
+        cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+        r, h = cos.shape[-1], cos.shape[-1] // 2
+        k = keys[..., :r]
+        half = torch.cat((-k[..., h:], k[..., :h]), dim=-1)
+        for inverse, s in ((False, sin), (True, -sin)):
+            expected = torch.cat(((k * cos).addcmul_(half, s), keys[..., r:]), dim=-1)
+            assert torch.equal(rotate(keys, pos, inv, inverse=inverse), expected)
+
+
 def test_partial_rotary_leaves_the_rest_untouched() -> None:
     keys = torch.randn(1, 1, 5, 16)
     out = rotate(keys, torch.arange(5), _inv_freq(8))  # 8 rotary channels of 16

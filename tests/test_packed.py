@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -71,7 +73,12 @@ def _assert_packs_exactly(sets: list[FactorSet]) -> None:
     before = _slow(sets)
     nbytes = sum(s.nbytes for s in sets)
     packed = PackedFactors(sets)
-    torch.testing.assert_close(packed.reconstruct(), before, rtol=1e-5, atol=1e-5)
+    # The rebuild's buffers start uninitialised (filled with NaN here): every row a factor does not write must
+    # be zeroed, or it spoils the products.
+    real_empty = torch.empty
+    with mock.patch.object(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))):
+        got = packed.reconstruct()
+    torch.testing.assert_close(got, before, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_slow(sets), before, rtol=0, atol=0)
     assert sum(s.nbytes for s in sets) == nbytes
 
@@ -134,6 +141,30 @@ def test_batched_rebuild_with_a_shared_basis_equals_chunk_by_chunk(codec, layout
         sets.append(FactorSet(pairs, BATCH, s.length, HEADS, DIM, joined=False))
     assert corrections == any(p[1].extra is not None for s in sets for p in s.pairs if p[1] is not None)
     _assert_packs_exactly(sets)
+
+
+def test_a_shared_basis_is_decoded_once_not_at_every_rebuild(monkeypatch) -> None:
+    """The decoded basis is kept by the packed object (it cannot change while that lives): a second rebuild
+    decodes nothing and gives the same floats; a new packed object (new chunks) decodes again."""
+    enc = CODECS["int4"]
+    g = torch.Generator().manual_seed(5)
+    bases = [enc.encode_basis(torch.randn(DIM, DIM, generator=g)) for _ in range(HEADS)]
+    lengths, ranks = LAYOUTS["equal_lengths"]
+    sets = [
+        FactorSet([(t, SharedRows(bases[h], r)) for h, ((t, _), r) in enumerate(zip(s.pairs, rs))], BATCH,
+                  s.length, HEADS, DIM, joined=False)
+        for s, rs in zip(_sets(lengths, ranks, enc), ranks)
+    ]  # fmt: skip
+    decoded = []
+    original = SharedRows.decode
+    monkeypatch.setattr(SharedRows, "decode", lambda self, dtype: decoded.append(1) or original(self, dtype))
+    packed = PackedFactors(sets)
+    first = packed.reconstruct()
+    assert len(decoded) == HEADS
+    torch.testing.assert_close(packed.reconstruct(), first, rtol=0, atol=0)
+    assert len(decoded) == HEADS
+    PackedFactors(sets).reconstruct()
+    assert len(decoded) == 2 * HEADS
 
 
 @pytest.mark.parametrize("bits", [2, 4])

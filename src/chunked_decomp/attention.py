@@ -6,7 +6,8 @@ factors, a chunk of keys being ``Uᵀ V`` with U: (w, T) per-token coefficients 
 scores of a query q over a chunk are then ``(q Vᵀ) U`` and its share of the output ``(p Uᵀ) V``: two thin
 products of cost w·(T + d) per query row instead of a rebuild of cost w·T·d per head. Keys must have been
 factored after the rotary embedding for that (``compress_keys_pre_rope=False``); pre-rotary keys are rebuilt
-(one product and a rotation) while values stay factored.
+as factored (one product) and rotated while they are scored (by the fused CPU kernel,
+`chunked_decomp.kernels.rope_scores`; without it, rotated first), while values stay factored.
 
 The function is registered as ``"chunked_decomp"``; for anything but a factored context (a prefill without
 compressed chunks, another cache) it is transformers' SDPA attention. Masks come from transformers' SDPA mask
@@ -45,6 +46,9 @@ class FactoredContext:
     triton: both packed kinds are read by the Triton kernel (`chunked_decomp.triton_attention`), with
     rope = (inv_freq, position of the first compressed token) when the keys were factored before the rotary
     embedding (rotated on chip), else None.
+    keys_rope: (cos, sin), each (C, rotary_dim), when ``keys`` are rebuilt as factored, before the rotary
+    embedding, for the fused kernel to rotate while it scores them (`chunked_decomp.kernels.rope_scores`); None
+    when ``keys`` are in the model's rotary frame.
     """
 
     sink_keys: torch.Tensor
@@ -59,6 +63,7 @@ class FactoredContext:
     value_packed: Any = None
     triton: bool = False
     rope: tuple[torch.Tensor, int] | None = None
+    keys_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
@@ -113,6 +118,8 @@ def attend(
             # (q Vᵀ) U per chunk: (b, h, n, rows, w) then (b, h, n, rows, T), laid out chunk after chunk.
             s = torch.matmul(torch.matmul(qg.unsqueeze(2), v.transpose(-1, -2)), u)
             parts.append(s.transpose(2, 3).reshape(b, hkv, rows, -1))
+    elif ctx.keys_rope is not None:
+        parts.append(kernels.rope_scores(qg, ctx.keys, *ctx.keys_rope))
     else:
         parts.append(qg @ ctx.keys.float().transpose(-1, -2))
     parts.append(qg @ ctx.tail_keys.float().transpose(-1, -2))

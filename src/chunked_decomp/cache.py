@@ -48,7 +48,7 @@ from chunked_decomp.factors import (
 )
 from chunked_decomp.packed import PackedFactors
 from chunked_decomp.quantization import QuantizedTensor
-from chunked_decomp.rotary import rotate, rotate_range
+from chunked_decomp.rotary import range_cos_sin, rotate, rotate_range
 
 logger = logging.getLogger("chunked_decomp")
 
@@ -287,7 +287,8 @@ class ChunkedSVDLayer(DynamicLayer):
 
     def factored_context(self) -> FactoredContext:
         """This layer's states for :func:`~chunked_decomp.attention.factored_attention`: exact sinks and tail,
-        chunks as factors (values always; keys unless factored before the rotary embedding, then rebuilt)."""
+        chunks as factors (values always; keys unless factored before the rotary embedding, then rebuilt: as
+        factored with the cos / sin tables for the fused kernel to rotate them, or rotated here without it)."""
         ctx = FactoredContext(self.sink_keys, self.sink_values, self.keys, self.values)
         packed = self._packed_factors()
         if packed is None:
@@ -311,7 +312,13 @@ class ChunkedSVDLayer(DynamicLayer):
             ctx.value_packed = packed[1]
         else:
             ctx.value_runs = packed[1].factors()
-        if any(c.keys_pre_rope for c in self.chunks):
+        if all(pre_rope) and self.device.type == "cpu" and kernels.available():
+            # Pre-rotary keys rebuilt as factored; the fused kernel rotates them while it scores them.
+            ctx.keys = packed[0].reconstruct()
+            ctx.keys_rope = range_cos_sin(
+                self.chunks[0].start, ctx.keys.shape[-2], self.inv_freq, self.device
+            )
+        elif any(pre_rope):
             ctx.keys = self._rotate_back(packed[0].reconstruct())
         elif fused and packed[0].fusable:
             ctx.key_packed = packed[0]

@@ -10,7 +10,9 @@ compressed cache is materialised:
   compressed tokens;
 - ``values(p, …)``: (batch, kv_heads, rows, C) attention weights → (batch, kv_heads, rows, d) output share;
 - ``dequant_into(out, dest, …)``: quantised rows dequantised straight into their rows of a padded buffer, for the
-  rebuild of chunks (one pass instead of unpack, convert, scale and copy), once the kernel is built.
+  rebuild of chunks (one pass instead of unpack, convert, scale and copy), once the kernel is built;
+- ``rope_scores(q, k, cos, sin)``: scores over keys rebuilt before the rotary embedding, rotated on the fly, for
+  pre-rotary keys (which cannot be scored in factor form: the rotation depends on each token's position).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja are needed; about a minute once, then cached by torch). When it cannot be built, or with
@@ -254,6 +256,38 @@ torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch:
     return out;
 }
 
+// Scores of query rows over keys rebuilt before the rotary embedding, rotated on the fly: q (B, H, R, D), k (B, H,
+// C, D) float32 as factored (pre-rotary), cos / sin (C, rd) the tables of the keys' positions (Llama's layout:
+// each half repeats the frequencies; channels past rd are not rotated) → (B, H, R, C). One pass over the keys,
+// which are never written rotated.
+torch::Tensor rope_scores(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+    const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), C = k.size(2), rd = cos.size(1);
+    const int64_t half = rd / 2;
+    auto out = torch::empty({B, H, R, C}, q.options());
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *cp = cos.data_ptr<float>(),
+                *sp = sin.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    std::vector<float> kr(D);
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const float* qb = qp + bh * R * D;
+        const float* kb = kp + bh * C * D;
+        float* ob = op + bh * R * C;
+        for (int64_t t = 0; t < C; ++t) {
+            const float *kt = kb + t * D, *ct = cp + t * rd, *st = sp + t * rd;
+            for (int64_t d = 0; d < half; ++d) kr[d] = kt[d] * ct[d] - kt[d + half] * st[d];
+            for (int64_t d = half; d < rd; ++d) kr[d] = kt[d] * ct[d] + kt[d - half] * st[d];
+            for (int64_t d = rd; d < D; ++d) kr[d] = kt[d];
+            for (int64_t j = 0; j < R; ++j) {
+                const float* qj = qb + j * D;
+                float acc = 0.f;
+                for (int64_t d = 0; d < D; ++d) acc += qj[d] * kr[d];
+                ob[j * C + t] = acc;
+            }
+        }
+    }
+    return out;
+}
+
 // out[dest[i], :n] = row i of the quantised rows (codes (rows, W), scale / minimum (rows, G) float32).
 void dequant_into(torch::Tensor out, torch::Tensor dest, torch::Tensor codes, torch::Tensor scale,
                   torch::Tensor minimum, int64_t bits, int64_t gs, int64_t n) {
@@ -304,7 +338,7 @@ def _load():
             _MODULE = load_inline(
                 name="chunked_decomp_factored_attention",
                 cpp_sources=_SOURCE,
-                functions=["scores", "values", "dequant_into"],
+                functions=["scores", "values", "dequant_into", "rope_scores"],
                 extra_cflags=["-O3", "-ffast-math", "-march=native"],
                 verbose=False,
             )
@@ -319,6 +353,16 @@ def scores(query: torch.Tensor, packed) -> torch.Tensor:
     of ``packed`` (a quantised `PackedFactors` of keys)."""
     k = packed.kernel_inputs()
     return _load().scores(query.contiguous(), *k, packed.length)
+
+
+def rope_scores(
+    query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """query: (batch, kv_heads, rows, d) float32, keys: (batch, kv_heads, C, d) factored before the rotary
+    embedding, cos / sin: (C, rotary_dim) of the keys' positions → (batch, kv_heads, rows, C) scores of the
+    rotated keys, rotated on the fly (the rotated keys are never written)."""
+    return _load().rope_scores(query.contiguous(), keys.float().contiguous(), cos.float().contiguous(),
+                               sin.float().contiguous())  # fmt: skip
 
 
 def dequant_into(

@@ -16,12 +16,6 @@ from __future__ import annotations
 
 import torch
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 _TABLES: list[tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 _TABLES_KEPT = 4
 
@@ -36,7 +30,7 @@ def _cos_sin(
     return emb.cos(), emb.sin()
 
 
-def _range_cos_sin(
+def range_cos_sin(
     start: int, length: int, inv_freq: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
     """`_cos_sin` of ``start … start + length - 1``; the last few ranges are kept, because every layer of a
@@ -53,10 +47,13 @@ def _range_cos_sin(
 
 def _apply(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     rot_dim = cos.shape[-1]
-    if inverse:
-        sin = -sin
+    half = rot_dim // 2
     k_rot, k_pass = k[..., :rot_dim], k[..., rot_dim:]
-    out = (k_rot * cos).addcmul_(_rotate_half(k_rot), sin)
+    # k·cos + rotate_half(k)·sin, half by half in place (no negated copy, no concatenation): the same floats.
+    lo, hi = k_rot[..., :half], k_rot[..., half:]
+    out = k_rot * cos
+    out[..., :half].addcmul_(hi, sin[..., :half], value=1.0 if inverse else -1.0)
+    out[..., half:].addcmul_(lo, sin[..., half:], value=-1.0 if inverse else 1.0)
     if k_pass.shape[-1] == 0:
         return out
     return torch.cat((out, k_pass), dim=-1)
@@ -70,7 +67,7 @@ def rotate_range(
     keys: (batch, heads, seq, head_dim); returns float32.
     """
     k = keys.to(torch.float32)
-    cos, sin = _range_cos_sin(int(start), k.shape[-2], inv_freq, k.device)
+    cos, sin = range_cos_sin(int(start), k.shape[-2], inv_freq, k.device)
     return _apply(k, cos, sin, inverse)
 
 

@@ -83,6 +83,50 @@ def test_kernel_equals_attention_over_the_rebuilt_states(
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])
+@pytest.mark.parametrize("sharing, shared_bits", [("keys", None), ("keys", 8), ("layer", None)])
+def test_kernel_reads_a_basis_shared_by_the_layer(pre_rope, sharing, shared_bits, triton_on) -> None:
+    """Keys (and with ``layer`` values too) on one basis per head for all chunks: every factor of a head, and every
+    batch row, reads the same rows (at ``shared_basis_bits`` when set); the output is attention over the rebuilt
+    states, batch of 2, the chunks of one prefill (one span: no correction rows, see the next test)."""
+    model = make_tiny_model("llama")
+    config = CompressionConfig(
+        **BASE, compress_keys_pre_rope=pre_rope, decode_attention="factored", basis_sharing=sharing,
+        shared_basis_bits=shared_bits,
+    )  # fmt: skip
+    cache = ChunkedSVDCache.from_model(model, config)
+    with torch.no_grad():
+        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
+    layer = cache.layers[1]
+    packed = layer._packed_factors()
+    assert packed[0].channel_shared and packed[1].channel_shared == (sharing == "layer")
+    assert packed[0].quantized and packed[1].quantized
+    assert packed[0].kernel_channel.bits == (shared_bits or 4)
+    ctx = layer.factored_context()
+    assert ctx.triton and (ctx.rope is not None) == pre_rope and ctx.keys is None
+    query = torch.randn(2, 4, 2, 16, generator=torch.Generator().manual_seed(7)) * 3
+    keys, values = layer._full_states()
+    length = keys.shape[-2]
+    allowed = torch.arange(length)[None, :] <= torch.arange(length - 2, length)[:, None]
+    want = _reference(query, keys, values, allowed, 0.25)
+    torch.testing.assert_close(attend(query, ctx, None, 0.25), want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_shared_basis_with_correction_rows_keeps_the_pytorch_path(triton_on) -> None:
+    """Chunks compressed after the first span add their own rows to the shared ones (here the values' last chunks,
+    compressed by ``compress_all``), which the kernel does not read: such a layer is attended by the PyTorch path,
+    with the same result."""
+    layer = _compressed_layer(False, basis_sharing="layer")
+    packed = layer._packed_factors()
+    assert packed[1].extra is not None and not packed[1].quantized
+    ctx = layer.factored_context()
+    assert not ctx.triton
+    query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    keys, values = layer._full_states()
+    want = _reference(query, keys, values, None, 0.25)
+    torch.testing.assert_close(attend(query, ctx, None, 0.25), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
 @pytest.mark.parametrize("group, bits", [(64, 4), (32, 4), (64, 2)])
 def test_chunks_longer_than_a_token_block(pre_rope, group, bits, triton_on) -> None:
     """96-token chunks are read in two blocks of 64 tokens (the second one part masked), the running softmax and
@@ -214,7 +258,7 @@ def test_offsets_are_32_bit_unless_a_buffer_needs_64() -> None:
     def packed(n: int):
         t = SimpleNamespace(numel=lambda: n)
         f = SimpleNamespace(codes=t, scale=t, minimum=t)
-        return SimpleNamespace(token=f, channel=f)
+        return SimpleNamespace(token=f, kernel_channel=f)
 
     assert triton_attention._index_dtype(packed(10), packed(2**31 - 1)) == torch.int32
     assert triton_attention._index_dtype(packed(10), packed(2**31)) == torch.int64

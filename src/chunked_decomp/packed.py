@@ -8,9 +8,10 @@ one dequantisation per buffer and one zero-padded batched matrix product per run
 
 Covers the layouts the presets use: one factor pair per KV head, either all quantised (groups along the last
 dimension) or all plain tensors, the channel factors either each chunk's own or each head's basis shared by the
-layer (`SharedRows`, ``basis_sharing``; then only the token factors are packed and the fused kernels, which read
-a channel factor per chunk, are not used). Joined heads keep the chunk-by-chunk path;
-:meth:`PackedFactors.supports` says which.
+layer (`SharedRows`, ``basis_sharing``; then only the token factors are packed, and the Triton kernel reads a
+copy of the quantised basis rows, the same rows for every factor of a head and every batch row, as long as no chunk
+has correction rows; the fused C++ kernels read a channel factor per chunk and are not used). Joined heads keep the
+chunk-by-chunk path; :meth:`PackedFactors.supports` says which.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class _FlatRole:
     have the same length is dequantised in one go by :meth:`rows`.
     """
 
-    def __init__(self, factors: list[torch.Tensor | QuantizedTensor]):
+    def __init__(self, factors: list[torch.Tensor | QuantizedTensor], repoint: bool = True):
         self.quantized = isinstance(factors[0], QuantizedTensor)
         self.offsets = [(0, 0)]
         if self.quantized:
@@ -49,9 +50,10 @@ class _FlatRole:
             self.minimum = torch.cat([f.minimum.reshape(-1) for f in factors])
             for f in factors:
                 c, g = self.offsets[-1]
-                f.codes = self.codes[c : c + f.codes.numel()].view(f.codes.shape)
-                f.scale = self.scale[g : g + f.scale.numel()].view(f.scale.shape)
-                f.minimum = self.minimum[g : g + f.minimum.numel()].view(f.minimum.shape)
+                if repoint:
+                    f.codes = self.codes[c : c + f.codes.numel()].view(f.codes.shape)
+                    f.scale = self.scale[g : g + f.scale.numel()].view(f.scale.shape)
+                    f.minimum = self.minimum[g : g + f.minimum.numel()].view(f.minimum.shape)
                 self.offsets.append((c + f.codes.numel(), g + f.scale.numel()))
         else:
             self.data = torch.cat([f.reshape(-1) for f in factors])
@@ -146,22 +148,32 @@ class PackedFactors:
                     cviews[i] = SharedRows(cviews[i].basis, cviews[i].rank, ev)
             for (ci, h), tv, cv in zip(slots, self.token.views, cviews):
                 sets[ci].pairs[h] = (tv, cv)
-        # Per factor, for the fused kernel (`chunked_decomp.kernels`): token code and group offsets, channel code
-        # and group offsets, rank, length, first compressed position, head.
-        self._meta = None
+        # A quantised shared basis without correction rows, for the Triton kernel, which reads a channel factor per
+        # factor: a copy of each head's rows in one flat buffer (the layer keeps the originals, a few KB), every
+        # factor of a head pointing at them, every batch row at the same rows (`channel_shared`).
+        self.basis_role: _FlatRole | None = None
+        basis_at: dict[int, tuple[int, int]] = {}
         if (
-            self.token is not None
-            and self.token.quantized
-            and self.channel is not None
-            and self.channel.quantized
+            self.shared is not None
+            and self.extra is None
+            and all(r is None or isinstance(r.basis, QuantizedTensor) for r in self.shared)
+            and any(r is not None and r.basis is not None for r in self.shared)
         ):
+            heads = [h for h, r in enumerate(self.shared) if r is not None and r.basis is not None]
+            self.basis_role = _FlatRole([self.shared[h].basis for h in heads], repoint=False)
+            basis_at = {h: self.basis_role.offsets[i] for i, h in enumerate(heads)}
+        # Per factor, for the fused kernels (`chunked_decomp.kernels`, `chunked_decomp.triton_attention`): token
+        # code and group offsets, channel code and group offsets, rank, length, first compressed position, head.
+        self._meta = None
+        channel = self.channel if self.channel is not None else self.basis_role
+        if self.token is not None and self.token.quantized and channel is not None and channel.quantized:
             starts = [0]
             for s in sets:
                 starts.append(starts[-1] + s.length)
             rows = [
                 (
                     *self.token.offsets[i],
-                    *self.channel.offsets[i],
+                    *(self.channel.offsets[i] if self.channel is not None else basis_at[h]),
                     t.shape[-2],
                     sets[ci].length,
                     starts[ci],
@@ -221,13 +233,25 @@ class PackedFactors:
 
     @property
     def quantized(self) -> bool:
-        """Whether token and channel factors are all quantised (the layout both fused kernels read)."""
+        """Whether token and channel factors are all quantised (the layout the fused kernels read); a shared basis
+        counts when it is quantised and no chunk has correction rows."""
         return self._meta is not None
 
     @property
+    def channel_shared(self) -> bool:
+        """Whether the channel rows the kernels read are a shared basis (every batch row reads the same rows)."""
+        return self.shared is not None
+
+    @property
+    def kernel_channel(self) -> _FlatRole | None:
+        """The channel role the fused kernels read: the chunks' own factors, or a shared basis's copy."""
+        return self.channel if self.channel is not None else self.basis_role
+
+    @property
     def fusable(self) -> bool:
-        """Whether the fused kernel can read these factors: quantised token and channel factors on the CPU."""
-        return self.quantized and self.token.codes.device.type == "cpu"
+        """Whether the fused C++ kernel can read these factors: quantised token and channel factors on the CPU,
+        each chunk with its own channel factor."""
+        return self.quantized and not self.channel_shared and self.token.codes.device.type == "cpu"
 
     def kernel_inputs(self) -> tuple:
         """The arguments of `chunked_decomp.kernels` after the query: flat token and channel codes with their

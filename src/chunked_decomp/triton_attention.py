@@ -205,7 +205,7 @@ if triton is not None:
         VTB: tl.constexpr, VTG: tl.constexpr, VCB: tl.constexpr, VCG: tl.constexpr,
         D: tl.constexpr, RP: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr, TB: tl.constexpr,
         HAS_BIAS: tl.constexpr, PRE_ROPE: tl.constexpr, HALF: tl.constexpr, LOWP: tl.constexpr,
-        ALLOW_FAST: tl.constexpr,
+        KCSH: tl.constexpr, VCSH: tl.constexpr, ALLOW_FAST: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -254,15 +254,19 @@ if triton is not None:
             kcode, kgroup = tl.load(km), tl.load(km + 1)
             vcode, vgroup = tl.load(vm), tl.load(vm + 1)
             kc_code, kc_group = tl.load(km + 2), tl.load(km + 3)
+            # A chunk's own basis holds a block of rows per batch row; a basis shared by the layer one for all.
+            kc_row0 = rk * 0 if KCSH else b * rk
             if HALVES:
-                v1 = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, 0, KCB, KCG, WP, HALF)
-                v2 = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, HALF, KCB, KCG, WP, HALF)
+                v1 = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, kc_row0, rk, D, 0, KCB, KCG, WP, HALF)
+                v2 = _dequant_block(
+                    KCC, KCS, KCM, kc_code, kc_group, kc_row0, rk, D, HALF, KCB, KCG, WP, HALF
+                )
             elif PRE_ROPE:
-                v = _dequant(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, d, d_ok, KCB, KCG, WP)
-                vr = _dequant(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, partner, rot,
+                v = _dequant(KCC, KCS, KCM, kc_code, kc_group, kc_row0, rk, D, d, d_ok, KCB, KCG, WP)
+                vr = _dequant(KCC, KCS, KCM, kc_code, kc_group, kc_row0, rk, D, partner, rot,
                               KCB, KCG, WP) * sign[None, :]  # fmt: skip
             else:
-                v = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, b * rk, rk, D, 0, KCB, KCG, WP, D)
+                v = _dequant_block(KCC, KCS, KCM, kc_code, kc_group, kc_row0, rk, D, 0, KCB, KCG, WP, D)
                 qv = _mm(q, tl.trans(v), LOWP)  # (RP, WP): the query in the chunk's basis
             pu = tl.zeros([RP, WP], tl.float32)  # Σ_t p_t u_t, on the same running scale as acc
             if FAST:
@@ -334,7 +338,8 @@ if triton is not None:
                     m_i = m_new
             # The value basis is read only now, so that it does not occupy registers during the token loop.
             vc_code, vc_group = tl.load(vm + 2), tl.load(vm + 3)
-            vv = _dequant_block(VCC, VCS, VCM, vc_code, vc_group, b * rv, rv, D, 0, VCB, VCG, WP, D)
+            vc_row0 = rv * 0 if VCSH else b * rv
+            vv = _dequant_block(VCC, VCS, VCM, vc_code, vc_group, vc_row0, rv, D, 0, VCB, VCG, WP, D)
             acc += _mm(pu, vv, LOWP)  # (p Uᵀ) V
         _store(M_OUT, L_OUT, ACC_OUT, bh * SPLITS + split, rows, R, d, m_i, l_i, acc, D, RP)
 
@@ -412,7 +417,7 @@ def _index_dtype(*packed) -> torch.dtype:
     """int32 when every buffer of the `PackedFactors` has fewer than 2**31 elements (so are all offsets into them),
     else int64."""
     largest = max(
-        t.numel() for p in packed for f in (p.token, p.channel) for t in (f.codes, f.scale, f.minimum)
+        t.numel() for p in packed for f in (p.token, p.kernel_channel) for t in (f.codes, f.scale, f.minimum)
     )
     return torch.int32 if largest < 2**31 else torch.int64
 
@@ -489,7 +494,8 @@ def attention(
         raise ValueError(f"block_tokens must be a power of two of at least 16, got {block_tokens}")
     if num_warps is None:
         num_warps = 8 if inv_freq is not None else 4
-    kt, kc, vt, vc = key_packed.token, key_packed.channel, value_packed.token, value_packed.channel
+    kt, kc = key_packed.token, key_packed.kernel_channel
+    vt, vc = value_packed.token, value_packed.kernel_channel
     lay = _layout(key_packed, value_packed)
     n_chunks = lay["chunks"]
     rp = _pow2(r)
@@ -517,6 +523,7 @@ def attention(
         D=d, RP=rp, WP=lay["wp"], TP=lay["tp"], TB=min(lay["tp"], block_tokens),
         HAS_BIAS=bias is not None, PRE_ROPE=pre_rope, LOWP=query.is_cuda, num_stages=1, num_warps=num_warps,
         HALF=freq.numel() if pre_rope else 1,
+        KCSH=key_packed.channel_shared, VCSH=value_packed.channel_shared,
     )  # fmt: skip
     buffers = (
         q, bias if bias is not None else q, freq, lay["pairs"], lay["cstart"], lay["clen"],

@@ -6,7 +6,9 @@ Needs a CUDA GPU and triton. One layer, bfloat16 cache, for each context and bud
 - ``sdpa``: ``F.scaled_dot_product_attention`` (GQA) of one query token over the full bf16 keys and values;
 - ``ours``: `triton_attention.attention` over the same context stored as 4 sinks + 256-token chunks of 4-bit
   factors (rank chosen for the budget of a 16-bit cache, basis 4-bit, groups of 64) + an exact residual window,
-  keys factored before the rotary embedding (rotated on chip, the default) and after it.
+  keys factored before the rotary embedding (rotated on chip, the default) and after it, and pre-rotary keys on one
+  basis per head shared by every chunk (``basis_sharing="keys"``, ``balanced``'s layout: the budget buys a higher
+  rank; ``keys: "pre-RoPE, shared key basis"``).
 
 Factors are random (the kernel's cost does not depend on their values); correctness is checked on every setting
 against attention over the rebuilt states in float64 (relative error; tf32 dot products give about 1e-3).
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 
 from chunked_decomp import triton_attention
 from chunked_decomp.decomposition import factorize_subspace, gram_basis
-from chunked_decomp.factors import FactorSet
+from chunked_decomp.factors import FactorSet, SharedRows
 from chunked_decomp.io import atomic_write_json
 from chunked_decomp.packed import PackedFactors
 from chunked_decomp.quantization import quantize, quantized_nbytes
@@ -64,6 +66,32 @@ def synthetic_packed(batch, heads, head_dim, n_chunks, chunk, rank, bits, group,
             pairs.append((quantize(u, bits, group), quantize(v, bits, group)))
         sets.append(FactorSet(pairs, batch, chunk, heads, head_dim, False))
     return PackedFactors(sets)
+
+
+def shared_key_packed(batch, heads, head_dim, n_chunks, chunk, budget, bits, group, device, gen):
+    """Keys on one basis per head shared by every chunk (``basis_sharing="keys"``, ``balanced``'s layout): a chunk
+    stores token factors only, so the budget buys a higher rank (capped at head_dim). Returns (PackedFactors, rank,
+    bytes stored: every chunk's token factors and each head's basis once)."""
+    row = quantized_nbytes((1, chunk), bits, group, -1)
+    rank = max(1, min(head_dim, int(budget * chunk * head_dim * 2 // row)))
+    bases = [
+        quantize(torch.randn(rank, head_dim, device=device, generator=gen) / math.sqrt(rank), bits, group)
+        for _ in range(heads)
+    ]
+    sets = []
+    for _ in range(n_chunks):
+        pairs = [
+            (
+                quantize(torch.randn(batch, rank, chunk, device=device, generator=gen), bits, group),
+                SharedRows(b, rank),
+            )
+            for b in bases
+        ]
+        sets.append(FactorSet(pairs, batch, chunk, heads, head_dim, False))
+    packed = PackedFactors(sets)
+    stored = sum(t.nbytes for t in (packed.token.codes, packed.token.scale, packed.token.minimum))
+    stored += sum(t.nbytes for b in bases for t in (b.codes, b.scale, b.minimum))
+    return packed, rank, stored
 
 
 def bench(fn, reps: int = 3) -> float:
@@ -143,17 +171,31 @@ def attention_rows(args, device, best: dict) -> list[dict]:
     rows = []
     for context in args.contexts:
         for budget in args.budgets:
-            qg, kp, vp, ex_k, ex_v, kfull, vfull, q, rank, ratio = setting(args, device, context, budget, gen)
+            qg, kp_own, vp, ex_k, ex_v, kfull, vfull, q, rank, ratio = setting(
+                args, device, context, budget, gen
+            )
             t_sdpa = bench(
                 lambda q=q, k=kfull, v=vfull: F.scaled_dot_product_attention(
                     q, k, v, scale=scale, enable_gqa=True
                 )
             )
             full_bytes = 2 * kfull.numel() * 2
-            for pre_rope in (True, False):
+            # The shared key basis of balanced / long_context: its keys in place of the per-chunk ones.
+            n_chunks = sum(run["chunks"] for run in kp_own.runs)
+            kp_shared, rank_shared, shared_bytes = shared_key_packed(
+                args.batch, args.kv_heads, d, n_chunks, args.chunk, budget, 4, 64, device, gen
+            )
+            key_bytes = sum(
+                t.nbytes for f in (kp_own.token, kp_own.channel) for t in (f.codes, f.scale, f.minimum)
+            )
+            ratio_shared = ratio + (shared_bytes - key_bytes) / full_bytes
+            for pre_rope, shared in ((True, False), (False, False), (True, True)):
                 freq = inv_freq if pre_rope else None
                 keys_mode = "pre-RoPE" if pre_rope else "post-RoPE"
                 cfg = best.get(keys_mode, {})
+                kp = kp_shared if shared else kp_own
+                if shared:
+                    keys_mode = "pre-RoPE, shared key basis"
 
                 def ours(freq=freq, kp=kp, vp=vp, ex_k=ex_k, ex_v=ex_v, qg=qg, cfg=cfg):
                     return triton_attention.attention(
@@ -176,14 +218,16 @@ def attention_rows(args, device, best: dict) -> list[dict]:
                 err = float((got.double() - want).norm() / want.norm())
                 del keys, k_all, v_all, p, want
                 t_ours = bench(ours)
+                stored_ratio = ratio_shared if shared else ratio
                 row = dict(
-                    context=context, budget=budget, rank=rank, keys=keys_mode, launch=cfg,
-                    sdpa_ms=t_sdpa, ours_ms=t_ours, speedup=t_sdpa / t_ours, rel_err=err,
-                    stored_ratio=ratio, sdpa_TBps=full_bytes / t_sdpa / 1e9, ours_TBps=ratio * full_bytes / t_ours / 1e9,
+                    context=context, budget=budget, rank=rank_shared if shared else rank, keys=keys_mode,
+                    launch=cfg, sdpa_ms=t_sdpa, ours_ms=t_ours, speedup=t_sdpa / t_ours, rel_err=err,
+                    stored_ratio=stored_ratio, sdpa_TBps=full_bytes / t_sdpa / 1e9,
+                    ours_TBps=stored_ratio * full_bytes / t_ours / 1e9,
                 )  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del kp, vp, kfull, vfull
+            del kp, kp_own, kp_shared, vp, kfull, vfull
             torch.cuda.empty_cache()
     return rows
 

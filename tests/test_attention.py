@@ -156,6 +156,31 @@ def test_decode_attention_is_validated() -> None:
 fused = pytest.mark.skipif(not kernels.available(), reason="the fused kernel could not be built here")
 
 
+def _prefilled_layer(config: CompressionConfig):
+    """Layer 1 of a tiny Llama's cache after a 70-token prefill in a batch of 2 and ``compress_all``: chunks of 8
+    and a final partial one of 4 (shorter than a quantisation group)."""
+    model = make_tiny_model("llama")
+    cache = ChunkedSVDCache.from_model(model, config)
+    with torch.no_grad():
+        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
+    cache.compress_all()
+    layer = cache.layers[1]
+    assert {c.length for c in layer.chunks} == {8, 4}
+    return layer
+
+
+def _assert_sdpa_over_the_rebuilt_states(got: torch.Tensor, layer, query: torch.Tensor) -> None:
+    """``got`` is attention over the layer's rebuilt states (query i at position length - q_len + i, causal)."""
+    keys, values = layer._full_states()
+    q_len = query.shape[2]
+    length, rep = keys.shape[-2], query.shape[1] // keys.shape[1]
+    allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1), attn_mask=allowed, scale=0.25
+    )
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
 @fused
 @pytest.mark.parametrize("bits, basis_bits", [(4, 4), (8, 4), (2, 4), (4, 8)])
 @pytest.mark.parametrize("q_len", [1, 3])
@@ -163,17 +188,11 @@ def test_fused_kernel_equals_the_pytorch_path(bits, basis_bits, q_len, monkeypat
     """The kernel reads the packed codes; the PyTorch path dequantises them into padded runs first. Same
     factors, so the attention outputs agree to float rounding: at 2, 4 and 8 bits, with a batch of 2 (rows of
     several sequences in one factor) and chunks of several lengths (a final partial chunk of 4 < group 8)."""
-    model = make_tiny_model("llama")
     config = CompressionConfig(
         **BASE, compress_keys_pre_rope=False, decode_attention="factored", quantization_bits=bits,
         basis_bits=basis_bits,
     )  # fmt: skip
-    cache = ChunkedSVDCache.from_model(model, config)
-    with torch.no_grad():
-        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
-    cache.compress_all()
-    layer = cache.layers[1]
-    assert {c.length for c in layer.chunks} == {8, 4}
+    layer = _prefilled_layer(config)
     query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(6))
     ctx = layer.factored_context()
     assert ctx.key_packed is not None and ctx.value_packed is not None and ctx.key_runs is None
@@ -182,14 +201,8 @@ def test_fused_kernel_equals_the_pytorch_path(bits, basis_bits, q_len, monkeypat
     plain = layer.factored_context()
     assert plain.key_packed is None and plain.key_runs is not None
     torch.testing.assert_close(got, attend(query, plain, None, 0.25), atol=1e-5, rtol=1e-5)
-    # And both equal attention over the rebuilt states (query i at position length - q_len + i, causal).
-    keys, values = layer._full_states()
-    length, rep = keys.shape[-2], query.shape[1] // keys.shape[1]
-    allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
-    want = torch.nn.functional.scaled_dot_product_attention(
-        query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1), attn_mask=allowed, scale=0.25
-    )
-    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-4)
+    # And both equal attention over the rebuilt states.
+    _assert_sdpa_over_the_rebuilt_states(got, layer, query)
 
 
 @fused
@@ -212,14 +225,8 @@ def test_pre_rotary_keys_scored_by_the_kernel_equal_the_pytorch_path(sharing, q_
     """Pre-rotary keys are rebuilt as factored and rotated inside the kernel's scoring (``keys_rope``), not
     rotated into a second buffer first: same attention as the PyTorch path and as SDPA over the rebuilt states,
     with a basis per chunk and a shared one, a batch of 2 and a final partial chunk."""
-    model = make_tiny_model("llama")
-    config = CompressionConfig(**BASE, decode_attention="factored", basis_sharing=sharing)
-    cache = ChunkedSVDCache.from_model(model, config)
-    with torch.no_grad():
-        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
-    cache.compress_all()
-    layer = cache.layers[1]
-    assert all(c.keys_pre_rope for c in layer.chunks) and {c.length for c in layer.chunks} == {8, 4}
+    layer = _prefilled_layer(CompressionConfig(**BASE, decode_attention="factored", basis_sharing=sharing))
+    assert all(c.keys_pre_rope for c in layer.chunks)
     query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(6))
     ctx = layer.factored_context()
     assert ctx.keys_rope is not None
@@ -228,13 +235,7 @@ def test_pre_rotary_keys_scored_by_the_kernel_equal_the_pytorch_path(sharing, q_
     plain = layer.factored_context()
     assert plain.keys_rope is None
     torch.testing.assert_close(got, attend(query, plain, None, 0.25), atol=1e-5, rtol=1e-5)
-    keys, values = layer._full_states()
-    length, rep = keys.shape[-2], query.shape[1] // keys.shape[1]
-    allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
-    want = torch.nn.functional.scaled_dot_product_attention(
-        query, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1), attn_mask=allowed, scale=0.25
-    )
-    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-4)
+    _assert_sdpa_over_the_rebuilt_states(got, layer, query)
 
 
 def test_kernels_can_be_switched_off_and_a_failed_build_falls_back(monkeypatch, caplog) -> None:

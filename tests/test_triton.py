@@ -36,6 +36,7 @@ def _compressed_layer(
     seed: int = 5,
     tokens: int = 70,
     model=None,
+    compress_all: bool = True,
     **extra,
 ):
     model = make_tiny_model("llama") if model is None else model
@@ -47,7 +48,8 @@ def _compressed_layer(
     ids = random_ids(tokens, batch=batch, seed=seed)
     with torch.no_grad():
         model(input_ids=ids, **{cache_kwarg_name(model): cache}, use_cache=True)
-    cache.compress_all()
+    if compress_all:
+        cache.compress_all()
     return cache.layers[1]
 
 
@@ -88,15 +90,9 @@ def test_kernel_reads_a_basis_shared_by_the_layer(pre_rope, sharing, shared_bits
     """Keys (and with ``layer`` values too) on one basis per head for all chunks: every factor of a head, and every
     batch row, reads the same rows (at ``shared_basis_bits`` when set); the output is attention over the rebuilt
     states, batch of 2, the chunks of one prefill (one span: no correction rows, see the next test)."""
-    model = make_tiny_model("llama")
-    config = CompressionConfig(
-        **BASE, compress_keys_pre_rope=pre_rope, decode_attention="factored", basis_sharing=sharing,
-        shared_basis_bits=shared_bits,
-    )  # fmt: skip
-    cache = ChunkedSVDCache.from_model(model, config)
-    with torch.no_grad():
-        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
-    layer = cache.layers[1]
+    layer = _compressed_layer(
+        pre_rope, compress_all=False, basis_sharing=sharing, shared_basis_bits=shared_bits
+    )
     packed = layer._packed_factors()
     assert packed[0].channel_shared and packed[1].channel_shared == (sharing == "layer")
     assert packed[0].quantized and packed[1].quantized

@@ -275,3 +275,31 @@ def test_the_default_rebuild_never_builds_the_kernel(monkeypatch) -> None:
     ids = random_ids(60, seed=8)
     _logits(model, CompressionConfig(**BASE), ids, [40] + [1] * 20)
     assert builds == []
+
+
+@pytest.mark.slow
+def test_real_model_generates_the_same_tokens_factored_and_rebuilt(monkeypatch) -> None:
+    """SmolLM2-135M with ``balanced`` (pre-rotary keys on a shared basis, scored by the fused kernel when it is
+    built): greedy generation after a 1,100-token Wikipedia prompt gives the tokens of the rebuild path, logits to
+    float rounding."""
+    from chunked_decomp import ChunkedDecomp
+    from chunked_decomp.data import load_texts, load_token_ids
+    from chunked_decomp.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer()
+    ids = load_token_ids(tok, load_texts("wikipedia"), min_tokens=2200)[1000:2100][None]
+    calls = []
+    if kernels.available():
+        real = kernels.rope_scores
+        monkeypatch.setattr(kernels, "rope_scores", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for mode in ("rebuild", "factored"):
+        config = CompressionConfig.from_preset("balanced", decode_attention=mode)
+        with ChunkedDecomp(config=config).applied(model), torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)  # fmt: skip
+        runs[mode] = (out.sequences[0, ids.shape[1] :], torch.stack(out.scores))
+    assert torch.equal(runs["factored"][0], runs["rebuild"][0])
+    torch.testing.assert_close(runs["factored"][1], runs["rebuild"][1], atol=2e-4, rtol=1e-4)
+    # Every layer of every decoding step (the first token comes from the prefill), when the kernel is built.
+    assert len(calls) == 23 * 30 or not kernels.available()

@@ -68,6 +68,11 @@ def synthetic_packed(batch, heads, head_dim, n_chunks, chunk, rank, bits, group,
     return PackedFactors(sets)
 
 
+def stored_bytes(*parts) -> int:
+    """Bytes of quantised parts (flat roles of `PackedFactors` or `QuantizedTensor`s): codes, scales, minima."""
+    return sum(t.nbytes for f in parts for t in (f.codes, f.scale, f.minimum))
+
+
 def shared_key_packed(batch, heads, head_dim, n_chunks, chunk, budget, bits, group, device, gen):
     """Keys on one basis per head shared by every chunk (``basis_sharing="keys"``, ``balanced``'s layout): a chunk
     stores token factors only, so the budget buys a higher rank (capped at head_dim). Returns (PackedFactors, rank,
@@ -89,9 +94,7 @@ def shared_key_packed(batch, heads, head_dim, n_chunks, chunk, budget, bits, gro
         ]
         sets.append(FactorSet(pairs, batch, chunk, heads, head_dim, False))
     packed = PackedFactors(sets)
-    stored = sum(t.nbytes for t in (packed.token.codes, packed.token.scale, packed.token.minimum))
-    stored += sum(t.nbytes for b in bases for t in (b.codes, b.scale, b.minimum))
-    return packed, rank, stored
+    return packed, rank, stored_bytes(packed.token, *bases)
 
 
 def bench(fn, reps: int = 3) -> float:
@@ -122,10 +125,7 @@ def setting(args, device, context, budget, gen):
     vp = synthetic_packed(b, hkv, d, n_chunks, args.chunk, rank, 4, 64, device, gen)
     ex_k = torch.cat([kfull[:, :, :SINKS], kfull[:, :, context - window :]], dim=-2)
     ex_v = torch.cat([vfull[:, :, :SINKS], vfull[:, :, context - window :]], dim=-2)
-    stored = sum(
-        t.nbytes for p in (kp, vp) for t in (p.token.codes, p.token.scale, p.token.minimum,
-                                             p.channel.codes, p.channel.scale, p.channel.minimum)
-    ) + 2 * ex_k.numel() * 2  # fmt: skip
+    stored = stored_bytes(kp.token, kp.channel, vp.token, vp.channel) + 2 * ex_k.numel() * 2
     qg = q.float().reshape(b, hkv, hq // hkv, d)
     return qg, kp, vp, ex_k, ex_v, kfull, vfull, q, rank, stored / (2 * kfull.numel() * 2)
 
@@ -185,9 +185,7 @@ def attention_rows(args, device, best: dict) -> list[dict]:
             kp_shared, rank_shared, shared_bytes = shared_key_packed(
                 args.batch, args.kv_heads, d, n_chunks, args.chunk, budget, 4, 64, device, gen
             )
-            key_bytes = sum(
-                t.nbytes for f in (kp_own.token, kp_own.channel) for t in (f.codes, f.scale, f.minimum)
-            )
+            key_bytes = stored_bytes(kp_own.token, kp_own.channel)
             ratio_shared = ratio + (shared_bytes - key_bytes) / full_bytes
             for pre_rope, shared in ((True, False), (False, False), (True, True)):
                 freq = inv_freq if pre_rope else None

@@ -165,7 +165,7 @@ class PackedFactors:
         # Per factor, for the fused kernels (`chunked_decomp.kernels`, `chunked_decomp.triton_attention`): token
         # code and group offsets, channel code and group offsets, rank, length, first compressed position, head.
         self._meta = None
-        channel = self.channel if self.channel is not None else self.basis_role
+        channel = self.kernel_channel
         if self.token is not None and self.token.quantized and channel is not None and channel.quantized:
             starts = [0]
             for s in sets:

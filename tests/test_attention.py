@@ -156,16 +156,18 @@ def test_decode_attention_is_validated() -> None:
 fused = pytest.mark.skipif(not kernels.available(), reason="the fused kernel could not be built here")
 
 
-def _prefilled_layer(config: CompressionConfig):
-    """Layer 1 of a tiny Llama's cache after a 70-token prefill in a batch of 2 and ``compress_all``: chunks of 8
-    and a final partial one of 4 (shorter than a quantisation group)."""
+def _prefilled_layer(config: CompressionConfig, tokens: int = 70):
+    """Layer 1 of a tiny Llama's cache after a prefill of ``tokens`` in a batch of 2 and ``compress_all``: chunks
+    of 8 and a final partial one (of 4 for 70 tokens, shorter than a quantisation group; of 5 for 71, odd)."""
     model = make_tiny_model("llama")
     cache = ChunkedSVDCache.from_model(model, config)
     with torch.no_grad():
-        model(input_ids=random_ids(70, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True)
+        model(
+            input_ids=random_ids(tokens, batch=2, seed=5), **{cache_kwarg_name(model): cache}, use_cache=True
+        )
     cache.compress_all()
     layer = cache.layers[1]
-    assert {c.length for c in layer.chunks} == {8, 4}
+    assert {c.length for c in layer.chunks} == {8, (tokens - 2) % 8}
     return layer
 
 
@@ -236,6 +238,74 @@ def test_pre_rotary_keys_scored_by_the_kernel_equal_the_pytorch_path(sharing, q_
     assert plain.keys_rope is None
     torch.testing.assert_close(got, attend(query, plain, None, 0.25), atol=1e-5, rtol=1e-5)
     _assert_sdpa_over_the_rebuilt_states(got, layer, query)
+
+
+@fused
+@pytest.mark.parametrize("factor_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("group, tokens", [(8, 71), (12, 70)], ids=["odd_chunk", "group_of_12"])
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_fused_kernel_reads_every_scale_dtype_and_layout(
+    factor_dtype, group, tokens, q_len, monkeypatch
+) -> None:
+    """The kernel reads the scales as stored (float32 and bfloat16 here, float16 above) and lays each group's
+    codes out in 32-lane blocks: an odd final chunk (its 4-bit codes in order, not split into even and odd
+    tokens), groups of 12 (a chunk of 8 is one partial group), 4 and 8 query rows (register tiles of 3 rows and a
+    last one of 1 or 2): the attention of the PyTorch path and of SDPA over the rebuilt states."""
+    config = CompressionConfig(
+        **{**BASE, "quant_group_size": group}, compress_keys_pre_rope=False, decode_attention="factored",
+        factor_dtype=factor_dtype,
+    )  # fmt: skip
+    layer = _prefilled_layer(config, tokens)
+    ctx = layer.factored_context()
+    assert ctx.key_packed.token.scale.dtype == getattr(torch, factor_dtype)
+    query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(9))
+    got = attend(query, ctx, None, 0.25)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    torch.testing.assert_close(got, attend(query, layer.factored_context(), None, 0.25), atol=1e-5, rtol=1e-5)
+    _assert_sdpa_over_the_rebuilt_states(got, layer, query)
+
+
+@fused
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_fused_kernel_gives_the_same_results_on_several_threads(pre_rope, monkeypatch) -> None:
+    """The kernels split their work over torch's threads (factor and batch row for the scores and value sums,
+    keys for the rotated scores, rows for the rebuild's dequantisation): scores and rebuilt rows bit for bit those
+    of one thread, value sums (each thread sums its own factors, then the threads' sums are added) to float
+    rounding, and the attention through them the same."""
+    config = CompressionConfig(**BASE, compress_keys_pre_rope=pre_rope, decode_attention="factored")
+    layer = _prefilled_layer(config, 261)  # 33 chunks a head: 66 factors, each over 2 batch rows
+    ctx = layer.factored_context()
+    query = torch.randn(2, 4, 3, 16, generator=torch.Generator().manual_seed(10))
+    qg = query.reshape(2, 2, 6, 16)
+    probs = torch.softmax(
+        torch.randn(2, 2, 6, ctx.value_packed.length, generator=torch.Generator().manual_seed(11)), -1
+    )
+    rebuilds = []
+    real = kernels.dequant_into
+    monkeypatch.setattr(kernels, "dequant_into", lambda *a: rebuilds.append(1) or real(*a))
+
+    def run() -> tuple[torch.Tensor, ...]:
+        keys = (
+            kernels.rope_scores(qg, ctx.keys, *ctx.keys_rope)
+            if pre_rope
+            else kernels.scores(qg, ctx.key_packed)
+        )
+        rebuilt = torch.cat(layer._full_states(), dim=-1)  # the packed rebuild, through dequant_into
+        return keys, kernels.values(probs, ctx.value_packed), rebuilt, attend(query, ctx, None, 0.25)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        for threads in (2, 3) * 8:  # repeated: a data race shows only now and then
+            torch.set_num_threads(threads)
+            many = run()
+            assert torch.equal(many[0], one[0]) and torch.equal(many[2], one[2])
+            torch.testing.assert_close(many[1], one[1], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(many[3], one[3], atol=1e-6, rtol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+    assert rebuilds
 
 
 def test_kernels_can_be_switched_off_and_a_failed_build_falls_back(monkeypatch, caplog) -> None:

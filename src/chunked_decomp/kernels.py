@@ -14,6 +14,12 @@ compressed cache is materialised:
 - ``rope_scores(q, k, cos, sin)``: scores over keys rebuilt before the rotary embedding, rotated on the fly, for
   pre-rotary keys (which cannot be scored in factor form: the rotation depends on each token's position).
 
+Each function splits its work over torch's intra-op threads (``torch.set_num_threads``): the scores and value sums
+by factor and batch row, ``rope_scores`` by key, ``dequant_into`` by row. Within a factor a quantisation group of
+every component is decoded once into floats, then the query rows are summed over the components in register
+tiles (3 rows × 32 tokens, 12 accumulators of 8 floats), and the scales and minima are read as stored (float32,
+float16 or bfloat16), with no float32 copy per call.
+
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ninja are needed; about a minute once, then cached by torch). When it cannot be built, or with
 ``CHUNKED_DECOMP_KERNELS=0``, :func:`available` is False and the attention keeps its PyTorch path.
@@ -30,8 +36,11 @@ logger = logging.getLogger("chunked_decomp")
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <vector>
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 // Codes of one row, elements t0 .. t0 + n - 1, at 2, 4 or 8 bits (element 0 in the low bits of byte 0). Groups
 // start at multiples of the group size, so t0 is a whole number of bytes in; 2-bit codes go through a table of
@@ -66,8 +75,31 @@ static inline void decode(const uint8_t* row, int64_t t0, int64_t n, int bits, f
     for (int64_t t = whole * per; t < n; ++t) out[t] = (p[t / per] >> ((t % per) * bits)) & ((1 << bits) - 1);
 }
 
+// Quantisation scales and minima as stored (float32, float16 or bfloat16: the factors' dtype), read as float, so
+// that no float32 copy of them is made per call.
+struct Floats {
+    const void* p;
+    c10::ScalarType type;
+    explicit Floats(const torch::Tensor& t) : p(t.data_ptr()), type(t.scalar_type()) {
+        TORCH_CHECK(type == torch::kFloat || type == torch::kHalf || type == torch::kBFloat16,
+                    "scales must be float32, float16 or bfloat16, got ", type);
+    }
+    Floats(const void* p, c10::ScalarType type) : p(p), type(type) {}
+    float operator[](int64_t i) const {
+        switch (type) {
+            case torch::kHalf: return static_cast<float>(static_cast<const at::Half*>(p)[i]);
+            case torch::kBFloat16: return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
+            default: return static_cast<const float*>(p)[i];
+        }
+    }
+    Floats operator+(int64_t i) const {
+        const int64_t size = type == torch::kFloat ? 4 : 2;
+        return Floats(static_cast<const char*>(p) + i * size, type);
+    }
+};
+
 // One dequantised channel row (d values).
-static inline void channel_row(const uint8_t* codes, const float* scale, const float* minimum, int64_t d,
+static inline void channel_row(const uint8_t* codes, Floats scale, Floats minimum, int64_t d,
                                int bits, int64_t gs, float* out) {
     decode(codes, 0, d, bits, out);
     for (int64_t g = 0, k0 = 0; k0 < d; ++g, k0 += gs) {  // group by group: no division per element
@@ -81,118 +113,259 @@ static inline void channel_row(const uint8_t* codes, const float* scale, const f
 // rank, length T, start (first compressed position), kv head. Each factor holds every batch row.
 struct Packed {
     const uint8_t *tcp, *ccp;
-    const float *tsp, *tmp, *csp, *cmp;
+    Floats tsp, tmp, csp, cmp;
     const int64_t* mp;
     int64_t F, tbits, tgs, cbits, cgs;
     Packed(torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc, torch::Tensor cs, torch::Tensor cm,
            torch::Tensor meta, int64_t tbits, int64_t tgs, int64_t cbits, int64_t cgs)
-        : tcp(tc.data_ptr<uint8_t>()), ccp(cc.data_ptr<uint8_t>()), tsp(ts.data_ptr<float>()),
-          tmp(tm.data_ptr<float>()), csp(cs.data_ptr<float>()), cmp(cm.data_ptr<float>()),
+        : tcp(tc.data_ptr<uint8_t>()), ccp(cc.data_ptr<uint8_t>()), tsp(ts), tmp(tm), csp(cs), cmp(cm),
           mp(meta.data_ptr<int64_t>()), F(meta.size(0)), tbits(tbits), tgs(tgs), cbits(cbits), cgs(cgs) {}
 
-    // body(h, start, r, T, G, b, channel, group) for every factor and batch row b: head h, first position start,
+    // body(h, start, r, T, G, b, channel, group) for factor f and batch row b: head h, first position start,
     // rank r, length T, G groups; channel(i, out) dequantises component i's channel row; group(i, g, codes) gives
     // the g-th group of component i's token row: its first byte, and its scale and minimum through the return.
     template <class Body>
-    void each(int64_t B, int64_t D, Body body) const {
+    void one(int64_t f, int64_t b, int64_t D, Body body) const {
         const int64_t Wc = (D * cbits + 7) / 8, Gc = (D + cgs - 1) / cgs;
-        for (int64_t f = 0; f < F; ++f) {
-            const int64_t* m = mp + f * 8;
-            const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
-            const int64_t W = (T * tbits + 7) / 8, G = (T + tgs - 1) / tgs;
-            for (int64_t b = 0; b < B; ++b) {
-                auto channel = [&](int64_t i, float* out) {
-                    const int64_t row = b * r + i;
-                    channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits,
-                                cgs, out);
-                };
-                auto group = [&](int64_t i, int64_t g, const uint8_t*& codes) {
-                    const int64_t row = b * r + i;
-                    codes = tcp + m[0] + row * W;
-                    return std::make_pair(tsp[m[1] + row * G + g], tmp[m[1] + row * G + g]);
-                };
-                body(h, start, r, T, G, b, channel, group);
+        const int64_t* m = mp + f * 8;
+        const int64_t r = m[4], T = m[5], start = m[6], h = m[7];
+        const int64_t W = (T * tbits + 7) / 8, G = (T + tgs - 1) / tgs;
+        auto channel = [&](int64_t i, float* out) {
+            const int64_t row = b * r + i;
+            channel_row(ccp + m[2] + row * Wc, csp + m[3] + row * Gc, cmp + m[3] + row * Gc, D, cbits, cgs, out);
+        };
+        auto group = [&](int64_t i, int64_t g, const uint8_t*& codes) {
+            const int64_t row = b * r + i;
+            codes = tcp + m[0] + row * W;
+            return std::make_pair(tsp[m[1] + row * G + g], tmp[m[1] + row * G + g]);
+        };
+        body(h, start, r, T, G, b, channel, group);
+    }
+
+    // Units u = f * B + b (factor f, batch row b) split over torch's intra-op threads in contiguous ranges;
+    // work(u0, u1) runs one range with buffers of its own.
+    template <class Work>
+    void parallel(int64_t B, Work work) const {
+        at::parallel_for(0, F * B, 1, work);
+    }
+};
+
+// Eight floats in a register (AVX2; two on 128-bit machines): GCC's and Clang's vector extension, which compiles
+// to clean fused multiply-adds where the loops over plain arrays did not vectorise; elsewhere a plain struct.
+#if defined(__GNUC__) || defined(__clang__)
+typedef float vec8 __attribute__((vector_size(32)));
+#else
+struct vec8 {
+    float e[8];
+};
+static inline vec8 operator*(float c, const vec8& x) {
+    vec8 y;
+    for (int k = 0; k < 8; ++k) y.e[k] = c * x.e[k];
+    return y;
+}
+static inline vec8 operator*(const vec8& a, const vec8& x) {
+    vec8 y;
+    for (int k = 0; k < 8; ++k) y.e[k] = a.e[k] * x.e[k];
+    return y;
+}
+static inline vec8& operator+=(vec8& a, const vec8& x) {
+    for (int k = 0; k < 8; ++k) a.e[k] += x.e[k];
+    return a;
+}
+#endif
+static inline vec8 load8(const float* p) {
+    vec8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void store8(float* p, const vec8& v) { std::memcpy(p, &v, sizeof v); }
+static inline float sum8(const vec8& v) {
+    float e[8], s = 0.f;
+    std::memcpy(e, &v, sizeof e);
+    for (int k = 0; k < 8; ++k) s += e[k];
+    return s;
+}
+
+// A group of a token row (tokens t0 .. t0 + n - 1) as floats, laid out in blocks of LANES: 4-bit codes of even n
+// split into the even tokens at lanes [0, n/2) and the odd ones at [off, off + n/2), off = pad(n/2) (no
+// interleave to undo per element); any other case in order (off = 0). Lanes past the tokens are zero.
+constexpr int64_t V = 4, LANES = 8 * V, TILE_ROWS = 3;  // a tile: 3 rows x 32 lanes = 12 accumulator registers
+static inline int64_t pad(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+struct Layout {
+    bool split;
+    int64_t off, width;
+    Layout(int64_t n, int bits)
+        : split(bits == 4 && n % 2 == 0), off(split ? pad(n / 2) : 0), width(split ? 2 * pad(n / 2) : pad(n)) {}
+    // x[the lane of token t] = p[t] for the n tokens; the padding lanes are left as they are.
+    void gather(const float* p, int64_t n, float* x) const {
+        if (split) {
+            for (int64_t k = 0; k < n / 2; ++k) {
+                x[k] = p[2 * k];
+                x[off + k] = p[2 * k + 1];
             }
+        } else {
+            std::copy(p, p + n, x);
+        }
+    }
+    // o[t] = x[the lane of token t] + c for the n tokens (the even and odd runs interleaved back).
+    void scatter(const float* x, float c, int64_t n, float* o) const {
+        if (split) {
+            for (int64_t k = 0; k < n / 2; ++k) {
+                o[2 * k] = x[k] + c;
+                o[2 * k + 1] = x[off + k] + c;
+            }
+        } else {
+            for (int64_t t = 0; t < n; ++t) o[t] = x[t] + c;
         }
     }
 };
 
-// One group of a token row as floats: 4-bit codes of a group of even length split into the even and odd elements
-// (lo, hi: n / 2 each, two separate runs that vectorise), any other case into buf (n values). Returns whether split.
-static inline bool group_codes(const uint8_t* row, int64_t t0, int64_t n, int bits, float* buf, float* lo,
-                               float* hi) {
-    if (bits == 4 && n % 2 == 0) {
+static inline void group_floats(const uint8_t* row, int64_t t0, int64_t n, int bits, const Layout& L, float* x) {
+    if (L.split) {
         const uint8_t* p = row + t0 / 2;
-        for (int64_t k = 0; k < n / 2; ++k) {
-            lo[k] = static_cast<float>(p[k] & 15);
-            hi[k] = static_cast<float>(p[k] >> 4);
+        const int64_t m = n / 2;
+        for (int64_t k = 0; k < m; ++k) {
+            x[k] = static_cast<float>(p[k] & 15);
+            x[L.off + k] = static_cast<float>(p[k] >> 4);
         }
-        return true;
+        std::fill(x + m, x + L.off, 0.f);
+        std::fill(x + L.off + m, x + L.width, 0.f);
+    } else {
+        decode(row, t0, n, bits, x);
+        std::fill(x + n, x + L.width, 0.f);
     }
-    decode(row, t0, n, bits, buf);
-    return false;
+}
+
+// Register tiles of RT <= 3 rows by LANES lanes over the r components of a group; X: (r, width) the group's codes
+// as floats, from lane l0. tile: out[jj * width + l] = Σ_i A[i, jj] X[i, l] for the tile's lanes (A: (r, R), a
+// row's weight of each component); dots: out[i, jj] = Σ_l P[jj, l] X[i, l] (P: (RT, width), the rows' weights of
+// the lanes).
+template <int RT>
+static inline void tile(const float* X, int64_t width, int64_t r, const float* A, int64_t R, float* out) {
+    vec8 s[RT][V] = {};
+    for (int64_t i = 0; i < r; ++i) {
+        vec8 x[V];
+        for (int v = 0; v < V; ++v) x[v] = load8(X + i * width + 8 * v);
+        for (int jj = 0; jj < RT; ++jj) {
+            const float c = A[i * R + jj];
+            for (int v = 0; v < V; ++v) s[jj][v] += c * x[v];
+        }
+    }
+    for (int jj = 0; jj < RT; ++jj)
+        for (int v = 0; v < V; ++v) store8(out + jj * width + 8 * v, s[jj][v]);
+}
+
+template <int RT>
+static inline void dots(const float* X, int64_t width, int64_t r, const float* P, float* out, int64_t R) {
+    for (int64_t i = 0; i < r; ++i) {
+        const float* x = X + i * width;
+        vec8 s[RT][V] = {};
+        for (int64_t l0 = 0; l0 < width; l0 += LANES)
+            for (int v = 0; v < V; ++v) {
+                const vec8 xv = load8(x + l0 + 8 * v);
+                for (int jj = 0; jj < RT; ++jj) s[jj][v] += load8(P + jj * width + l0 + 8 * v) * xv;
+            }
+        for (int jj = 0; jj < RT; ++jj) {
+            vec8 t = s[jj][0];
+            for (int v = 1; v < V; ++v) t += s[jj][v];
+            out[i * R + jj] = sum8(t);
+        }
+    }
+}
+
+// dots with each component's sums scaled by c[i] and added to out8 (r, R) still as 8 lanes: summed across once
+// per factor, not once per group.
+template <int RT>
+static inline void scaled_dots(const float* X, int64_t width, int64_t r, const float* P, const float* c, vec8* out8,
+                               int64_t R) {
+    for (int64_t i = 0; i < r; ++i) {
+        const float* x = X + i * width;
+        vec8 s[RT][V] = {};
+        for (int64_t l0 = 0; l0 < width; l0 += LANES)
+            for (int v = 0; v < V; ++v) {
+                const vec8 xv = load8(x + l0 + 8 * v);
+                for (int jj = 0; jj < RT; ++jj) s[jj][v] += load8(P + jj * width + l0 + 8 * v) * xv;
+            }
+        for (int jj = 0; jj < RT; ++jj) {
+            vec8 t = s[jj][0];
+            for (int v = 1; v < V; ++v) t += s[jj][v];
+            out8[i * R + jj] += c[i] * t;
+        }
+    }
+}
+
+// Rows j0 .. R - 1 in tiles of at most TILE_ROWS: f(RT, j0) with RT the tile's height as a constant.
+template <class F>
+static inline void tiles(int64_t R, F f) {
+    for (int64_t j0 = 0; j0 < R; j0 += TILE_ROWS) {
+        const int64_t rt = std::min(TILE_ROWS, R - j0);
+        if (rt == 1) f(std::integral_constant<int, 1>(), j0);
+        else if (rt == 2) f(std::integral_constant<int, 2>(), j0);
+        else f(std::integral_constant<int, 3>(), j0);
+    }
+}
+
+// A factor's r channel rows dequantised into Vc: (r, Dp) with Dp = pad(D), zero past D.
+template <class Channel>
+static inline void channel_rows(int64_t r, int64_t D, Channel channel, std::vector<float>& Vc) {
+    const int64_t Dp = pad(D);
+    Vc.assign(r * Dp, 0.f);
+    for (int64_t i = 0; i < r; ++i) channel(i, Vc.data() + i * Dp);
 }
 
 torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
                      torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
                      int64_t cbits, int64_t cgs, int64_t C) {
-    const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
-    auto out = torch::zeros({B, H, R, C}, q.options());
+    const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Dp = pad(D);
+    auto out = torch::empty({B, H, R, C}, q.options());
     const float* qp = q.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    std::vector<float> v(D), qv, bias(R), acc(R * tgs), buf(tgs), lo(tgs), hi(tgs);
     const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
-    k.each(B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b, auto channel,
-                     auto group) {
-        const float* qb = qp + ((b * H + h) * R) * D;
-        qv.assign(R * r, 0.f);
-        for (int64_t i = 0; i < r; ++i) {
-            channel(i, v.data());
-            for (int64_t j = 0; j < R; ++j) {
-                float s = 0.f;
-                for (int64_t d = 0; d < D; ++d) s += qb[j * D + d] * v[d];
-                qv[j * r + i] = s;
-            }
-        }
-        // score[t] = Σ_i qv_i (code_it scale_ig + min_ig), one group at a time: the sums stay in a small buffer and
-        // the minima add one constant per group. With split 4-bit codes acc holds the even then the odd tokens.
-        float* ob = op + ((b * H + h) * R) * C + start;
-        for (int64_t g = 0; g < G; ++g) {
-            const int64_t t0 = g * tgs, n = std::min(tgs, T - t0), half = n / 2;
-            std::fill(acc.begin(), acc.begin() + R * n, 0.f);
-            std::fill(bias.begin(), bias.end(), 0.f);
-            bool split = false;
-            for (int64_t i = 0; i < r; ++i) {
-                const uint8_t* row;
-                const auto [scale, minimum] = group(i, g, row);
-                split = group_codes(row, t0, n, tbits, buf.data(), lo.data(), hi.data());
-                for (int64_t j = 0; j < R; ++j) {
-                    const float a = qv[j * r + i] * scale;
-                    bias[j] += qv[j * r + i] * minimum;
-                    float* aj = acc.data() + j * n;
-                    if (split) {
-                        for (int64_t t = 0; t < half; ++t) {
-                            aj[t] += a * lo[t];
-                            aj[half + t] += a * hi[t];
+    // Factors of a head cover disjoint positions, so the units write disjoint scores (and every score).
+    k.parallel(B, [&](int64_t u0, int64_t u1) {
+        // Buffers kept by each thread across calls: a decoding step calls this once per layer, and fresh
+        // allocations of their size cost more than the arithmetic.
+        static thread_local std::vector<float> Vc, Q, qv, A, X, bias, acc;
+        Q.assign(R * Dp, 0.f);
+        bias.resize(R);
+        acc.resize(R * 2 * pad(tgs));
+        for (int64_t u = u0; u < u1; ++u)
+            k.one(u / B, u % B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b,
+                                       auto channel, auto group) {
+                // qv[i, j] = q_j · V_i: the query rows on the factor's channel rows.
+                const float* qb = qp + ((b * H + h) * R) * D;
+                for (int64_t j = 0; j < R; ++j) std::copy(qb + j * D, qb + (j + 1) * D, Q.data() + j * Dp);
+                channel_rows(r, D, channel, Vc);
+                qv.resize(r * R);
+                tiles(R, [&](auto RT, int64_t j0) {
+                    dots<RT>(Vc.data(), Dp, r, Q.data() + j0 * Dp, qv.data() + j0, R);
+                });
+                // score[t] = Σ_i qv_i (code_it scale_ig + min_ig), a group at a time: the codes of all components
+                // decoded once into X, the rows summed over them in register tiles, the minima one constant a row.
+                float* ob = op + ((b * H + h) * R) * C + start;
+                A.resize(r * R);
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                    const Layout L(n, tbits);
+                    X.resize(r * L.width);
+                    std::fill(bias.begin(), bias.end(), 0.f);
+                    for (int64_t i = 0; i < r; ++i) {
+                        const uint8_t* row;
+                        const auto [scale, minimum] = group(i, g, row);
+                        group_floats(row, t0, n, tbits, L, X.data() + i * L.width);
+                        for (int64_t j = 0; j < R; ++j) {
+                            A[i * R + j] = qv[i * R + j] * scale;
+                            bias[j] += qv[i * R + j] * minimum;
                         }
-                    } else {
-                        for (int64_t t = 0; t < n; ++t) aj[t] += a * buf[t];
                     }
+                    tiles(R, [&](auto RT, int64_t j0) {
+                        for (int64_t l0 = 0; l0 < L.width; l0 += LANES)
+                            tile<RT>(X.data() + l0, L.width, r, A.data() + j0, R, acc.data() + j0 * L.width + l0);
+                    });
+                    for (int64_t j = 0; j < R; ++j) L.scatter(acc.data() + j * L.width, bias[j], n, ob + j * C + t0);
                 }
-            }
-            for (int64_t j = 0; j < R; ++j) {
-                float* o = ob + j * C + t0;
-                const float* aj = acc.data() + j * n;
-                if (split) {
-                    for (int64_t t = 0; t < half; ++t) {
-                        o[2 * t] = aj[t] + bias[j];
-                        o[2 * t + 1] = aj[half + t] + bias[j];
-                    }
-                } else {
-                    for (int64_t t = 0; t < n; ++t) o[t] = aj[t] + bias[j];
-                }
-            }
-        }
+            });
     });
     return out;
 }
@@ -200,60 +373,66 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch:
 torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
                      torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
                      int64_t cbits, int64_t cgs, int64_t D) {
-    const int64_t B = p.size(0), H = p.size(1), R = p.size(2), C = p.size(3);
-    auto out = torch::zeros({B, H, R, D}, p.options());
+    const int64_t B = p.size(0), H = p.size(1), R = p.size(2), C = p.size(3), Dp = pad(D);
+    // Factors of a head add into the same output rows: each thread sums its range of units into a copy of its
+    // own, and the copies are added in thread order (the same sums for a given number of threads).
+    const int64_t N = B * H * R * D, threads = std::max<int64_t>(1, at::get_num_threads());
+    auto partial = torch::zeros({threads, N}, p.options());
     const float* pp = p.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    std::vector<float> v(D), w, psum(R), pg(R * tgs), buf(tgs), lo(tgs), hi(tgs);
+    float* pap = partial.data_ptr<float>();
     const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
-    k.each(B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b, auto channel,
-                     auto group) {
-        const float* pb = pp + ((b * H + h) * R) * C + start;
-        // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t, one group at
-        // a time; with split 4-bit codes the weights of the group are laid out even tokens first, then odd.
-        w.assign(R * r, 0.f);
-        for (int64_t g = 0; g < G; ++g) {
-            const int64_t t0 = g * tgs, n = std::min(tgs, T - t0), half = n / 2;
-            const bool even = tbits == 4 && n % 2 == 0;
-            for (int64_t j = 0; j < R; ++j) {
-                const float* pj = pb + j * C + t0;
-                float* gj = pg.data() + j * n;
-                float s0 = 0.f;
-                for (int64_t t = 0; t < n; ++t) s0 += pj[t];
-                psum[j] = s0;
-                if (even) {
-                    for (int64_t t = 0; t < half; ++t) {
-                        gj[t] = pj[2 * t];
-                        gj[half + t] = pj[2 * t + 1];
+    k.parallel(B, [&](int64_t u0, int64_t u1) {
+        float* op = pap + std::min<int64_t>(at::get_thread_num(), threads - 1) * N;
+        static thread_local std::vector<float> Vc, w, X, P, sc, psum, acc;  // as in scores
+        static thread_local std::vector<vec8> w8;
+        psum.resize(R);
+        acc.resize(R * Dp);
+        for (int64_t u = u0; u < u1; ++u)
+            k.one(u / B, u % B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b,
+                                       auto channel, auto group) {
+                const float* pb = pp + ((b * H + h) * R) * C + start;
+                // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t, a
+                // group at a time: the weights laid out as the codes (P), the sums over lanes in register tiles.
+                w.assign(r * R, 0.f);
+                w8.assign(r * R, vec8{});
+                sc.resize(r);
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                    const Layout L(n, tbits);
+                    X.resize(r * L.width);
+                    P.assign(R * L.width, 0.f);
+                    for (int64_t j = 0; j < R; ++j) {
+                        const float* pj = pb + j * C + t0;
+                        float s0 = 0.f;
+                        for (int64_t t = 0; t < n; ++t) s0 += pj[t];
+                        psum[j] = s0;
+                        L.gather(pj, n, P.data() + j * L.width);
                     }
-                } else {
-                    for (int64_t t = 0; t < n; ++t) gj[t] = pj[t];
-                }
-            }
-            for (int64_t i = 0; i < r; ++i) {
-                const uint8_t* row;
-                const auto [scale, minimum] = group(i, g, row);
-                const bool split = group_codes(row, t0, n, tbits, buf.data(), lo.data(), hi.data());
-                for (int64_t j = 0; j < R; ++j) {
-                    const float* gj = pg.data() + j * n;
-                    float s1 = 0.f;
-                    if (split) {
-                        for (int64_t t = 0; t < half; ++t) s1 += gj[t] * lo[t] + gj[half + t] * hi[t];
-                    } else {
-                        for (int64_t t = 0; t < n; ++t) s1 += gj[t] * buf[t];
+                    for (int64_t i = 0; i < r; ++i) {
+                        const uint8_t* row;
+                        const auto [scale, minimum] = group(i, g, row);
+                        group_floats(row, t0, n, tbits, L, X.data() + i * L.width);
+                        sc[i] = scale;
+                        for (int64_t j = 0; j < R; ++j) w[i * R + j] += minimum * psum[j];
                     }
-                    w[j * r + i] += scale * s1 + minimum * psum[j];
+                    tiles(R, [&](auto RT, int64_t j0) {
+                        scaled_dots<RT>(X.data(), L.width, r, P.data() + j0 * L.width, sc.data(), w8.data() + j0,
+                                        R);
+                    });
                 }
-            }
-        }
-        float* ob = op + ((b * H + h) * R) * D;
-        for (int64_t i = 0; i < r; ++i) {
-            channel(i, v.data());
-            for (int64_t j = 0; j < R; ++j)
-                for (int64_t d = 0; d < D; ++d) ob[j * D + d] += w[j * r + i] * v[d];
-        }
+                for (int64_t e = 0; e < r * R; ++e) w[e] += sum8(w8[e]);
+                // out_j += Σ_i w_ij V_i: the channel rows summed in register tiles.
+                channel_rows(r, D, channel, Vc);
+                tiles(R, [&](auto RT, int64_t j0) {
+                    for (int64_t l0 = 0; l0 < Dp; l0 += LANES)
+                        tile<RT>(Vc.data() + l0, Dp, r, w.data() + j0, R, acc.data() + j0 * Dp + l0);
+                });
+                float* ob = op + ((b * H + h) * R) * D;
+                for (int64_t j = 0; j < R; ++j)
+                    for (int64_t d = 0; d < D; ++d) ob[j * D + d] += acc[j * Dp + d];
+            });
     });
-    return out;
+    return partial.sum(0).view({B, H, R, D});
 }
 
 // Scores of query rows over keys rebuilt before the rotary embedding, rotated on the fly: q (B, H, R, D), k (B, H,
@@ -267,13 +446,13 @@ torch::Tensor rope_scores(torch::Tensor q, torch::Tensor k, torch::Tensor cos, t
     const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *cp = cos.data_ptr<float>(),
                 *sp = sin.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    std::vector<float> kr(D);
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-        const float* qb = qp + bh * R * D;
-        const float* kb = kp + bh * C * D;
-        float* ob = op + bh * R * C;
-        for (int64_t t = 0; t < C; ++t) {
-            const float *kt = kb + t * D, *ct = cp + t * rd, *st = sp + t * rd;
+    // Units are (batch row and head, key): each writes its own scores.
+    at::parallel_for(0, B * H * C, 256, [&](int64_t u0, int64_t u1) {
+        std::vector<float> kr(D);
+        for (int64_t u = u0; u < u1; ++u) {
+            const int64_t bh = u / C, t = u % C;
+            const float *qb = qp + bh * R * D, *kt = kp + (bh * C + t) * D, *ct = cp + t * rd, *st = sp + t * rd;
+            float* ob = op + bh * R * C;
             for (int64_t d = 0; d < half; ++d) kr[d] = kt[d] * ct[d] - kt[d + half] * st[d];
             for (int64_t d = half; d < rd; ++d) kr[d] = kt[d] * ct[d] + kt[d - half] * st[d];
             for (int64_t d = rd; d < D; ++d) kr[d] = kt[d];
@@ -284,28 +463,30 @@ torch::Tensor rope_scores(torch::Tensor q, torch::Tensor k, torch::Tensor cos, t
                 ob[j * C + t] = acc;
             }
         }
-    }
+    });
     return out;
 }
 
-// out[dest[i], :n] = row i of the quantised rows (codes (rows, W), scale / minimum (rows, G) float32).
+// out[dest[i], :n] = row i of the quantised rows (codes (rows, W), scale / minimum (rows, G)).
 void dequant_into(torch::Tensor out, torch::Tensor dest, torch::Tensor codes, torch::Tensor scale,
                   torch::Tensor minimum, int64_t bits, int64_t gs, int64_t n) {
     const int64_t rows = dest.size(0), W = (n * bits + 7) / 8, G = (n + gs - 1) / gs, stride = out.size(1);
     float* op = out.data_ptr<float>();
     const int64_t* dp = dest.data_ptr<int64_t>();
     const uint8_t* cp = codes.data_ptr<uint8_t>();
-    const float* sp = scale.data_ptr<float>();
-    const float* mp = minimum.data_ptr<float>();
-    for (int64_t i = 0; i < rows; ++i) {
-        float* o = op + dp[i] * stride;
-        for (int64_t g = 0; g < G; ++g) {
-            const int64_t t0 = g * gs, m = std::min(gs, n - t0);
-            decode(cp + i * W, t0, m, bits, o + t0);
-            const float a = sp[i * G + g], c = mp[i * G + g];
-            for (int64_t t = 0; t < m; ++t) o[t0 + t] = o[t0 + t] * a + c;
+    const Floats sp(scale), mp(minimum);
+    // Rows go to distinct destinations.
+    at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            float* o = op + dp[i] * stride;
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t t0 = g * gs, m = std::min(gs, n - t0);
+                decode(cp + i * W, t0, m, bits, o + t0);
+                const float a = sp[i * G + g], c = mp[i * G + g];
+                for (int64_t t = 0; t < m; ++t) o[t0 + t] = o[t0 + t] * a + c;
+            }
         }
-    }
+    });
 }
 
 """
@@ -339,7 +520,10 @@ def _load():
                 name="chunked_decomp_factored_attention",
                 cpp_sources=_SOURCE,
                 functions=["scores", "values", "dequant_into", "rope_scores"],
-                extra_cflags=["-O3", "-ffast-math", "-march=native"],
+                # OpenMP: at::parallel_for runs on torch's intra-op threads (torch.set_num_threads); without
+                # the flag it runs serially. The process's OpenMP runtime is torch's, already loaded.
+                extra_cflags=["-O3", "-ffast-math", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
         except Exception as err:  # no compiler, no ninja, a failed build: the PyTorch path stays
@@ -376,9 +560,11 @@ def dequant_into(
     n: int,
 ) -> None:
     """``out[dest[i], :n]`` = quantised row i dequantised, in one pass. out: (N, ≥ n) float32 contiguous;
-    codes: (rows, ceil(n·bits/8)) uint8; scale / minimum: (rows, ceil(n / group_size)), any float dtype."""
-    _load().dequant_into(out, dest, codes.contiguous(), scale.float().contiguous(), minimum.float().contiguous(),
-                         bits, group_size, n)  # fmt: skip
+    codes: (rows, ceil(n·bits/8)) uint8; scale / minimum: (rows, ceil(n / group_size)) float32, float16 or
+    bfloat16."""
+    _load().dequant_into(
+        out, dest, codes.contiguous(), scale.contiguous(), minimum.contiguous(), bits, group_size, n
+    )
 
 
 def values(probs: torch.Tensor, packed) -> torch.Tensor:

@@ -255,11 +255,12 @@ class PackedFactors:
 
     def kernel_inputs(self) -> tuple:
         """The arguments of `chunked_decomp.kernels` after the query: flat token and channel codes with their
-        scales and minima as float32, the per-factor table, and the bits and group sizes of both roles."""
+        scales and minima as stored (the kernel reads float32, float16 and bfloat16, so no copy is made), the
+        per-factor table, and the bits and group sizes of both roles."""
         t, c = self.token, self.channel
         return (
-            t.codes, t.scale.float(), t.minimum.float(),
-            c.codes, c.scale.float(), c.minimum.float(),
+            t.codes, t.scale, t.minimum,
+            c.codes, c.scale, c.minimum,
             self._meta, t.bits, t.group_size, c.bits, c.group_size,
         )  # fmt: skip
 

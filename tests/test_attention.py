@@ -6,6 +6,10 @@ compressed cache and running the model's own attention: same factors, different 
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import pytest
 import torch
 
@@ -306,6 +310,17 @@ def test_fused_kernel_gives_the_same_results_on_several_threads(pre_rope, monkey
     finally:
         torch.set_num_threads(before)
     assert rebuilds
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None or shutil.which("ninja", path=os.path.dirname(sys.executable) + os.pathsep
+                                                + os.environ.get("PATH", "")) is None,
+    reason="no C++ compiler or ninja: the kernel is not expected to build",
+)  # fmt: skip
+def test_the_kernel_builds_where_a_compiler_is() -> None:
+    """The fused-kernel tests skip where the kernel cannot be built; on a machine with a compiler and ninja (this
+    one, CI) a build error must fail the suite, not skip those tests."""
+    assert kernels.available()
 
 
 def test_kernels_can_be_switched_off_and_a_failed_build_falls_back(monkeypatch, caplog) -> None:

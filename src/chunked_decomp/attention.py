@@ -110,20 +110,24 @@ def attend(
     if ctx.triton:
         out = _attend_triton(qg, q, ctx, attention_mask, scaling)
         return out.view(b, hq, q, -1).transpose(1, 2).to(query.dtype)
-    parts = [qg @ ctx.sink_keys.float().transpose(-1, -2)]
+    # The fused kernel scores the exact sinks and tail with the chunks, in one call per layer (the products of a
+    # decoding step are small enough that each further call costs more than its arithmetic).
     if ctx.key_packed is not None:
-        parts.append(kernels.scores(qg, ctx.key_packed))
-    elif ctx.key_runs is not None:
-        for u, v in ctx.key_runs:
-            # (q Vᵀ) U per chunk: (b, h, n, rows, w) then (b, h, n, rows, T), laid out chunk after chunk.
-            s = torch.matmul(torch.matmul(qg.unsqueeze(2), v.transpose(-1, -2)), u)
-            parts.append(s.transpose(2, 3).reshape(b, hkv, rows, -1))
+        scores = kernels.scores(qg, ctx.key_packed, ctx.sink_keys, ctx.tail_keys)
     elif ctx.keys_rope is not None:
-        parts.append(kernels.rope_scores(qg, ctx.keys, *ctx.keys_rope))
+        scores = kernels.rope_scores(qg, ctx.keys, *ctx.keys_rope, ctx.sink_keys, ctx.tail_keys)
     else:
-        parts.append(qg @ ctx.keys.float().transpose(-1, -2))
-    parts.append(qg @ ctx.tail_keys.float().transpose(-1, -2))
-    scores = torch.cat(parts, dim=-1).mul_(scaling)
+        parts = [qg @ ctx.sink_keys.float().transpose(-1, -2)]
+        if ctx.key_runs is not None:
+            for u, v in ctx.key_runs:
+                # (q Vᵀ) U per chunk: (b, h, n, rows, w) then (b, h, n, rows, T), laid out chunk after chunk.
+                s = torch.matmul(torch.matmul(qg.unsqueeze(2), v.transpose(-1, -2)), u)
+                parts.append(s.transpose(2, 3).reshape(b, hkv, rows, -1))
+        else:
+            parts.append(qg @ ctx.keys.float().transpose(-1, -2))
+        parts.append(qg @ ctx.tail_keys.float().transpose(-1, -2))
+        scores = torch.cat(parts, dim=-1)
+    scores = scores.mul_(scaling)
     length = scores.shape[-1]
     scores = scores.view(b, hkv, rep, q, length)
     if attention_mask is None:
@@ -142,14 +146,13 @@ def attend(
     if attention_mask is not None:
         probs = probs.nan_to_num(0.0)  # rows with every position masked (padding queries)
     probs = probs.view(b, hkv, rows, length)
+    if ctx.value_packed is not None:
+        out = kernels.values(probs, ctx.value_packed, ctx.sink_values, ctx.tail_values)
+        return out.view(b, hq, q, -1).transpose(1, 2).to(query.dtype)
     s0 = ctx.sink_keys.shape[-2]
     out = probs[..., :s0] @ ctx.sink_values.float()
     at = s0
-    if ctx.value_packed is not None:
-        c = ctx.value_packed.length
-        out = out + kernels.values(probs[..., at : at + c], ctx.value_packed)
-        at += c
-    elif ctx.value_runs is not None:
+    if ctx.value_runs is not None:
         for u, v in ctx.value_runs:
             n, t = u.shape[2], u.shape[4]
             p = probs[..., at : at + n * t].reshape(b, hkv, rows, n, t).transpose(2, 3)  # (b, h, n, rows, T)

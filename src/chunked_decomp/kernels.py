@@ -314,13 +314,62 @@ static inline void channel_rows(int64_t r, int64_t D, Channel channel, std::vect
     for (int64_t i = 0; i < r; ++i) channel(i, Vc.data() + i * Dp);
 }
 
-torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
-                     torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
-                     int64_t cbits, int64_t cgs, int64_t C) {
+// The exact sinks (S tokens) and tail (L tokens) of a layer, which frame its C compressed tokens in every score
+// row: (B, H, S + C + L). exact_scores writes their scores; exact_values adds their share of the output.
+struct Exact {
+    const float *sp, *tp;
+    int64_t S, L;
+    Exact(const torch::Tensor& sink, const torch::Tensor& tail)
+        : sp(sink.data_ptr<float>()), tp(tail.data_ptr<float>()), S(sink.size(2)), L(tail.size(2)) {}
+};
+
+// q (B, H, R, D); out (B, H, R, N): the columns [0, S) and [N - L, N).
+static void exact_scores(const float* qp, const Exact& e, int64_t BH, int64_t R, int64_t D, int64_t N, float* op) {
+    at::parallel_for(0, BH, 1, [&](int64_t a0, int64_t a1) {
+        for (int64_t bh = a0; bh < a1; ++bh)
+            for (int64_t j = 0; j < R; ++j) {
+                const float* qj = qp + (bh * R + j) * D;
+                float* o = op + (bh * R + j) * N;
+                auto one = [&](const float* k, float* dst) {
+                    float s = 0.f;
+                    for (int64_t d = 0; d < D; ++d) s += qj[d] * k[d];
+                    *dst = s;
+                };
+                for (int64_t t = 0; t < e.S; ++t) one(e.sp + (bh * e.S + t) * D, o + t);
+                for (int64_t t = 0; t < e.L; ++t) one(e.tp + (bh * e.L + t) * D, o + N - e.L + t);
+            }
+    });
+}
+
+// p (B, H, R, N) → out (B, H, R, D) = the weighted sums of the exact values.
+static void exact_values(const float* pp, const Exact& e, int64_t BH, int64_t R, int64_t D, int64_t N, float* op) {
+    at::parallel_for(0, BH, 1, [&](int64_t a0, int64_t a1) {
+        for (int64_t bh = a0; bh < a1; ++bh)
+            for (int64_t j = 0; j < R; ++j) {
+                const float* pj = pp + (bh * R + j) * N;
+                float* o = op + (bh * R + j) * D;
+                for (int64_t t = 0; t < e.S; ++t) {
+                    const float w = pj[t], *v = e.sp + (bh * e.S + t) * D;
+                    for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+                }
+                for (int64_t t = 0; t < e.L; ++t) {
+                    const float w = pj[N - e.L + t], *v = e.tp + (bh * e.L + t) * D;
+                    for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+                }
+            }
+    });
+}
+
+torch::Tensor scores(torch::Tensor q, torch::Tensor sk, torch::Tensor tk, torch::Tensor tc, torch::Tensor ts,
+                     torch::Tensor tm, torch::Tensor cc, torch::Tensor cs, torch::Tensor cm, torch::Tensor meta,
+                     int64_t tbits, int64_t tgs, int64_t cbits, int64_t cgs, int64_t C) {
     const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Dp = pad(D);
-    auto out = torch::empty({B, H, R, C}, q.options());
+    const Exact e(sk, tk);
+    const int64_t N = e.S + C + e.L;
+    auto out = torch::empty({B, H, R, N}, q.options());
     const float* qp = q.data_ptr<float>();
     float* op = out.data_ptr<float>();
+    exact_scores(qp, e, B * H, R, D, N, op);
     const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
     // Factors of a head cover disjoint positions, so the units write disjoint scores (and every score).
     k.parallel(B, [&](int64_t u0, int64_t u1) {
@@ -343,7 +392,7 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch:
                 });
                 // score[t] = Σ_i qv_i (code_it scale_ig + min_ig), a group at a time: the codes of all components
                 // decoded once into X, the rows summed over them in register tiles, the minima one constant a row.
-                float* ob = op + ((b * H + h) * R) * C + start;
+                float* ob = op + ((b * H + h) * R) * N + e.S + start;
                 A.resize(r * R);
                 for (int64_t g = 0; g < G; ++g) {
                     const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
@@ -363,26 +412,27 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor tc, torch::Tensor ts, torch:
                         for (int64_t l0 = 0; l0 < L.width; l0 += LANES)
                             tile<RT>(X.data() + l0, L.width, r, A.data() + j0, R, acc.data() + j0 * L.width + l0);
                     });
-                    for (int64_t j = 0; j < R; ++j) L.scatter(acc.data() + j * L.width, bias[j], n, ob + j * C + t0);
+                    for (int64_t j = 0; j < R; ++j) L.scatter(acc.data() + j * L.width, bias[j], n, ob + j * N + t0);
                 }
             });
     });
     return out;
 }
 
-torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch::Tensor tm, torch::Tensor cc,
-                     torch::Tensor cs, torch::Tensor cm, torch::Tensor meta, int64_t tbits, int64_t tgs,
-                     int64_t cbits, int64_t cgs, int64_t D) {
-    const int64_t B = p.size(0), H = p.size(1), R = p.size(2), C = p.size(3), Dp = pad(D);
+torch::Tensor values(torch::Tensor p, torch::Tensor sv, torch::Tensor tv, torch::Tensor tc, torch::Tensor ts,
+                     torch::Tensor tm, torch::Tensor cc, torch::Tensor cs, torch::Tensor cm, torch::Tensor meta,
+                     int64_t tbits, int64_t tgs, int64_t cbits, int64_t cgs, int64_t D) {
+    const int64_t B = p.size(0), H = p.size(1), R = p.size(2), N = p.size(3), Dp = pad(D);
+    const Exact e(sv, tv);
     // Factors of a head add into the same output rows: each thread sums its range of units into a copy of its
     // own, and the copies are added in thread order (the same sums for a given number of threads).
-    const int64_t N = B * H * R * D, threads = std::max<int64_t>(1, at::get_num_threads());
-    auto partial = torch::zeros({threads, N}, p.options());
+    const int64_t outs = B * H * R * D, threads = std::max<int64_t>(1, at::get_num_threads());
+    auto partial = torch::zeros({threads, outs}, p.options());
     const float* pp = p.data_ptr<float>();
     float* pap = partial.data_ptr<float>();
     const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
     k.parallel(B, [&](int64_t u0, int64_t u1) {
-        float* op = pap + std::min<int64_t>(at::get_thread_num(), threads - 1) * N;
+        float* op = pap + std::min<int64_t>(at::get_thread_num(), threads - 1) * outs;
         static thread_local std::vector<float> Vc, w, X, P, sc, psum, acc;  // as in scores
         static thread_local std::vector<vec8> w8;
         psum.resize(R);
@@ -390,7 +440,7 @@ torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch:
         for (int64_t u = u0; u < u1; ++u)
             k.one(u / B, u % B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b,
                                        auto channel, auto group) {
-                const float* pb = pp + ((b * H + h) * R) * C + start;
+                const float* pb = pp + ((b * H + h) * R) * N + e.S + start;
                 // w_i = Σ_t p_t (code_it scale_ig + min_ig) = Σ_g scale_ig Σ_t p_t code_it + min_ig Σ_t p_t, a
                 // group at a time: the weights laid out as the codes (P), the sums over lanes in register tiles.
                 w.assign(r * R, 0.f);
@@ -402,7 +452,7 @@ torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch:
                     X.resize(r * L.width);
                     P.assign(R * L.width, 0.f);
                     for (int64_t j = 0; j < R; ++j) {
-                        const float* pj = pb + j * C + t0;
+                        const float* pj = pb + j * N + t0;
                         float s0 = 0.f;
                         for (int64_t t = 0; t < n; ++t) s0 += pj[t];
                         psum[j] = s0;
@@ -432,27 +482,33 @@ torch::Tensor values(torch::Tensor p, torch::Tensor tc, torch::Tensor ts, torch:
                     for (int64_t d = 0; d < D; ++d) ob[j * D + d] += acc[j * Dp + d];
             });
     });
-    return partial.sum(0).view({B, H, R, D});
+    auto out = partial.sum(0).view({B, H, R, D});
+    exact_values(pp, e, B * H, R, D, N, out.data_ptr<float>());
+    return out;
 }
 
 // Scores of query rows over keys rebuilt before the rotary embedding, rotated on the fly: q (B, H, R, D), k (B, H,
 // C, D) float32 as factored (pre-rotary), cos / sin (C, rd) the tables of the keys' positions (Llama's layout:
-// each half repeats the frequencies; channels past rd are not rotated) → (B, H, R, C). One pass over the keys,
-// which are never written rotated.
-torch::Tensor rope_scores(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+// each half repeats the frequencies; channels past rd are not rotated) → (B, H, R, S + C + L) with the exact sink
+// and tail keys' scores. One pass over the keys, which are never written rotated.
+torch::Tensor rope_scores(torch::Tensor q, torch::Tensor sk, torch::Tensor tk, torch::Tensor k, torch::Tensor cos,
+                          torch::Tensor sin) {
     const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), C = k.size(2), rd = cos.size(1);
     const int64_t half = rd / 2;
-    auto out = torch::empty({B, H, R, C}, q.options());
+    const Exact e(sk, tk);
+    const int64_t N = e.S + C + e.L;
+    auto out = torch::empty({B, H, R, N}, q.options());
     const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *cp = cos.data_ptr<float>(),
                 *sp = sin.data_ptr<float>();
     float* op = out.data_ptr<float>();
+    exact_scores(qp, e, B * H, R, D, N, op);
     // Units are (batch row and head, key): each writes its own scores.
     at::parallel_for(0, B * H * C, 256, [&](int64_t u0, int64_t u1) {
         std::vector<float> kr(D);
         for (int64_t u = u0; u < u1; ++u) {
             const int64_t bh = u / C, t = u % C;
             const float *qb = qp + bh * R * D, *kt = kp + (bh * C + t) * D, *ct = cp + t * rd, *st = sp + t * rd;
-            float* ob = op + bh * R * C;
+            float* ob = op + bh * R * N + e.S;
             for (int64_t d = 0; d < half; ++d) kr[d] = kt[d] * ct[d] - kt[d + half] * st[d];
             for (int64_t d = half; d < rd; ++d) kr[d] = kt[d] * ct[d] + kt[d - half] * st[d];
             for (int64_t d = rd; d < D; ++d) kr[d] = kt[d];
@@ -460,7 +516,7 @@ torch::Tensor rope_scores(torch::Tensor q, torch::Tensor k, torch::Tensor cos, t
                 const float* qj = qb + j * D;
                 float acc = 0.f;
                 for (int64_t d = 0; d < D; ++d) acc += qj[d] * kr[d];
-                ob[j * C + t] = acc;
+                ob[j * N + t] = acc;
             }
         }
     });
@@ -532,21 +588,44 @@ def _load():
     return _MODULE
 
 
-def scores(query: torch.Tensor, packed) -> torch.Tensor:
-    """query: (batch, kv_heads, rows, d) float32 → (batch, kv_heads, rows, C) scores over the compressed tokens
-    of ``packed`` (a quantised `PackedFactors` of keys)."""
-    k = packed.kernel_inputs()
-    return _load().scores(query.contiguous(), *k, packed.length)
+def _exact(states: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Exact sink or tail states (batch, kv_heads, n, d) as the kernel reads them (float32, contiguous); none:
+    n = 0."""
+    if states is None:
+        return like.new_empty(*like.shape[:2], 0, like.shape[-1])
+    return states.float().contiguous()
+
+
+def scores(
+    query: torch.Tensor,
+    packed,
+    sink_keys: torch.Tensor | None = None,
+    tail_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """query: (batch, kv_heads, rows, d) float32 → (batch, kv_heads, rows, S + C + L): the scores over the S exact
+    sink keys, the C compressed tokens of ``packed`` (a quantised `PackedFactors` of keys) and the L exact tail
+    keys, each (batch, kv_heads, S or L, d) (none: 0 tokens), in one call."""
+    q = query.contiguous()
+    return _load().scores(
+        q, _exact(sink_keys, q), _exact(tail_keys, q), *packed.kernel_inputs(), packed.length
+    )
 
 
 def rope_scores(
-    query: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    sink_keys: torch.Tensor | None = None,
+    tail_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query: (batch, kv_heads, rows, d) float32, keys: (batch, kv_heads, C, d) factored before the rotary
-    embedding, cos / sin: (C, rotary_dim) of the keys' positions → (batch, kv_heads, rows, C) scores of the
-    rotated keys, rotated on the fly (the rotated keys are never written)."""
-    return _load().rope_scores(query.contiguous(), keys.float().contiguous(), cos.float().contiguous(),
-                               sin.float().contiguous())  # fmt: skip
+    embedding, cos / sin: (C, rotary_dim) of the keys' positions → (batch, kv_heads, rows, S + C + L) scores of
+    the exact sink keys, the rotated keys (rotated on the fly: never written) and the exact tail keys, as
+    :func:`scores`."""
+    q = query.contiguous()
+    return _load().rope_scores(q, _exact(sink_keys, q), _exact(tail_keys, q), keys.float().contiguous(),
+                               cos.float().contiguous(), sin.float().contiguous())  # fmt: skip
 
 
 def dequant_into(
@@ -567,8 +646,20 @@ def dequant_into(
     )
 
 
-def values(probs: torch.Tensor, packed) -> torch.Tensor:
-    """probs: (batch, kv_heads, rows, C) weights of the compressed tokens → (batch, kv_heads, rows, d), the
-    weighted sum of the values of ``packed`` (a quantised `PackedFactors`)."""
-    k = packed.kernel_inputs()
-    return _load().values(probs.contiguous(), *k, packed.head_dim)
+def values(
+    probs: torch.Tensor,
+    packed,
+    sink_values: torch.Tensor | None = None,
+    tail_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """probs: (batch, kv_heads, rows, S + C + L) attention weights, laid out as :func:`scores` returns them →
+    (batch, kv_heads, rows, d): the weighted sum of the exact sink values, the values of ``packed`` (a quantised
+    `PackedFactors`, C tokens) and the exact tail values, each (batch, kv_heads, S or L, d) (none: 0 tokens)."""
+    p = probs.contiguous()
+    sink, tail = _exact(sink_values, p), _exact(tail_values, p)
+    if p.shape[-1] != sink.shape[-2] + packed.length + tail.shape[-2]:
+        raise ValueError(
+            f"probs cover {p.shape[-1]} tokens, but the sinks, compressed chunks and tail hold "
+            f"{sink.shape[-2]} + {packed.length} + {tail.shape[-2]}"
+        )
+    return _load().values(p, sink, tail, *packed.kernel_inputs(), packed.head_dim)

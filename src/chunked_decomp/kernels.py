@@ -142,11 +142,29 @@ struct Packed {
         body(h, start, r, T, G, b, channel, group);
     }
 
-    // Units u = f * B + b (factor f, batch row b) split over torch's intra-op threads in contiguous ranges;
-    // work(u0, u1) runs one range with buffers of its own.
+    // Units u = f * B + b (factor f, batch row b) in contiguous runs of about equal work (rank × (length + head
+    // size)), one run per intra-op thread: bounds (runs + 1). Runs of equal unit counts were unequal in work (the
+    // ranks differ between heads), and the longest run is the call's time.
+    std::vector<int64_t> runs(int64_t B, int64_t D) const {
+        const int64_t U = F * B, n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), U));
+        double total = 0.0;
+        for (int64_t f = 0; f < F; ++f) total += static_cast<double>(mp[f * 8 + 4] * (mp[f * 8 + 5] + D)) * B;
+        std::vector<int64_t> bounds(n + 1, U);
+        bounds[0] = 0;
+        double done = 0.0;
+        for (int64_t u = 0, s = 1; u < U && s < n; ++u) {
+            done += static_cast<double>(mp[(u / B) * 8 + 4] * (mp[(u / B) * 8 + 5] + D));
+            while (s < n && done >= total * s / n) bounds[s++] = u + 1;
+        }
+        return bounds;
+    }
+
+    // work(u0, u1, run) for each run of `runs`, the runs on torch's intra-op threads.
     template <class Work>
-    void parallel(int64_t B, Work work) const {
-        at::parallel_for(0, F * B, 1, work);
+    void parallel(const std::vector<int64_t>& bounds, Work work) const {
+        at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t s0, int64_t s1) {
+            for (int64_t s = s0; s < s1; ++s) work(bounds[s], bounds[s + 1], s);
+        });
     }
 };
 
@@ -372,7 +390,7 @@ torch::Tensor scores(torch::Tensor q, torch::Tensor sk, torch::Tensor tk, torch:
     exact_scores(qp, e, B * H, R, D, N, op);
     const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
     // Factors of a head cover disjoint positions, so the units write disjoint scores (and every score).
-    k.parallel(B, [&](int64_t u0, int64_t u1) {
+    k.parallel(k.runs(B, D), [&](int64_t u0, int64_t u1, int64_t) {
         // Buffers kept by each thread across calls: a decoding step calls this once per layer, and fresh
         // allocations of their size cost more than the arithmetic.
         static thread_local std::vector<float> Vc, Q, qv, A, X, bias, acc;
@@ -424,15 +442,16 @@ torch::Tensor values(torch::Tensor p, torch::Tensor sv, torch::Tensor tv, torch:
                      int64_t tbits, int64_t tgs, int64_t cbits, int64_t cgs, int64_t D) {
     const int64_t B = p.size(0), H = p.size(1), R = p.size(2), N = p.size(3), Dp = pad(D);
     const Exact e(sv, tv);
-    // Factors of a head add into the same output rows: each thread sums its range of units into a copy of its
-    // own, and the copies are added in thread order (the same sums for a given number of threads).
-    const int64_t outs = B * H * R * D, threads = std::max<int64_t>(1, at::get_num_threads());
-    auto partial = torch::zeros({threads, outs}, p.options());
+    // Factors of a head add into the same output rows: each run of units is summed into a copy of its own, and
+    // the copies are added in order (the same sums for a given number of threads).
+    const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
+    const auto bounds = k.runs(B, D);
+    const int64_t outs = B * H * R * D;
+    auto partial = torch::zeros({static_cast<int64_t>(bounds.size()) - 1, outs}, p.options());
     const float* pp = p.data_ptr<float>();
     float* pap = partial.data_ptr<float>();
-    const Packed k(tc, ts, tm, cc, cs, cm, meta, tbits, tgs, cbits, cgs);
-    k.parallel(B, [&](int64_t u0, int64_t u1) {
-        float* op = pap + std::min<int64_t>(at::get_thread_num(), threads - 1) * outs;
+    k.parallel(bounds, [&](int64_t u0, int64_t u1, int64_t run) {
+        float* op = pap + run * outs;
         static thread_local std::vector<float> Vc, w, X, P, sc, psum, acc;  // as in scores
         static thread_local std::vector<vec8> w8;
         psum.resize(R);

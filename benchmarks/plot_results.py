@@ -6,8 +6,8 @@ Nothing is measured here: each figure reads what the benchmark scripts wrote, so
 * ``quality_per_byte.png`` — continuation and recall perplexity increase and passkey accuracy against stored
   bytes ÷ a 16-bit cache, for ChunkedDecomp's presets, the kvpress presses and transformers' `QuantizedCache`
   (``compare_peers*.json``; the first window of each protocol, the same for every method);
-* ``decode_speed.png`` — CPU decoding speed ÷ `DynamicCache` against context length (``decode_speed.json``, and
-  the ``fast`` preset's runs ``decode_speed_fast_preset_4k.json`` / ``_8k.json``);
+* ``decode_speed.png`` — CPU decoding speed ÷ `DynamicCache` against context length, on 1 and 2 threads, for
+  ``fast`` and ``balanced`` (``decode_speed_{preset}_threaded_{4k,8k,batch4}_t{1,2}.json``);
 * ``memory_peak.png`` — peak process memory increase during generation ÷ `DynamicCache` (``memory_peak.json``);
 * ``gpu_attention.png`` — the Triton attention over the factors against SDPA on an H200 (``gpu_attention.json``).
 
@@ -170,33 +170,54 @@ def _context_axis(ax, contexts: list[int]) -> None:
     ax.set_xlabel("context tokens")
 
 
+# The decoding runs the README's table quotes: each preset, context and thread count run alone, 3 rounds
+# (decode_speed.py --output decode_speed_{preset}_threaded_{run}_t{1,2}.json): (preset, mode) → label, runs.
+DECODE_RUNS = {
+    ("fast", "factored_post_rope"): ("fast (keys after RoPE, factored)", ("4k", "8k", "batch4")),
+    ("balanced", "factored"): ("balanced, factored (pre-RoPE keys rebuilt)", ("4k", "8k")),
+    ("balanced", "rebuild"): ("balanced, rebuild (the default decoding)", ("4k", "8k")),
+}
+
+
+def decode_points() -> dict[str, list[tuple[int, int, float]]]:
+    """Series name → (context, batch, decode tokens/s ÷ `DynamicCache`) from the runs of `DECODE_RUNS`."""
+    series: dict[str, list[tuple[int, int, float]]] = {}
+    for (preset, mode), (label, runs) in DECODE_RUNS.items():
+        for threads in (1, 2):
+            pts = []
+            for run in runs:
+                data = _load(f"decode_speed_{preset}_threaded_{run}_t{threads}.json")
+                if data is not None:
+                    pts += [(r["context"], data["batch"], r[f"{mode}_speed_ratio"]) for r in data["rows"]]
+            if pts:
+                series[f"{label}, {threads} thread{'s' * (threads > 1)}"] = pts
+    return series
+
+
 def plot_decode(out: Path) -> Path | None:
-    data = _load("decode_speed.json")
-    if data is None:
+    series = decode_points()
+    if not series:
         return None
-    fig, axes = _row_of_axes(1, (7, 4.5))
+    fig, axes = _row_of_axes(1, (10, 4.5))
     ax = axes[0]
-    contexts = [r["context"] for r in data["rows"]]
-    names = {"rebuild": "rebuild (balanced, default)", "factored": "factored, pre-RoPE keys",
-             "factored_post_rope": "factored, post-RoPE keys (the earlier fast)"}  # fmt: skip
-    for i, mode in enumerate(data["modes"]):
-        ax.plot(contexts, [r[f"{mode}_speed_ratio"] for r in data["rows"]], marker="o", color=f"C{i}",
-                label=names.get(mode, mode))  # fmt: skip
-    # The fast preset as it ships, each context measured alone (decode_speed_fast_preset_*.json).
-    shipped = [_load(f"decode_speed_fast_preset_{k}.json") for k in ("4k", "8k")]
-    pts = [(r["context"], r["factored_post_rope_speed_ratio"]) for d in shipped if d for r in d["rows"]]
-    if pts:
-        ax.plot(
-            *zip(*pts), marker="*", ms=12, ls="none", color="black", label="fast preset as shipped (32 sinks)"
-        )
-    ax.axhline(1, color="grey", lw=1, ls="--", label="DynamicCache")
-    _context_axis(ax, contexts)
+    for i, (name, pts) in enumerate(series.items()):
+        # A colour per preset and mode; solid and filled for 2 threads, dashed and hollow for 1.
+        two = name.endswith("threads")
+        color, style, face = f"C{i // 2}", "-" if two else "--", None if two else "none"
+        line = sorted((c, r) for c, b, r in pts if b == 1)
+        ax.plot(*zip(*line), marker="o", mfc=face, color=color, ls=style, label=name)
+        wide = [(c, r) for c, b, r in pts if b > 1]
+        if wide:
+            ax.plot(*zip(*wide), marker="*", ms=13, mfc=face, ls="none", color=color,
+                    label=f"{name.split(' (')[0]}, batch 4, {name.rsplit(', ', 1)[1]}")  # fmt: skip
+    ax.axhline(1, color="grey", lw=1, ls=":", label="DynamicCache")
+    _context_axis(ax, sorted({c for pts in series.values() for c, _, _ in pts}))
     ax.set_ylabel("decode tokens/s ÷ DynamicCache")
     ax.set_title(
-        f"CPU decoding ({data['threads']} thread, batch {data.get('batch', 1)}, medians)", fontsize=10
+        "CPU decoding, SmolLM2-135M float32, 2-core machine (medians of 8 steps x 3 rounds)", fontsize=9
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, out / "decode_speed.png")
 
 

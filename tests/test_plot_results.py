@@ -46,6 +46,22 @@ def test_peer_points_are_the_readme_numbers(plots) -> None:
     assert quanto[0.1875][1] == pytest.approx(209.7, abs=0.1)
 
 
+def test_decode_points_are_the_readme_numbers(plots) -> None:
+    """The decoding figure plots the runs the README's table quotes (fast 1.26x / 1.19x at 4k on 1 / 2 threads,
+    1.42x / 1.40x at 8k, 1.97x / 1.57x with a batch of 4; balanced factored 0.79x / 0.67x, rebuild 0.31x / 0.33x
+    at 4k), each with its thread count and batch."""
+    series = plots.decode_points()
+    fast1 = {(c, b): r for c, b, r in series["fast (keys after RoPE, factored), 1 thread"]}
+    fast2 = {(c, b): r for c, b, r in series["fast (keys after RoPE, factored), 2 threads"]}
+    assert [round(fast1[k], 2) for k in ((4096, 1), (8192, 1), (4096, 4))] == [1.26, 1.42, 1.97]
+    assert [round(fast2[k], 2) for k in ((4096, 1), (8192, 1), (4096, 4))] == [1.19, 1.40, 1.57]
+    factored = series["balanced, factored (pre-RoPE keys rebuilt), 1 thread"]
+    rebuild = series["balanced, rebuild (the default decoding), 2 threads"]
+    assert round(dict(((c, b), r) for c, b, r in factored)[(4096, 1)], 2) == 0.79
+    assert round(dict(((c, b), r) for c, b, r in rebuild)[(4096, 1)], 2) == 0.33
+    assert len(series) == 6
+
+
 def test_every_figure_is_written_as_a_png(plots, tmp_path) -> None:
     for name, draw in plots.FIGURES.items():
         path = draw(tmp_path)

@@ -274,8 +274,9 @@ static inline void tile(const float* X, int64_t width, int64_t r, const float* A
         for (int v = 0; v < V; ++v) store8(out + jj * width + 8 * v, s[jj][v]);
 }
 
-template <int RT>
-static inline void dots(const float* X, int64_t width, int64_t r, const float* P, float* out, int64_t R) {
+// For each component i and row jj of the tile, the 8 lane sums t of P[jj, l] X[i, l] over the lanes: put(i, jj, t).
+template <int RT, class Put>
+static inline void lane_sums(const float* X, int64_t width, int64_t r, const float* P, Put put) {
     for (int64_t i = 0; i < r; ++i) {
         const float* x = X + i * width;
         vec8 s[RT][V] = {};
@@ -287,9 +288,14 @@ static inline void dots(const float* X, int64_t width, int64_t r, const float* P
         for (int jj = 0; jj < RT; ++jj) {
             vec8 t = s[jj][0];
             for (int v = 1; v < V; ++v) t += s[jj][v];
-            out[i * R + jj] = sum8(t);
+            put(i, jj, t);
         }
     }
+}
+
+template <int RT>
+static inline void dots(const float* X, int64_t width, int64_t r, const float* P, float* out, int64_t R) {
+    lane_sums<RT>(X, width, r, P, [&](int64_t i, int jj, const vec8& t) { out[i * R + jj] = sum8(t); });
 }
 
 // dots with each component's sums scaled by c[i] and added to out8 (r, R) still as 8 lanes: summed across once
@@ -297,20 +303,7 @@ static inline void dots(const float* X, int64_t width, int64_t r, const float* P
 template <int RT>
 static inline void scaled_dots(const float* X, int64_t width, int64_t r, const float* P, const float* c, vec8* out8,
                                int64_t R) {
-    for (int64_t i = 0; i < r; ++i) {
-        const float* x = X + i * width;
-        vec8 s[RT][V] = {};
-        for (int64_t l0 = 0; l0 < width; l0 += LANES)
-            for (int v = 0; v < V; ++v) {
-                const vec8 xv = load8(x + l0 + 8 * v);
-                for (int jj = 0; jj < RT; ++jj) s[jj][v] += load8(P + jj * width + l0 + 8 * v) * xv;
-            }
-        for (int jj = 0; jj < RT; ++jj) {
-            vec8 t = s[jj][0];
-            for (int v = 1; v < V; ++v) t += s[jj][v];
-            out8[i * R + jj] += c[i] * t;
-        }
-    }
+    lane_sums<RT>(X, width, r, P, [&](int64_t i, int jj, const vec8& t) { out8[i * R + jj] += c[i] * t; });
 }
 
 // Rows j0 .. R - 1 in tiles of at most TILE_ROWS: f(RT, j0) with RT the tile's height as a constant.
@@ -339,42 +332,37 @@ struct Exact {
     int64_t S, L;
     Exact(const torch::Tensor& sink, const torch::Tensor& tail)
         : sp(sink.data_ptr<float>()), tp(tail.data_ptr<float>()), S(sink.size(2)), L(tail.size(2)) {}
+
+    // f(row, column) for each exact token of (batch row, head) bh: its key or value row (D floats) and its score
+    // column of N, for every query row j of R; the (bh, j) pairs on torch's intra-op threads by bh.
+    template <class F>
+    void each(int64_t BH, int64_t R, int64_t D, int64_t N, F f) const {
+        at::parallel_for(0, BH, 1, [&](int64_t a0, int64_t a1) {
+            for (int64_t bh = a0; bh < a1; ++bh)
+                for (int64_t j = 0; j < R; ++j) {
+                    for (int64_t t = 0; t < S; ++t) f(bh * R + j, sp + (bh * S + t) * D, t);
+                    for (int64_t t = 0; t < L; ++t) f(bh * R + j, tp + (bh * L + t) * D, N - L + t);
+                }
+        });
+    }
 };
 
 // q (B, H, R, D); out (B, H, R, N): the columns [0, S) and [N - L, N).
 static void exact_scores(const float* qp, const Exact& e, int64_t BH, int64_t R, int64_t D, int64_t N, float* op) {
-    at::parallel_for(0, BH, 1, [&](int64_t a0, int64_t a1) {
-        for (int64_t bh = a0; bh < a1; ++bh)
-            for (int64_t j = 0; j < R; ++j) {
-                const float* qj = qp + (bh * R + j) * D;
-                float* o = op + (bh * R + j) * N;
-                auto one = [&](const float* k, float* dst) {
-                    float s = 0.f;
-                    for (int64_t d = 0; d < D; ++d) s += qj[d] * k[d];
-                    *dst = s;
-                };
-                for (int64_t t = 0; t < e.S; ++t) one(e.sp + (bh * e.S + t) * D, o + t);
-                for (int64_t t = 0; t < e.L; ++t) one(e.tp + (bh * e.L + t) * D, o + N - e.L + t);
-            }
+    e.each(BH, R, D, N, [&](int64_t row, const float* k, int64_t col) {
+        const float* qj = qp + row * D;
+        float s = 0.f;
+        for (int64_t d = 0; d < D; ++d) s += qj[d] * k[d];
+        op[row * N + col] = s;
     });
 }
 
 // p (B, H, R, N) → out (B, H, R, D) = the weighted sums of the exact values.
 static void exact_values(const float* pp, const Exact& e, int64_t BH, int64_t R, int64_t D, int64_t N, float* op) {
-    at::parallel_for(0, BH, 1, [&](int64_t a0, int64_t a1) {
-        for (int64_t bh = a0; bh < a1; ++bh)
-            for (int64_t j = 0; j < R; ++j) {
-                const float* pj = pp + (bh * R + j) * N;
-                float* o = op + (bh * R + j) * D;
-                for (int64_t t = 0; t < e.S; ++t) {
-                    const float w = pj[t], *v = e.sp + (bh * e.S + t) * D;
-                    for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
-                }
-                for (int64_t t = 0; t < e.L; ++t) {
-                    const float w = pj[N - e.L + t], *v = e.tp + (bh * e.L + t) * D;
-                    for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
-                }
-            }
+    e.each(BH, R, D, N, [&](int64_t row, const float* v, int64_t col) {
+        const float w = pp[row * N + col];
+        float* o = op + row * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
     });
 }
 

@@ -347,6 +347,57 @@ def test_kernels_can_be_switched_off_and_a_failed_build_falls_back(monkeypatch, 
     assert ctx.key_packed is None and ctx.value_packed is None and ctx.value_runs is not None
 
 
+def test_a_compiler_without_openmp_builds_the_serial_kernel(monkeypatch, caplog) -> None:
+    """Apple's clang has no -fopenmp: the build without it is tried next (and its module is used), with a
+    warning; the flags of both tries are the same but for OpenMP."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(kernels, "_TRIED", False)
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    tries = []
+
+    def load_inline(**kw):
+        tries.append(kw)
+        if "-fopenmp" in kw["extra_cflags"]:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return "the serial module"
+
+    monkeypatch.setattr(cpp, "load_inline", load_inline)
+    with caplog.at_level("WARNING", logger="chunked_decomp"):
+        assert kernels._load() == "the serial module"
+    assert [t["name"] for t in tries] == [name for name, _ in kernels._BUILDS]
+    assert tries[1]["name"] == "chunked_decomp_factored_attention_serial"
+    assert (
+        tries[0]["extra_cflags"] == [*tries[1]["extra_cflags"], "-fopenmp"]
+        and tries[1]["extra_ldflags"] == []
+    )
+    assert "unsupported option '-fopenmp'" in caplog.text and "building it without" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_kernel_built_without_openmp_gives_the_same_results(monkeypatch) -> None:
+    """The serial build (a compiler without OpenMP) really compiles, and its attention equals the threaded
+    build's bit for bit at the same thread count (which sets the split of the value sums, run or not on threads)."""
+    if not kernels.available():
+        pytest.skip("no C++ compiler here")
+    serial = kernels._build(*kernels._BUILDS[1])
+    config = CompressionConfig(**BASE, compress_keys_pre_rope=False, decode_attention="factored")
+    ctx = _prefilled_layer(config, 261).factored_context()
+    query = torch.randn(2, 4, 3, 16, generator=torch.Generator().manual_seed(12))
+    before = torch.get_num_threads()
+    try:
+        threaded = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            threaded.append(attend(query, ctx, None, 0.25))
+        monkeypatch.setattr(kernels, "_MODULE", serial)
+        for threads, expected in zip((1, 2), threaded):
+            torch.set_num_threads(threads)
+            assert torch.equal(attend(query, ctx, None, 0.25), expected)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_default_rebuild_never_builds_the_kernel(monkeypatch) -> None:
     """Only the factored attention (an explicit choice) compiles the extension; the default decoding never waits
     for a build nor writes one to the user's cache."""

@@ -570,28 +570,46 @@ def built() -> bool:
     return _MODULE is not None and os.environ.get("CHUNKED_DECOMP_KERNELS", "1") != "0"
 
 
+# OpenMP: at::parallel_for runs on torch's intra-op threads (torch.set_num_threads); the process's OpenMP runtime
+# is torch's, already loaded. A compiler without OpenMP (Apple's clang) builds the same source without the flag,
+# under another name, and at::parallel_for runs serially: (module name, OpenMP flags), tried in order.
+_BUILDS = (
+    ("chunked_decomp_factored_attention", ("-fopenmp",)),
+    ("chunked_decomp_factored_attention_serial", ()),
+)
+
+
+def _build(name: str, openmp: tuple[str, ...]):
+    """Compile (or load from torch's extension cache) the kernel source as module ``name``."""
+    from torch.utils.cpp_extension import load_inline  # imports setuptools, which a venv may lack
+
+    return load_inline(
+        name=name,
+        cpp_sources=_SOURCE,
+        functions=["scores", "values", "dequant_into", "rope_scores"],
+        extra_cflags=["-O3", "-ffast-math", "-march=native", *openmp],
+        extra_ldflags=list(openmp),
+        verbose=False,
+    )
+
+
 def _load():
     global _MODULE, _TRIED
     if os.environ.get("CHUNKED_DECOMP_KERNELS", "1") == "0":
         return None
     if not _TRIED:
         _TRIED = True
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _MODULE = load_inline(
-                name="chunked_decomp_factored_attention",
-                cpp_sources=_SOURCE,
-                functions=["scores", "values", "dequant_into", "rope_scores"],
-                # OpenMP: at::parallel_for runs on torch's intra-op threads (torch.set_num_threads); without
-                # the flag it runs serially. The process's OpenMP runtime is torch's, already loaded.
-                extra_cflags=["-O3", "-ffast-math", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as err:  # no compiler, no ninja, a failed build: the PyTorch path stays
-            logger.warning("fused factored-attention kernel unavailable (%s); using the PyTorch path", err)
-            _MODULE = None
+        for name, openmp in _BUILDS:
+            try:
+                _MODULE = _build(name, openmp)
+                break
+            except Exception as err:  # no compiler, no ninja, no setuptools, a failed build
+                logger.warning(
+                    "fused factored-attention kernel unavailable%s (%s); %s",
+                    " with OpenMP" if openmp else "",
+                    err,
+                    "building it without" if openmp else "using the PyTorch path",
+                )
     return _MODULE
 
 

@@ -477,7 +477,7 @@ torch::Tensor values(torch::Tensor p, torch::Tensor sv, torch::Tensor tv, torch:
                                         R);
                     });
                 }
-                for (int64_t e = 0; e < r * R; ++e) w[e] += sum8(w8[e]);
+                for (int64_t x = 0; x < r * R; ++x) w[x] += sum8(w8[x]);
                 // out_j += Σ_i w_ij V_i: the channel rows summed in register tiles.
                 channel_rows(r, D, channel, Vc);
                 tiles(R, [&](auto RT, int64_t j0) {
@@ -613,11 +613,11 @@ def _load():
     return _MODULE
 
 
-def _exact(states: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _exact(states: torch.Tensor | None, like: torch.Tensor, d: int) -> torch.Tensor:
     """Exact sink or tail states (batch, kv_heads, n, d) as the kernel reads them (float32, contiguous); none:
-    n = 0."""
+    n = 0 (batch and heads those of ``like``)."""
     if states is None:
-        return like.new_empty(*like.shape[:2], 0, like.shape[-1])
+        return like.new_empty(*like.shape[:2], 0, d)
     return states.float().contiguous()
 
 
@@ -632,7 +632,11 @@ def scores(
     keys, each (batch, kv_heads, S or L, d) (none: 0 tokens), in one call."""
     q = query.contiguous()
     return _load().scores(
-        q, _exact(sink_keys, q), _exact(tail_keys, q), *packed.kernel_inputs(), packed.length
+        q,
+        _exact(sink_keys, q, q.shape[-1]),
+        _exact(tail_keys, q, q.shape[-1]),
+        *packed.kernel_inputs(),
+        packed.length,
     )
 
 
@@ -649,7 +653,8 @@ def rope_scores(
     the exact sink keys, the rotated keys (rotated on the fly: never written) and the exact tail keys, as
     :func:`scores`."""
     q = query.contiguous()
-    return _load().rope_scores(q, _exact(sink_keys, q), _exact(tail_keys, q), keys.float().contiguous(),
+    d = q.shape[-1]
+    return _load().rope_scores(q, _exact(sink_keys, q, d), _exact(tail_keys, q, d), keys.float().contiguous(),
                                cos.float().contiguous(), sin.float().contiguous())  # fmt: skip
 
 
@@ -681,10 +686,11 @@ def values(
     (batch, kv_heads, rows, d): the weighted sum of the exact sink values, the values of ``packed`` (a quantised
     `PackedFactors`, C tokens) and the exact tail values, each (batch, kv_heads, S or L, d) (none: 0 tokens)."""
     p = probs.contiguous()
-    sink, tail = _exact(sink_values, p), _exact(tail_values, p)
+    d = packed.head_dim
+    sink, tail = _exact(sink_values, p, d), _exact(tail_values, p, d)
     if p.shape[-1] != sink.shape[-2] + packed.length + tail.shape[-2]:
         raise ValueError(
             f"probs cover {p.shape[-1]} tokens, but the sinks, compressed chunks and tail hold "
             f"{sink.shape[-2]} + {packed.length} + {tail.shape[-2]}"
         )
-    return _load().values(p, sink, tail, *packed.kernel_inputs(), packed.head_dim)
+    return _load().values(p, sink, tail, *packed.kernel_inputs(), d)

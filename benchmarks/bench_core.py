@@ -19,7 +19,7 @@ agreeing before the first difference and in total; and the time spent compressin
     python benchmarks/bench_core.py --budgets 0.25 --context_len 4096 --windows 4 --skip_generation
 
 ``--set KEY=VALUE`` overrides a field of each budget's preset (the value read as YAML); ``--calibrate`` sets
-``head_weights`` from :func:`chunked_decomp.calibration.head_sensitivity` on tokens 1,000-2,535 and
+``head_weights`` from :func:`chunked_decomp.evaluation.calibration.head_sensitivity` on tokens 1,000-2,535 and
 3,000-4,535 (before the first window, and apart from the recall filler), while ``--set head_weights=auto`` uses
 the weights shipped with the package (calibrated on tokens 474,000-545,536, far from every window here);
 ``--recall_windows N`` adds the recall
@@ -41,12 +41,12 @@ import torch
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig
 from chunked_decomp.config import add_overrides_option, parse_overrides
-from chunked_decomp.data import load_texts, load_token_ids
+from chunked_decomp.config.head_weights import resolve_head_weights
+from chunked_decomp.evaluation.data import load_texts, load_token_ids
 from chunked_decomp.evaluation.methods import ChunkedDecompMethod, FullCache
 from chunked_decomp.evaluation.perplexity import continuation_perplexity, recall_perplexity
-from chunked_decomp.head_weights import resolve_head_weights
+from chunked_decomp.hf.loading import load_model_and_tokenizer
 from chunked_decomp.io import atomic_write_json
-from chunked_decomp.loading import load_model_and_tokenizer
 
 
 def generation_agreement(model, cd: ChunkedDecomp, prompt: torch.Tensor, new_tokens: int) -> dict:
@@ -169,7 +169,7 @@ def main() -> None:
     recall_starts = starts[: args.recall_windows]
     recall_base = [recall_perplexity(model, FullCache(), ids, start=s) for s in recall_starts]
     if args.calibrate:
-        from chunked_decomp.calibration import head_sensitivity
+        from chunked_decomp.evaluation.calibration import head_sensitivity
 
         overrides["head_weights"] = head_sensitivity(
             model,

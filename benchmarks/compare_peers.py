@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--calibrate",
         action="store_true",
-        help="ChunkedDecomp rows get head_weights from chunked_decomp.calibration.head_sensitivity\n"
+        help="ChunkedDecomp rows get head_weights from chunked_decomp.evaluation.calibration.head_sensitivity\n"
         "(continuation loss on tokens 1,000-4,535 of the text, before the protocols' windows)",
     )
     parser.add_argument("--context-len", type=int, default=1024)
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import transformers
 
-    from chunked_decomp.data import load_texts, load_token_ids
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.evaluation.data import load_texts, load_token_ids
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
     if args.threads:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(str(err)) from None
     if args.calibrate:
-        from chunked_decomp.calibration import head_sensitivity
+        from chunked_decomp.evaluation.calibration import head_sensitivity
 
         overrides["head_weights"] = head_sensitivity(model, token_ids, starts=(1000, 3000))
     for method in methods:

@@ -6,7 +6,7 @@ one forward call each). Caches: ``dynamic`` (uncompressed) and one compressed ca
 ``--preset``, wired in with ``ChunkedDecomp.applied``): ``rebuild`` (compressed chunks rebuilt each step, the
 model's own attention), ``factored`` (attention over the factors: values factored, pre-rotary keys rebuilt) and
 ``factored_post_rope`` (keys factored after the rotary embedding, so neither is rebuilt). The factored modes use
-the fused CPU kernel (`chunked_decomp.kernels`) when it builds; ``rebuild`` is timed without it, as the default
+the fused CPU kernel (`chunked_decomp.backends.cpu_kernel`) when it builds; ``rebuild`` is timed without it, as the default
 decoding runs (it never builds the kernel). The caches alternate
 within each of ``--repeats`` rounds, so all see the same machine load; the table gives medians of the per-step
 times, tokens/s and the ratio compressed ÷ dynamic speed (above 1 = faster).
@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker
-from chunked_decomp.compat import cache_kwarg_name, output_cache
 from chunked_decomp.config import add_overrides_option, parse_overrides
-from chunked_decomp.data import load_texts, load_token_ids
+from chunked_decomp.evaluation.data import load_texts, load_token_ids
+from chunked_decomp.evaluation.memory import cache_nbytes
+from chunked_decomp.hf.loading import load_model_and_tokenizer
+from chunked_decomp.hf.models import cache_kwarg_name, output_cache
 from chunked_decomp.io import atomic_write_json
-from chunked_decomp.loading import load_model_and_tokenizer
-from chunked_decomp.memory import cache_nbytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {

@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chunked_decomp import triton_attention
-from chunked_decomp.decomposition import factorize_subspace, gram_basis
-from chunked_decomp.factors import FactorSet, SharedRows
+from chunked_decomp.backends import triton as triton_attention
+from chunked_decomp.core.decomposition import factorize_subspace, gram_basis
+from chunked_decomp.core.factors import FactorSet, SharedRows
+from chunked_decomp.core.packed import PackedFactors
+from chunked_decomp.core.quantization import quantize, quantized_nbytes
+from chunked_decomp.core.rotary import rotate_range
 from chunked_decomp.io import atomic_write_json
-from chunked_decomp.packed import PackedFactors
-from chunked_decomp.quantization import quantize, quantized_nbytes
-from chunked_decomp.rotary import rotate_range
 
 SINKS, WINDOW = 4, 256
 
@@ -278,7 +278,7 @@ def cache_compression_rows(args, device, kv) -> list[dict]:
     ``subspace`` on CUDA), keys after and before the rotary embedding: median of 3. ``ratio``: stored ÷ 16-bit
     bytes of the compressed tokens."""
     from chunked_decomp import CompressionConfig
-    from chunked_decomp.cache import ChunkedSVDCache
+    from chunked_decomp.hf.cache import ChunkedSVDCache
 
     d = args.head_dim
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from gpu_attention import SINKS, add_shape_args, setting
 
-from chunked_decomp import triton_attention
-from chunked_decomp.decomposition import factorize_subspace
+from chunked_decomp.backends import triton as triton_attention
+from chunked_decomp.core.decomposition import factorize_subspace
 from chunked_decomp.io import atomic_write_json
 
 
@@ -85,7 +85,7 @@ def attention_profile(args, device) -> list[dict]:
 
 def compression_profile(args, device) -> dict:
     from chunked_decomp import CompressionConfig
-    from chunked_decomp.cache import ChunkedSVDCache
+    from chunked_decomp.hf.cache import ChunkedSVDCache
 
     b, h, d, length, chunk = args.batch, args.kv_heads, args.head_dim, args.prefill, 256
     gen = torch.Generator(device=device).manual_seed(1)

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
-from chunked_decomp import ChunkedDecomp, CompressionConfig, kernels
-from chunked_decomp.compat import output_cache
+from chunked_decomp import ChunkedDecomp, CompressionConfig
+from chunked_decomp.backends import cpu_kernel as kernels
 from chunked_decomp.config import add_overrides_option, parse_overrides
-from chunked_decomp.data import load_texts, load_token_ids
+from chunked_decomp.evaluation.data import load_texts, load_token_ids
+from chunked_decomp.hf.loading import load_model_and_tokenizer
+from chunked_decomp.hf.models import output_cache
 from chunked_decomp.io import atomic_write_json
-from chunked_decomp.loading import load_model_and_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -63,9 +63,9 @@ from typing import Any
 import torch
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker, load_presets
-from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
+from chunked_decomp.hf.models import cache_kwarg_name
 from chunked_decomp.io import atomic_write_json
-from chunked_decomp.memory import cache_nbytes, current_rss_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _MB = 1024 * 1024
@@ -156,7 +156,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     threads, warmup, malloc. Returns the run's record (RSS in bytes, seconds, tokens)."""
     from transformers import DynamicCache
 
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     torch.set_num_threads(spec["threads"])
     model, _ = load_model_and_tokenizer("smollm2-135m")  # float32, CPU, eval mode
@@ -249,7 +249,7 @@ def _library_info() -> dict[str, Any]:
             )
             info["git_dirty_src"] = bool(dirty.stdout.strip())
     try:
-        from chunked_decomp import kernels
+        from chunked_decomp.backends import cpu_kernel as kernels
     except ImportError:
         info["fused_kernels"] = None
     else:
@@ -499,8 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     t_start = time.perf_counter()
 
-    from chunked_decomp.data import load_texts, load_token_ids
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.evaluation.data import load_texts, load_token_ids
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     library = _library_info()
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")

@@ -3,7 +3,7 @@
 On the default model (SmolLM2-135M, float32, CPU) with the ``balanced`` preset wired in by
 ``ChunkedDecomp.compress_model``, a short Wikipedia prompt is prefilled and then ``--tokens`` tokens are decoded
 one forward call at a time (greedy, or seeded sampling with ``--sample``). After every step it records the
-process RSS (``chunked_decomp.memory.current_rss_bytes``), the bytes the cache stores
+process RSS (``chunked_decomp.evaluation.memory.current_rss_bytes``), the bytes the cache stores
 (``cache.memory_stats().stored_bytes``), the step's wall-clock latency and the CPU time the process spent on it;
 every ``--gc_every`` steps, the number of Python objects the garbage collector tracks. The same loop then runs
 with transformers' uncompressed ``DynamicCache`` as the baseline, and a seeded-repeat check generates
@@ -50,9 +50,9 @@ from typing import Any
 import torch
 
 from chunked_decomp import ChunkedDecomp
-from chunked_decomp.compat import cache_kwarg_name, output_cache
+from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
+from chunked_decomp.hf.models import cache_kwarg_name, output_cache
 from chunked_decomp.io import atomic_write_json
-from chunked_decomp.memory import cache_nbytes, current_rss_bytes
 
 _MB = 1024 * 1024
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -294,7 +294,7 @@ def fixed_context_cycles(model, cd: ChunkedDecomp, prompt: torch.Tensor, cycles:
 
 
 def _prompt(tokenizer, length: int) -> torch.Tensor:
-    from chunked_decomp.data import load_texts, load_token_ids
+    from chunked_decomp.evaluation.data import load_texts, load_token_ids
 
     ids = load_token_ids(tokenizer, load_texts("wikipedia", num_samples=3), min_tokens=length)
     return ids[:length].unsqueeze(0)
@@ -302,7 +302,7 @@ def _prompt(tokenizer, length: int) -> torch.Tensor:
 
 def worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """One run in this process: ``"compressed"``, ``"uncompressed"`` (DynamicCache), ``"repeat"`` or ``"cycles"``."""
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

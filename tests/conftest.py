@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-# Without a GPU, the Triton kernel (chunked_decomp.triton_attention) runs in Triton's interpreter; the variable
+# Without a GPU, the Triton kernel (chunked_decomp.backends.triton) runs in Triton's interpreter; the variable
 # is read when the kernel is defined, so it is set before anything imports it. It changes nothing else.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

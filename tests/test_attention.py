@@ -13,11 +13,15 @@ import sys
 import pytest
 import torch
 
-from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig, kernels
-from chunked_decomp import attention as attn_mod
-from chunked_decomp.attention import ATTENTION_NAME, FactoredContext, attend
-from chunked_decomp.compat import cache_kwarg_name
-from chunked_decomp.rotary import range_cos_sin, rotate_range
+from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig
+from chunked_decomp.backends import cpu_kernel as kernels
+from chunked_decomp.backends import dispatch
+from chunked_decomp.backends.context import FactoredContext
+from chunked_decomp.backends.dispatch import attend
+from chunked_decomp.core.rotary import range_cos_sin, rotate_range
+from chunked_decomp.hf import attention as attn_mod
+from chunked_decomp.hf.attention import ATTENTION_NAME
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import make_tiny_model, random_ids
 
 BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)
@@ -40,13 +44,13 @@ def _logits(model, config: CompressionConfig, ids: torch.Tensor, steps: list[int
 
 def _counting(monkeypatch) -> list[int]:
     calls = []
-    real = attn_mod.attend
+    real = dispatch.attend
 
     def counted(query, ctx, mask, scaling):
         calls.append(query.shape[2])
         return real(query, ctx, mask, scaling)
 
-    monkeypatch.setattr(attn_mod, "attend", counted)
+    monkeypatch.setattr(dispatch, "attend", counted)
     return calls
 
 
@@ -177,7 +181,7 @@ def _prefilled_layer(config: CompressionConfig, tokens: int = 70):
 
 def _assert_sdpa_over_the_rebuilt_states(got: torch.Tensor, layer, query: torch.Tensor) -> None:
     """``got`` is attention over the layer's rebuilt states (query i at position length - q_len + i, causal)."""
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     q_len = query.shape[2]
     length, rep = keys.shape[-2], query.shape[1] // keys.shape[1]
     allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
@@ -294,7 +298,7 @@ def test_fused_kernel_gives_the_same_results_on_several_threads(pre_rope, monkey
             if pre_rope
             else kernels.scores(qg, ctx.key_packed)
         )
-        rebuilt = torch.cat(layer._full_states(), dim=-1)  # the packed rebuild, through dequant_into
+        rebuilt = torch.cat(layer.full_states(), dim=-1)  # the packed rebuild, through dequant_into
         return keys, kernels.values(probs, ctx.value_packed), rebuilt, attend(query, ctx, None, 0.25)
 
     before = torch.get_num_threads()
@@ -419,8 +423,8 @@ def test_real_model_generates_the_same_tokens_factored_and_rebuilt(monkeypatch) 
     built): greedy generation after a 1,100-token Wikipedia prompt gives the tokens of the rebuild path, logits to
     float rounding."""
     from chunked_decomp import ChunkedDecomp
-    from chunked_decomp.data import load_texts, load_token_ids
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.evaluation.data import load_texts, load_token_ids
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer()
     ids = load_token_ids(tok, load_texts("wikipedia"), min_tokens=2200)[1000:2100][None]

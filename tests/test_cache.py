@@ -13,10 +13,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig
-from chunked_decomp.cache import ChunkedSVDLayer
-from chunked_decomp.compat import cache_kwarg_name, output_cache
-from chunked_decomp.model_utils import cache_geometry
-from chunked_decomp.rotary import rotate
+from chunked_decomp.core.rotary import rotate
+from chunked_decomp.hf.layer import ChunkedSVDLayer
+from chunked_decomp.hf.models import cache_geometry, cache_kwarg_name, output_cache
 from conftest import HEAD_DIM, make_tiny_model, random_ids
 
 # Small chunks so a tiny model compresses many of them within ~100 tokens; group size 8 so quantisation groups
@@ -190,8 +189,8 @@ def test_reduced_budget_lengths_bytes_and_error(setting, model_name) -> None:
 
 @contract
 def test_stored_bytes_are_the_bytes_really_held(setting, model_name) -> None:
-    from chunked_decomp.factors import SharedRows
-    from chunked_decomp.quantization import QuantizedTensor
+    from chunked_decomp.core.factors import SharedRows
+    from chunked_decomp.core.quantization import QuantizedTensor
 
     model = model_named(model_name)
     cache = ChunkedSVDCache.from_model(model, config(setting))
@@ -268,7 +267,7 @@ def test_crop_at_reduced_rank_keeps_lengths_and_masks(setting, model_name) -> No
         cache.crop(-remove)
         assert cache.get_seq_length() == left
         assert all(layer.get_mask_sizes(2) == (left + 2, 0) for layer in cache.layers)
-        keys, _ = chunked_layers(cache)[0]._full_states()
+        keys, _ = chunked_layers(cache)[0].full_states()
         assert keys.shape[-2] == left
     assert cache.memory_stats().stored_bytes < before.stored_bytes
     with pytest.raises(ValueError, match="negative"):
@@ -373,7 +372,7 @@ def test_pre_rope_factoring_recovers_low_rank_keys_that_rotation_spreads() -> No
         cache = ChunkedSVDCache(cfg, num_layers=1, inv_freq=inv_freq)
         cache.update(keys, values, 0)
         cache.compress_all()
-        rebuilt, _ = cache.layers[0]._full_states()
+        rebuilt, _ = cache.layers[0].full_states()
         errors[pre] = float((rebuilt - keys).norm() / keys.norm())
     assert errors[True] < 1e-5
     assert errors[False] > 0.05
@@ -388,7 +387,7 @@ def test_beam_search(model_name) -> None:
     exact = ChunkedDecomp(config=full_rank("per_head_quantised_adaptive", model))
     with exact.applied(model):
         assert torch.equal(model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False), plain)
-    assert exact.last_cache.layers[0].batch == 3  # the beams
+    assert exact.last_cache.layers[0].store.batch == 3  # the beams
     reduced = ChunkedDecomp(**BASE)
     with reduced.applied(model):
         out = model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False)
@@ -431,7 +430,7 @@ def test_left_padded_batch_rows_equal_each_row_alone(model_name) -> None:
     with cd.applied(model):
         out = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
         # The padding is kept exact in front of the real sinks: 15 pads + 2 sinks.
-        assert chunked_layers(cd.last_cache)[0].sink_region == 2 + 15
+        assert chunked_layers(cd.last_cache)[0].store.sink_region == 2 + 15
         assert cd.last_cache.memory_stats().compressed_tokens > 0
         for i, r in enumerate(rows):
             alone = model.generate(r[None], max_new_tokens=12, do_sample=False)
@@ -473,7 +472,7 @@ def test_gpt2_keys_are_factored_without_rotary() -> None:
     cache = ChunkedSVDCache.from_model(model, CompressionConfig(**BASE))
     teacher_forced_logits(model, cache, random_ids(40, seed=16), prefill=40)
     layer = chunked_layers(cache)[0]
-    assert layer.inv_freq is None and layer.chunks and not any(c.keys_pre_rope for c in layer.chunks)
+    assert layer.store.inv_freq is None and layer.chunks and not any(c.keys_pre_rope for c in layer.chunks)
     llama_cache = ChunkedSVDCache.from_model(model_named("llama"), CompressionConfig(**BASE))
     teacher_forced_logits(model_named("llama"), llama_cache, random_ids(40, seed=16), prefill=40)
     assert all(c.keys_pre_rope for c in chunked_layers(llama_cache)[0].chunks)

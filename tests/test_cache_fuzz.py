@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedSVDCache, CompressionConfig
-from chunked_decomp.cache import ChunkedSVDLayer
-from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp.hf.layer import ChunkedSVDLayer
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import make_tiny_model
 
 LAYERS, HEADS, HEAD_DIM = 2, 2, 8
@@ -57,7 +57,7 @@ def _states(gen: torch.Generator, batch: int, n: int) -> tuple[torch.Tensor, tor
 
 
 def _full(cache: ChunkedSVDCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return cache.layers[layer_idx]._full_states()
+    return cache.layers[layer_idx].full_states()
 
 
 def _frozen(cache: ChunkedSVDCache, layer_idx: int) -> int:
@@ -148,7 +148,7 @@ def run_program(cfg: CompressionConfig, batch: int, prefill: int, operations, se
         for i in range(LAYERS):
             after = _full(ours, i)
             assert torch.equal(after[0], befores[i][0][index]) and torch.equal(after[1], befores[i][1][index])
-            assert ours.layers[i].batch == batch
+            assert ours.layers[i].store.batch == batch
     return worst, ours, theirs
 
 

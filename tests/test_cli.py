@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chunked_decomp.cli import main
+from chunked_decomp.cli.commands import main
 from conftest import make_bpe_tokenizer, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -453,7 +453,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_importing_the_cli_is_light():
     proc = _python(
-        "import sys, chunked_decomp.cli; "
+        "import sys, chunked_decomp.cli.commands; "
         "print(sorted(m for m in ('wandb', 'torch', 'transformers', 'pandas', 'matplotlib') if m in sys.modules))"
     )
     assert proc.returncode == 0, proc.stderr
@@ -505,7 +505,7 @@ def test_script_reports_bad_input_with_its_own_name(tmp_path):
 
 
 def test_calibrate_writes_head_weights_and_keeps_an_existing_file(assets, tmp_path, capsys):
-    from chunked_decomp.head_weights import load_head_weights_file
+    from chunked_decomp.config.head_weights import load_head_weights_file
 
     output = tmp_path / "weights.json"
     argv = ["calibrate", "--model_name", assets["model"], "--text_file", assets["text"], "--output", output]

@@ -10,8 +10,8 @@ import yaml
 from transformers import BertConfig, BertModel, DynamicCache
 
 from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig
-from chunked_decomp.compat import cache_kwarg_name, output_cache
-from chunked_decomp.compressor import left_padding, parameter_count
+from chunked_decomp.hf.compressor import left_padding, parameter_count
+from chunked_decomp.hf.models import cache_kwarg_name, output_cache
 from conftest import make_tiny_model, random_ids
 
 PRESETS_FILE = Path(__file__).resolve().parents[1] / "configs" / "compression_configs.yaml"

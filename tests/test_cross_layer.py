@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import chunked_decomp.cache as cache_module
+import chunked_decomp.compression.engine as engine
 from chunked_decomp import ChunkedSVDCache, CompressionConfig
-from chunked_decomp.cache import ChunkedSVDLayer
-from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp.hf.layer import ChunkedSVDLayer
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import _COMMON, _DECODER, _build, random_ids
 
 BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)
@@ -25,15 +25,15 @@ def model() -> LlamaForCausalLM:
 
 @pytest.fixture
 def calls(monkeypatch) -> list[list[int]]:
-    """Records, for every call of `_compress_layers`, the indices of the layers it compressed."""
+    """Records, for every call of `engine.compress`, the indices of the layers it compressed."""
     seen: list[list[int]] = []
-    real = cache_module._compress_layers
+    real = engine.compress
 
     def spy(requests):
-        seen.append([layer.layer_idx for layer, _ in requests])
+        seen.append([r.store.layer_idx for r in requests])
         return real(requests)
 
-    monkeypatch.setattr(cache_module, "_compress_layers", spy)
+    monkeypatch.setattr(engine, "compress", spy)
     return seen
 
 
@@ -112,12 +112,12 @@ def test_memory_stats_and_a_new_pass_compress_what_waits(model, calls) -> None:
 def test_batches_are_bounded_in_bytes(model, calls, monkeypatch) -> None:
     # Room for two layers' aged tokens: a 100-token prefill (88 tokens to compress per layer, 2 heads, d 16).
     per_layer = 88 * 2 * (16 + 16) * 4
-    monkeypatch.setattr(cache_module, "_BATCH_BYTES", 2 * per_layer + 100)
+    monkeypatch.setattr(engine, "BATCH_BYTES", 2 * per_layer + 100)
     ids = random_ids(100, seed=12)
     cache, _ = run(model, CompressionConfig(**BASE), ids, prefill=100)
     bounded = [layer.chunks[-1].start for layer in cache.layers]
     assert calls == [[0, 1], [2, 3]]
-    monkeypatch.setattr(cache_module, "_BATCH_BYTES", 8 << 20)
+    monkeypatch.setattr(engine, "BATCH_BYTES", 8 << 20)
     cache, _ = run(model, CompressionConfig(**BASE), ids, prefill=100)
     assert [layer.chunks[-1].start for layer in cache.layers] == bounded
 

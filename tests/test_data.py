@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from chunked_decomp.data import (
+from chunked_decomp.evaluation.data import (
     DATASETS,
     DatasetUnavailableError,
     load_texts,

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chunked_decomp import head_weights as hw
-from chunked_decomp.cache import ChunkedSVDCache
-from chunked_decomp.calibration import calibrate, default_starts
-from chunked_decomp.compat import cache_kwarg_name
 from chunked_decomp.config import CompressionConfig
+from chunked_decomp.config import head_weights as hw
+from chunked_decomp.evaluation.calibration import calibrate, default_starts
+from chunked_decomp.hf.cache import ChunkedSVDCache
+from chunked_decomp.hf.models import cache_kwarg_name
 from chunked_decomp.io import atomic_write_json
 from conftest import _COMMON, _build, make_tiny_model
 
@@ -79,7 +79,8 @@ def test_shipped_calibration_text_is_no_evaluation_text() -> None:
 
 
 def test_default_starts_sit_at_the_end_of_the_text() -> None:
-    from chunked_decomp import calibration, cli
+    from chunked_decomp.cli import commands as cli
+    from chunked_decomp.evaluation import calibration
 
     assert (cli._CALIBRATION_WINDOWS, cli._CALIBRATION_STRIDE) == (
         calibration.DEFAULT_NUM_WINDOWS,
@@ -122,7 +123,7 @@ def test_the_cache_resolves_auto_and_the_config_keeps_it() -> None:
     model = _build(LlamaForCausalLM, default_like_config())
     cache = ChunkedSVDCache.from_model(model, config)
     assert cache.compression_config.head_weights == SHIPPED[0].weights
-    assert all(layer.config.head_weights == SHIPPED[0].weights for layer in cache.layers)
+    assert all(layer.store.plan.weights.head_weights == SHIPPED[0].weights for layer in cache.layers)
     assert config.head_weights == "auto"
     assert CompressionConfig.from_dict(config.to_dict()) == config
     other = ChunkedSVDCache.from_model(make_tiny_model("llama"), config)
@@ -238,8 +239,8 @@ def test_a_rewritten_file_is_read_again(calibrated_file, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_auto_matches_the_real_default_model() -> None:
-    from chunked_decomp.loading import load_model_and_tokenizer
-    from chunked_decomp.model_utils import cache_geometry
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
+    from chunked_decomp.hf.models import cache_geometry
 
     model, _ = load_model_and_tokenizer()
     weights = hw.resolve_head_weights("auto", model.config)

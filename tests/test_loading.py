@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from chunked_decomp import loading
-from chunked_decomp.loading import (
+from chunked_decomp.hf import loading
+from chunked_decomp.hf.loading import (
     DEFAULT_MODEL,
     HubUnavailableError,
     default_cache_dir,
@@ -373,7 +373,7 @@ def test_embedded_gguf_is_found_without_importing_its_package() -> None:
 @pytest.mark.slow
 def test_default_model_converts_once_then_loads_fast(tmp_path) -> None:
     pytest.importorskip("gguf")
-    from chunked_decomp.data import load_texts, load_token_ids
+    from chunked_decomp.evaluation.data import load_texts, load_token_ids
 
     start = time.perf_counter()
     model, tok = load_model_and_tokenizer(cache_dir=tmp_path)

@@ -11,8 +11,8 @@ import torch
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig, MemoryTracker
-from chunked_decomp.compat import cache_kwarg_name
-from chunked_decomp.memory import cache_nbytes, current_rss_bytes
+from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import make_tiny_model, random_ids
 
 SMALL = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8)
@@ -33,7 +33,7 @@ def test_peak_sees_a_200_mb_allocation_inside_the_block() -> None:
 
 
 def test_peak_between_two_samples_is_still_seen_through_the_kernel_high_water_mark() -> None:
-    from chunked_decomp.memory import _reset_hwm
+    from chunked_decomp.evaluation.memory import _reset_hwm
 
     if not _reset_hwm():
         pytest.skip("/proc/self/clear_refs is not writable here")

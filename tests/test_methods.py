@@ -105,7 +105,7 @@ def test_quantized_cache_counts_residual(model, ids):
 
 
 def _kw(model):
-    from chunked_decomp.compat import cache_kwarg_name
+    from chunked_decomp.hf.models import cache_kwarg_name
 
     return cache_kwarg_name(model)
 

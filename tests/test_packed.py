@@ -7,11 +7,12 @@ from unittest import mock
 import pytest
 import torch
 
-from chunked_decomp import ChunkedSVDCache, CompressionConfig, kernels
-from chunked_decomp.compat import cache_kwarg_name
-from chunked_decomp.factors import FactorCodec, FactorSet, SharedRows, take_rank
-from chunked_decomp.packed import PackedFactors
-from chunked_decomp.quantization import unpack_codes
+from chunked_decomp import ChunkedSVDCache, CompressionConfig
+from chunked_decomp.backends import cpu_kernel as kernels
+from chunked_decomp.core.factors import FactorCodec, FactorSet, SharedRows, take_rank
+from chunked_decomp.core.packed import PackedFactors
+from chunked_decomp.core.quantization import unpack_codes
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import make_tiny_model, random_ids
 
 BATCH, HEADS, DIM = 2, 3, 16
@@ -192,10 +193,10 @@ def test_cache_uses_the_packed_path_and_it_survives_crop_and_reorder() -> None:
     def check() -> None:
         for layer in cache.layers:
             keys, values = layer.reconstruct_compressed()
-            assert layer._packed, "expected the packed path for per-head quantised chunks"
+            assert layer.store._packed, "expected the packed path for per-head quantised chunks"
             slow_v = torch.cat([c.values.reconstruct(torch.float32) for c in layer.chunks], dim=-2)
             torch.testing.assert_close(values, slow_v, rtol=1e-5, atol=1e-5)
-            assert keys.shape == slow_v.shape[:-1] + (layer.head_dim,)
+            assert keys.shape == slow_v.shape[:-1] + (layer.store.head_dim,)
 
     check()
     cache.crop(-13)

@@ -107,7 +107,7 @@ def test_passkey_protocol_runs(model, tokenizer, spec):
 
 @pytest.mark.slow
 def test_real_model_finds_the_passkey_uncompressed():
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     result = passkey_accuracy(model, tokenizer, FullCache(), lengths=(1024,), depths=(0.25, 0.75))

@@ -156,8 +156,8 @@ def test_chunked_streaming_compresses_as_it_goes(model, ids):
 @pytest.mark.slow
 def test_real_model_baselines():
     """MEASUREMENTS.md anchors on SmolLM2-135M, float32: continuation ≈ 15.76, recall ≈ 1.17."""
-    from chunked_decomp.data import load_texts, load_token_ids
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.evaluation.data import load_texts, load_token_ids
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     token_ids = load_token_ids(tokenizer, load_texts("wikipedia"))

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunked_decomp.factors import FactorCodec
-from chunked_decomp.quantization import (
+from chunked_decomp.core.factors import FactorCodec
+from chunked_decomp.core.quantization import (
     QuantizedTensor,
     pack_codes,
     quantize,

@@ -1,6 +1,6 @@
 """Rank allocation across layers: ``rank_allocation="pooled"`` ranks the components of all chunks compressed
 in one call (all layers, keys and values, every head) against their summed budget; ``head_weights`` (from
-:func:`chunked_decomp.calibration.head_sensitivity`) weight each head's energy shares."""
+:func:`chunked_decomp.evaluation.calibration.head_sensitivity`) weight each head's energy shares."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chunked_decomp import ChunkedSVDCache, CompressionConfig
-from chunked_decomp.calibration import head_sensitivity
-from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp.evaluation.calibration import head_sensitivity
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import _COMMON, _DECODER, _build, random_ids
 
 BASE = dict(chunk_size=32, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)

@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from chunked_decomp import ChunkedDecomp
-from chunked_decomp.cli import main
-from chunked_decomp.compat import cache_kwarg_name, output_cache
+from chunked_decomp.cli.commands import main
+from chunked_decomp.hf.models import cache_kwarg_name, output_cache
 from conftest import make_bpe_tokenizer, make_tiny_model, random_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def replace(src, dst, *args, **kwargs):
         time.sleep(600)
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
-from chunked_decomp.cli import main
+from chunked_decomp.cli.commands import main
 sys.exit(main(argv))
 """
 
@@ -245,7 +245,7 @@ def _kill_and_resume(assets: dict[str, Path], root: Path, ratios: list[str]) -> 
 def killed_sweep(assets, tmp_path_factory) -> dict:
     """A sweep of (ratio × chunk) cells killed twice with SIGKILL, then run to completion, in a sandbox.
 
-    1. ``python -m chunked_decomp.cli compress ...`` killed as soon as its first cell file exists;
+    1. ``python -m chunked_decomp.cli.commands compress ...`` killed as soon as its first cell file exists;
     2. the same command killed while it writes the next cell (after the fsync, before the rename);
     3. the command again, to the end.
 
@@ -384,7 +384,7 @@ def test_soak_lite_bytes_linear_chunks_exact_no_object_growth():
         objects_end = len(gc.get_objects())
         for each in cache.layers:
             each.chunks.clear()
-            each._packed = None  # the chunks' factors packed for the batched rebuild
+            each.store._packed = None  # the chunks' factors packed for the batched rebuild
         gc.collect()
         per_chunk = (objects_end - len(gc.get_objects())) / (chunks_end * n_layers)
         explained = per_chunk * (chunks_end - chunks_start) * n_layers
@@ -556,7 +556,7 @@ def test_the_scan_accepts_the_safe_forms():
 # ---- nothing lost: every file the library and the command line write is written atomically --------------------
 
 # io.py is the atomic writer; loading.py writes a whole folder under a temporary name and publishes it by one rename.
-_ATOMIC_BY_DESIGN = {"src/chunked_decomp/io.py", "src/chunked_decomp/loading.py"}
+_ATOMIC_BY_DESIGN = {"src/chunked_decomp/io.py", "src/chunked_decomp/hf/loading.py"}
 _WRITERS = {
     "write_text",
     "write_bytes",
@@ -622,7 +622,7 @@ def test_library_and_command_line_write_files_only_atomically():
         for name, source in _python_sources()
         if name.startswith(("src/", "scripts/", "benchmarks/")) and name not in _ATOMIC_BY_DESIGN
     ]
-    assert any(name.endswith("cli.py") for name, _ in sources)
+    assert any(name.startswith("src/chunked_decomp/cli/") for name, _ in sources)
     problems = [f"{name}: {p}" for name, source in sources for p in direct_writes(source)]
     assert problems == []
 
@@ -669,7 +669,7 @@ class _Recorder:
         self.calls: list[tuple[str, dict]] = []
 
     def install(self, monkeypatch) -> None:
-        import chunked_decomp.loading as loading
+        import chunked_decomp.hf.loading as loading
 
         model = SimpleNamespace(to=lambda device: None, eval=lambda: None, generation_config=None)
         tokenizer = SimpleNamespace(
@@ -693,7 +693,7 @@ class _Recorder:
 
 @pytest.mark.parametrize("kind", ["embedded", "local", "hub"])
 def test_trust_remote_code_is_off_unless_asked(kind, tmp_path, monkeypatch):
-    import chunked_decomp.loading as loading
+    import chunked_decomp.hf.loading as loading
 
     recorder = _Recorder()
     recorder.install(monkeypatch)
@@ -713,8 +713,8 @@ def test_trust_remote_code_is_off_unless_asked(kind, tmp_path, monkeypatch):
 
 
 def test_the_command_line_cannot_turn_remote_code_on(monkeypatch, tmp_path, capsys):
-    import chunked_decomp.loading as loading
-    from chunked_decomp.cli import build_parser
+    import chunked_decomp.hf.loading as loading
+    from chunked_decomp.cli.commands import build_parser
 
     for command in ("compress", "evaluate", "benchmark"):
         assert "trust" not in build_parser(command).format_help()
@@ -746,7 +746,7 @@ BAD_NAMES = [
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=lambda n: repr(n)[:20])
 def test_malformed_model_names_are_refused_before_loading(name, tmp_path, monkeypatch):
-    import chunked_decomp.loading as loading
+    import chunked_decomp.hf.loading as loading
 
     recorder = _Recorder()
     recorder.install(monkeypatch)
@@ -798,7 +798,7 @@ def test_unwritable_output_dir_exits_2(how, tmp_path, monkeypatch, capsys):
 
 def test_broken_presets_file_is_named_on_the_command_line(tmp_path, monkeypatch, capsys):
     """There is no flag for a config file; --preset reads the packaged presets, and a broken one is named."""
-    import chunked_decomp.config as config
+    import chunked_decomp.config.presets as config
 
     broken = tmp_path / "compression_configs.yaml"
     broken.write_text("balanced: [unclosed\n  chunk_size: 64\n", encoding="utf-8")

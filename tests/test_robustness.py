@@ -8,8 +8,8 @@ import torch
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig
-from chunked_decomp.cache import ChunkedSVDLayer
-from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp.hf.layer import ChunkedSVDLayer
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import HEAD_DIM, make_tiny_model, random_ids
 
 SMALL = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8)
@@ -151,7 +151,7 @@ def test_mixed_lengths_with_left_padding_at_reduced_budget() -> None:
         out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
     layer = cd.last_cache.layers[0]
     assert out.shape == (2, 66)
-    assert layer.sink_region == 2 + 39  # the longest padding stays exact, in front of the real sinks
+    assert layer.store.sink_region == 2 + 39  # the longest padding stays exact, in front of the real sinks
     assert layer.sink_length == 41 and layer.chunks
     # The short row sees only its own tokens: its padded prefix is exact, so at full rank it equals running alone.
     exact = ChunkedDecomp(**EXACT)
@@ -181,7 +181,7 @@ def test_half_precision_caches(dtype, model_name) -> None:
     got = run(exact)
     layer = exact.layers[0]
     assert isinstance(layer, ChunkedSVDLayer) and layer.chunks
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     assert keys.dtype == dtype and values.dtype == dtype
     eps = torch.finfo(dtype).eps
     k_ref = ref_cache.layers[0].keys.float()

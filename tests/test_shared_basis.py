@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedSVDCache, CompressionConfig
-from chunked_decomp.compat import cache_kwarg_name
-from chunked_decomp.factors import SharedRows
+from chunked_decomp.core.factors import SharedRows
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import tiny_llama
 
 
@@ -53,7 +53,7 @@ def test_shared_basis_full_rank_is_exact(head_mode: str, sharing: str) -> None:
     assert torch.allclose(logits, _reference(model, ids, 100), atol=1e-4)
     layer = cache.layers[0]
     # Every chunk points at its group's stored basis, and stores no channel factor of its own.
-    for g, stored in enumerate(layer.shared_bases["k"]):
+    for g, stored in enumerate(layer.store.basis.bases["k"]):
         assert all(c.keys.pairs[g][1].basis is stored for c in layer.chunks)
     values_shared = [isinstance(p[1], SharedRows) for c in layer.chunks for p in c.values.pairs]
     assert all(values_shared) if sharing == "layer" else not any(values_shared)
@@ -68,7 +68,7 @@ def test_shared_basis_bytes_counted_once_and_within_budget() -> None:
     stats = cache.memory_stats()
     assert abs(stats.aged_ratio / 0.1 - 1) < 0.02
     layer = cache.layers[0]
-    basis_bytes = sum(b.nbytes for rows in layer.shared_bases.values() for b in rows)
+    basis_bytes = sum(b.nbytes for rows in layer.store.basis.bases.values() for b in rows)
     chunk_bytes = sum(c.nbytes for c in layer.chunks)
     sinks = layer.sink_keys.numel() * 4 * 2
     assert layer.memory_stats().aged_stored_bytes == basis_bytes + chunk_bytes + sinks
@@ -115,9 +115,9 @@ def test_reset_drops_the_shared_basis() -> None:
     cache = ChunkedSVDCache(cfg, num_layers=1)
     cache.update(torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), 0)
     cache.compress_all()
-    assert set(cache.layers[0].shared_bases) == {"k", "v"}
+    assert set(cache.layers[0].store.basis.bases) == {"k", "v"}
     cache.reset()
-    assert cache.layers[0].shared_bases == {} and cache.get_seq_length() == 0
+    assert cache.layers[0].store.basis.bases == {} and cache.get_seq_length() == 0
 
 
 @pytest.mark.parametrize("bad", ["global", "", None])
@@ -158,9 +158,9 @@ def test_shared_basis_is_cut_to_the_ranks_kept_and_counted_in_the_first_span(sha
     cache.update(k, v, 0)
     cache.compress_all()
     layer = cache.layers[0]
-    codec = layer.codec
+    codec = layer.store.plan.codec
     for kind, sets in (("k", [c.keys for c in layer.chunks]), ("v", [c.values for c in layer.chunks])):
-        for g, stored in enumerate(layer.shared_bases[kind]):
+        for g, stored in enumerate(layer.store.basis.bases[kind]):
             ranks = [0 if s.pairs[g][1] is None else s.pairs[g][1].rank for s in sets]  # shared rows kept
             assert stored.shape == (max(ranks), d)
             assert stored.bits == (shared_bits or cfg.basis_bits)
@@ -191,12 +191,12 @@ def test_later_chunks_keep_at_most_the_stored_rows_and_correct_the_rest(correcti
     cache.update(first, first.clone(), 0)
     cache.compress_all()
     layer = cache.layers[0]
-    rows = [s.shape[-2] for s in layer.shared_bases["k"]]
+    rows = [s.shape[-2] for s in layer.store.basis.bases["k"]]
     cache.update(later, later.clone(), 0)
     cache.compress_all()
     assert len(layer.chunks) == 4
     for c in layer.chunks[2:]:
-        for p, stored, cap in zip(c.keys.pairs, layer.shared_bases["k"], rows):
+        for p, stored, cap in zip(c.keys.pairs, layer.store.basis.bases["k"], rows):
             assert p[1].basis is stored and p[1].rank <= cap
     assert cache.memory_stats().aged_ratio <= 0.1 * 1.02
     rk, _ = layer.reconstruct_compressed()
@@ -227,7 +227,7 @@ def test_chunks_rebuild_the_projection_on_the_stored_rows_even_when_they_are_ske
     cache.compress_all()
     layer = cache.layers[0]
     rebuilt = torch.cat([c.keys.reconstruct() for c in layer.chunks], dim=-2)
-    for g, stored in enumerate(layer.shared_bases["k"]):
+    for g, stored in enumerate(layer.store.basis.bases["k"]):
         rows = stored.dequantize()[:6]
         assert (rows @ rows.T - torch.eye(6)).abs().max() > 0.05  # skew indeed
         projected = k[0, g] @ torch.linalg.pinv(rows) @ rows
@@ -254,7 +254,7 @@ def test_keys_share_a_basis_while_values_keep_their_own_and_ranks_per_chunk() ->
     assert all(isinstance(p[1], SharedRows) for c in (first, second) for p in c.keys.pairs)
     assert not any(isinstance(p[1], SharedRows) for c in (first, second) for p in c.values.pairs)
     assert max(first.values.ranks) <= 2 and min(second.values.ranks) >= 8
-    assert "v" not in cache.layers[0].shared_bases
+    assert "v" not in cache.layers[0].store.basis.bases
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
@@ -311,11 +311,11 @@ def test_first_span_after_many_sinks_pays_its_basis_once(basis_bits: int) -> Non
     cache.update(k[..., :sinks, :], v[..., :sinks, :], 0)
     layer = cache.layers[0]
     before = layer.memory_stats().aged_stored_bytes  # the sinks, float32
-    budget = layer._chunk_budget(n)
+    budget = layer.store.chunk_budget(n)
     allowance = 0.25 * n * 2 * h * d * 4
     assert budget == pytest.approx(0.75 * allowance)  # the debt is capped at a quarter of the allowance
     cache.update(k[..., sinks:, :], v[..., sinks:, :], 0)
     cache.compress_all()
-    assert layer.shared_bases["k"] and not layer._basis_drafts
+    assert layer.store.basis.bases["k"] and not layer.store.basis.drafts
     spent = layer.memory_stats().aged_stored_bytes - before
     assert 0.97 * budget <= spent <= budget, (spent, budget)

@@ -1,4 +1,4 @@
-"""The Triton kernel for attention over quantised factors (`chunked_decomp.triton_attention`).
+"""The Triton kernel for attention over quantised factors (`chunked_decomp.backends.triton`).
 
 Without a GPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest), which executes the same
 kernel program by program: these tests check its arithmetic (dequantisation, the query projected into each chunk's
@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chunked_decomp import ChunkedSVDCache, CompressionConfig, triton_attention
-from chunked_decomp.attention import attend
-from chunked_decomp.compat import cache_kwarg_name
+from chunked_decomp import ChunkedSVDCache, CompressionConfig
+from chunked_decomp.backends import triton as triton_attention
+from chunked_decomp.backends.dispatch import attend
+from chunked_decomp.hf.models import cache_kwarg_name
 from conftest import make_tiny_model, random_ids
 
 pytestmark = pytest.mark.skipif(triton_attention.triton is None, reason="triton is not installed")
@@ -77,7 +78,7 @@ def test_kernel_equals_attention_over_the_rebuilt_states(
     assert ctx.triton and (ctx.rope is not None) == pre_rope and ctx.keys is None
     query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(6)) * 3
     got = attend(query, ctx, None, 0.25)
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     length = keys.shape[-2]
     allowed = torch.arange(length)[None, :] <= torch.arange(length - q_len, length)[:, None]
     want = _reference(query, keys, values, allowed, 0.25)
@@ -93,14 +94,14 @@ def test_kernel_reads_a_basis_shared_by_the_layer(pre_rope, sharing, shared_bits
     layer = _compressed_layer(
         pre_rope, compress_all=False, basis_sharing=sharing, shared_basis_bits=shared_bits
     )
-    packed = layer._packed_factors()
+    packed = layer.store.packed()
     assert packed[0].channel_shared and packed[1].channel_shared == (sharing == "layer")
     assert packed[0].quantized and packed[1].quantized
     assert packed[0].kernel_channel.bits == (shared_bits or 4)
     ctx = layer.factored_context()
     assert ctx.triton and (ctx.rope is not None) == pre_rope and ctx.keys is None
     query = torch.randn(2, 4, 2, 16, generator=torch.Generator().manual_seed(7)) * 3
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     length = keys.shape[-2]
     allowed = torch.arange(length)[None, :] <= torch.arange(length - 2, length)[:, None]
     want = _reference(query, keys, values, allowed, 0.25)
@@ -112,12 +113,12 @@ def test_a_shared_basis_with_correction_rows_keeps_the_pytorch_path(triton_on) -
     compressed by ``compress_all``), which the kernel does not read: such a layer is attended by the PyTorch path,
     with the same result."""
     layer = _compressed_layer(False, basis_sharing="layer")
-    packed = layer._packed_factors()
+    packed = layer.store.packed()
     assert packed[1].extra is not None and not packed[1].quantized
     ctx = layer.factored_context()
     assert not ctx.triton
     query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     want = _reference(query, keys, values, None, 0.25)
     torch.testing.assert_close(attend(query, ctx, None, 0.25), want, atol=2e-5, rtol=1e-4)
 
@@ -132,7 +133,7 @@ def test_chunks_longer_than_a_token_block(pre_rope, group, bits, triton_on) -> N
     assert [c.length for c in layer.chunks] == [96, 96, 56]
     ctx = layer.factored_context()
     query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     want = _reference(query, keys, values, None, 0.25)
     torch.testing.assert_close(attend(query, ctx, None, 0.25), want, atol=2e-5, rtol=1e-4)
     # Attention is blind to a consistent shuffle of tokens; a mask that ends mid-pair is not.
@@ -161,7 +162,7 @@ def test_full_rotary_head_dim_64_rebuilds_keys_in_halves(group, triton_on) -> No
     ctx = layer.factored_context()
     assert ctx.triton
     query = torch.randn(1, 2, 1, 64, generator=torch.Generator().manual_seed(1)) * 2
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     want = _reference(query, keys, values, None, 0.125)
     torch.testing.assert_close(attend(query, ctx, None, 0.125), want, atol=2e-5, rtol=1e-4)
 
@@ -170,7 +171,7 @@ def test_kernel_applies_a_padding_mask_in_every_region(triton_on) -> None:
     """A boolean mask hiding tokens in the sinks, in the compressed chunks and in the tail, for one row only."""
     layer = _compressed_layer(pre_rope=True)
     ctx = layer.factored_context()
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     length = keys.shape[-2]
     mask = torch.ones(2, 1, 2, length, dtype=torch.bool)
     mask[1, :, :, :13] = False  # sinks and the first compressed chunks of row 1
@@ -237,7 +238,7 @@ def test_head_dim_must_be_a_power_of_two(triton_on) -> None:
 def test_a_mask_of_the_wrong_length_is_refused_on_both_paths(monkeypatch) -> None:
     layer = _compressed_layer(pre_rope=True)
     query = torch.randn(2, 4, 1, 16)
-    length = layer._full_states()[0].shape[-2]
+    length = layer.full_states()[0].shape[-2]
     mask = torch.ones(2, 1, 1, length - 1, dtype=torch.bool)
     for flag in ("1", "0"):
         monkeypatch.setenv("CHUNKED_DECOMP_TRITON", flag)
@@ -268,7 +269,7 @@ def test_a_fast_route_that_fails_to_compile_falls_back_to_the_general_one(
     layer = _compressed_layer(False, tokens=250, chunk_size=96, quant_group_size=64)
     ctx = layer.factored_context()
     query = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
-    keys, values = layer._full_states()
+    keys, values = layer.full_states()
     want = _reference(query, keys, values, None, 0.25)
     real = triton_attention._partials_kernel
     routes = []

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ChunkedDecomp": "chunked_decomp.compressor",
+    "ChunkedDecomp": "chunked_decomp.hf.compressor",
     "CompressionConfig": "chunked_decomp.config",
     "load_presets": "chunked_decomp.config",
-    "ChunkedSVDCache": "chunked_decomp.cache",
-    "ChunkedSVDLayer": "chunked_decomp.cache",
-    "MemoryTracker": "chunked_decomp.memory",
+    "ChunkedSVDCache": "chunked_decomp.hf.cache",
+    "ChunkedSVDLayer": "chunked_decomp.hf.layer",
+    "MemoryTracker": "chunked_decomp.evaluation.memory",
     "PerformanceEvaluator": "chunked_decomp.evaluation.quality",
     "MemoryProfiler": "chunked_decomp.evaluation.profiler",
     "ComprehensiveBenchmark": "chunked_decomp.benchmarking.benchmark",
@@ -29,12 +29,13 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from chunked_decomp.benchmarking.benchmark import ComprehensiveBenchmark
-    from chunked_decomp.cache import ChunkedSVDCache, ChunkedSVDLayer
-    from chunked_decomp.compressor import ChunkedDecomp
     from chunked_decomp.config import CompressionConfig, load_presets
+    from chunked_decomp.evaluation.memory import MemoryTracker
     from chunked_decomp.evaluation.profiler import MemoryProfiler
     from chunked_decomp.evaluation.quality import PerformanceEvaluator
-    from chunked_decomp.memory import MemoryTracker
+    from chunked_decomp.hf.cache import ChunkedSVDCache
+    from chunked_decomp.hf.compressor import ChunkedDecomp
+    from chunked_decomp.hf.layer import ChunkedSVDLayer
 
 
 def __getattr__(name: str) -> Any:

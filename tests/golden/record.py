@@ -189,7 +189,7 @@ def prepare_backends() -> None:
     """Build the fused CPU kernel first, so every case takes the same backends whatever ran before it."""
     try:
         from chunked_decomp.backends import cpu_kernel as kernels
-    except ImportError:
+    except ImportError:  # the layout before the redesign
         from chunked_decomp import kernels
     if not kernels.available():
         raise RuntimeError("the golden outputs are recorded with the fused CPU kernel built")

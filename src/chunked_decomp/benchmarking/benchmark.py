@@ -159,7 +159,7 @@ class ComprehensiveBenchmark:
         output_dir: where ``scaling_results.csv/.json``, the plot and the finished cells go (``None``: keep
             results in memory only, no resume).
         model, tokenizer: an already loaded model (``model_name`` then only labels the results); otherwise
-            :meth:`run_scaling_analysis` loads ``model_name`` with :func:`chunked_decomp.loading.load_model_and_tokenizer`.
+            :meth:`run_scaling_analysis` loads ``model_name`` with :func:`chunked_decomp.hf.loading.load_model_and_tokenizer`.
         token_ids: ``(n,)`` evaluation token stream; otherwise the text of ``dataset_name`` / ``text_file``.
         preset: compression preset the ratios are applied to (``None`` = `CompressionConfig` defaults);
             ``config_overrides`` change further fields. Budgets always count against a 16-bit cache.
@@ -221,7 +221,7 @@ class ComprehensiveBenchmark:
     # ---- inputs -------------------------------------------------------------------------------------------
     def _load(self, model_name: str) -> None:
         if self.model is None:
-            from chunked_decomp.loading import load_model_and_tokenizer
+            from chunked_decomp.hf.loading import load_model_and_tokenizer
 
             self.model, self.tokenizer = load_model_and_tokenizer(
                 model_name, dtype=self.dtype, device=self.device, cache_dir=self.cache_dir
@@ -231,7 +231,7 @@ class ComprehensiveBenchmark:
                 raise ValueError(
                     "pass token_ids=, or a tokenizer with the model, to tokenize the evaluation text"
                 )
-            from chunked_decomp.data import load_texts, load_token_ids
+            from chunked_decomp.evaluation.data import load_texts, load_token_ids
 
             texts = load_texts(self.dataset_name, text_file=self.text_file, num_samples=self.num_samples)
             self.token_ids = load_token_ids(self.tokenizer, texts)
@@ -265,8 +265,8 @@ class ComprehensiveBenchmark:
     @torch.no_grad()
     def measure_cell(self, compression_ratio: float | None, seq_len: int, batch: int) -> dict[str, Any]:
         """Measure one cell (see the module docstring); ``compression_ratio=None`` is the uncompressed cache."""
+        from chunked_decomp.evaluation.memory import MemoryTracker
         from chunked_decomp.evaluation.quality import continuation_nll, decode_speed
-        from chunked_decomp.memory import MemoryTracker
 
         model = self.model
         device = next(model.parameters()).device

@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from chunked_decomp.compat import cache_kwarg_name, output_cache
+from chunked_decomp.hf.models import cache_kwarg_name, output_cache
 
 if TYPE_CHECKING:
     from chunked_decomp.config import CompressionConfig
@@ -305,7 +305,7 @@ class ChunkedDecompMethod(KVMethod):
         self.name = name or f"chunked@{config.compression_ratio:g}"
 
     def new_cache(self, model: torch.nn.Module) -> Cache:
-        from chunked_decomp.cache import ChunkedSVDCache
+        from chunked_decomp.hf.cache import ChunkedSVDCache
 
         return ChunkedSVDCache.from_model(model, self.config)
 

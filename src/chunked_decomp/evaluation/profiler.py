@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from chunked_decomp.memory import cache_nbytes, current_rss_bytes
+from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
 
 __all__ = ["MemoryProfiler", "Segment"]
 
@@ -208,8 +208,8 @@ class MemoryProfiler:
         For a wired model the cache is the one its ``generate`` creates; otherwise ``cache`` (default: a fresh
         ``DynamicCache``) is passed to ``generate`` so that its bytes can be read at every step.
         """
-        from chunked_decomp.compat import cache_kwarg_name
         from chunked_decomp.evaluation.quality import wired_decomp
+        from chunked_decomp.hf.models import cache_kwarg_name
 
         decomp = wired_decomp(model)
         if decomp is not None:

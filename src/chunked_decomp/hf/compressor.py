@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from chunked_decomp.attention import restore_attention
-from chunked_decomp.cache import ChunkedSVDCache
-from chunked_decomp.compat import cache_kwarg_name
 from chunked_decomp.config import CompressionConfig
-from chunked_decomp.model_utils import cache_geometry, check_decoder_only, text_config
+from chunked_decomp.hf.attention import restore_attention
+from chunked_decomp.hf.cache import ChunkedSVDCache
+from chunked_decomp.hf.models import cache_geometry, cache_kwarg_name, check_decoder_only, text_config
 
 logger = logging.getLogger("chunked_decomp")
 
@@ -162,10 +161,10 @@ class ChunkedDecomp:
     ) -> tuple[torch.nn.Module, Any]:
         """Load ``name`` (the embedded default ``"smollm2-135m"``, a local folder or a hub id) and compress it.
 
-        Returns ``(model, tokenizer)``. ``load_kwargs`` go to `chunked_decomp.loading.load_model_and_tokenizer`
+        Returns ``(model, tokenizer)``. ``load_kwargs`` go to `chunked_decomp.hf.loading.load_model_and_tokenizer`
         (``dtype``, ``device``, ``trust_remote_code``, ``cache_dir``).
         """
-        from chunked_decomp.loading import load_model_and_tokenizer
+        from chunked_decomp.hf.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(name, **load_kwargs)
         return self.compress_model(model), tokenizer

@@ -50,7 +50,7 @@ def head_sensitivity(
     """
     from transformers import DynamicCache
 
-    from chunked_decomp.compat import cache_kwarg_name
+    from chunked_decomp.hf.models import cache_kwarg_name
 
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     need = max(starts) + context_len + continuation_len
@@ -131,7 +131,7 @@ def calibrate(
     source: dict[str, Any] | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
 ) -> dict[str, Any]:
-    """A head-weight file's record (:mod:`chunked_decomp.head_weights`): :func:`head_sensitivity` of ``model``
+    """A head-weight file's record (:mod:`chunked_decomp.config.head_weights`): :func:`head_sensitivity` of ``model``
     on ``token_ids`` (``(n,)``) at ``starts``, with the model's fingerprint and how the weights were made.
 
     names: names of the model the weights are for (matched against the last part of ``name_or_path`` when
@@ -143,7 +143,7 @@ def calibrate(
     import transformers
 
     import chunked_decomp
-    from chunked_decomp.head_weights import FORMAT, FORMAT_VERSION, model_fingerprint
+    from chunked_decomp.config.head_weights import FORMAT, FORMAT_VERSION, model_fingerprint
 
     weights = head_sensitivity(
         model,
@@ -165,7 +165,7 @@ def calibrate(
         "format_version": FORMAT_VERSION,
         "model": {**fingerprint, "names": all_names},
         "calibration": {
-            "method": "chunked_decomp.calibration.head_sensitivity",
+            "method": "chunked_decomp.evaluation.calibration.head_sensitivity",
             "power": power,
             "starts": list(starts),
             "context_len": context_len,

@@ -5,14 +5,12 @@ Command-line flags, YAML presets and code all land here, so defaults live in one
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
+from chunked_decomp.config.checks import integer, number
 
 _DTYPES = ("float16", "bfloat16", "float32")
 _QUANT_BITS = (2, 4, 8)
@@ -88,9 +86,9 @@ class CompressionConfig:
             ``"auto"`` = the weights shipped with the package for the model (SmolLM2-135M-Instruct), all 1 with a
             warning for other models; or the path of a JSON file written by ``chunked-decomp calibrate``. Strings
             are kept as given (the config round-trips) and resolved when the cache meets the model
-            (:mod:`chunked_decomp.head_weights`). Needs ``head_mode="per_head"`` (``"auto"`` gives joined heads
+            (:mod:`chunked_decomp.config.head_weights`). Needs ``head_mode="per_head"`` (``"auto"`` gives joined heads
             no weights). Measured with
-            :func:`chunked_decomp.calibration.head_sensitivity` (how much the loss reacts to each head's error).
+            :func:`chunked_decomp.evaluation.calibration.head_sensitivity` (how much the loss reacts to each head's error).
         head_weights_power: exponent applied to ``head_weights`` where they are used (> 0): 0.5 takes the square
             root and damps them (the shipped weights are calibrated at power 0.5, so 0.5 here gives power 0.25);
             1 uses them as given.
@@ -151,25 +149,25 @@ class CompressionConfig:
     debug: bool = False
 
     def __post_init__(self) -> None:
-        self.compression_ratio = _number("compression_ratio", self.compression_ratio)
+        self.compression_ratio = number("compression_ratio", self.compression_ratio)
         if not (0.0 < self.compression_ratio <= 1.0):
             raise ValueError(f"compression_ratio must be in (0, 1], got {self.compression_ratio}")
         if self.reference_dtype is not None and self.reference_dtype not in _DTYPES:
             raise ValueError(
                 f"reference_dtype must be one of {_DTYPES} or None, got {self.reference_dtype!r}"
             )
-        _integer("chunk_size", self.chunk_size, minimum=4)
-        _integer("residual_length", self.residual_length, minimum=0)
-        _integer("num_sink_tokens", self.num_sink_tokens, minimum=0)
+        integer("chunk_size", self.chunk_size, minimum=4)
+        integer("residual_length", self.residual_length, minimum=0)
+        integer("num_sink_tokens", self.num_sink_tokens, minimum=0)
         if self.target_rank is not None:
-            _integer("target_rank", self.target_rank, minimum=1)
-        self.min_rank_ratio = _number("min_rank_ratio", self.min_rank_ratio)
+            integer("target_rank", self.target_rank, minimum=1)
+        self.min_rank_ratio = number("min_rank_ratio", self.min_rank_ratio)
         if not (0.0 <= self.min_rank_ratio <= 1.0):
             raise ValueError(f"min_rank_ratio must be in [0, 1], got {self.min_rank_ratio}")
-        self.key_budget_share = _number("key_budget_share", self.key_budget_share)
+        self.key_budget_share = number("key_budget_share", self.key_budget_share)
         if not (0.0 < self.key_budget_share < 1.0):
             raise ValueError(f"key_budget_share must be in (0, 1), got {self.key_budget_share}")
-        self.key_weight = _number("key_weight", self.key_weight)
+        self.key_weight = number("key_weight", self.key_weight)
         if not self.key_weight > 0:
             raise ValueError(f"key_weight must be > 0, got {self.key_weight}")
         if self.rank_allocation not in _RANK_ALLOCATION:
@@ -192,7 +190,7 @@ class CompressionConfig:
                 continue
             if value not in _QUANT_BITS or isinstance(value, bool):
                 raise ValueError(f"{name} must be one of {_QUANT_BITS}, got {value!r}")
-        _integer("quant_group_size", self.quant_group_size, minimum=8)
+        integer("quant_group_size", self.quant_group_size, minimum=8)
         if self.factor_dtype not in _DTYPES:
             raise ValueError(f"factor_dtype must be one of {_DTYPES}, got {self.factor_dtype!r}")
         for name in (
@@ -231,7 +229,7 @@ class CompressionConfig:
                 "rank_allocation='pooled' shares the budget by energy per byte, which needs adaptive_rank=True, "
                 "use_low_rank_approximation=True and target_rank=None"
             )
-        self.head_weights_power = _number("head_weights_power", self.head_weights_power)
+        self.head_weights_power = number("head_weights_power", self.head_weights_power)
         if not self.head_weights_power > 0:
             raise ValueError(f"head_weights_power must be > 0, got {self.head_weights_power}")
         if self.head_weights is not None:
@@ -277,32 +275,18 @@ class CompressionConfig:
     @classmethod
     def from_preset(cls, name: str, path: str | Path | None = None, **overrides: Any) -> CompressionConfig:
         """Load a named preset from ``configs/compression_configs.yaml`` (or ``path``), then apply overrides."""
+        from chunked_decomp.config.presets import load_presets
+
         presets = load_presets(path)
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; available presets: {sorted(presets)}")
         return cls.from_dict({**presets[name], **overrides})
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
-
-
-def _integer(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-
-
 def _head_weights_option(value: Any) -> list[list[list[float]]] | str:
     """``head_weights`` checked: ``"auto"``, the path of a readable head-weight file (kept as a string), or
-    explicit weights (see :func:`_head_weights`)."""
-    from chunked_decomp.head_weights import ALLOWED, AUTO, load_head_weights_file
+    explicit weights (see :func:`~chunked_decomp.config.head_weights.check_head_weights`)."""
+    from chunked_decomp.config.head_weights import ALLOWED, AUTO, check_head_weights, load_head_weights_file
 
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -315,89 +299,4 @@ def _head_weights_option(value: Any) -> list[list[list[float]]] | str:
         return value
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"head_weights must be {ALLOWED}, got {value!r}")
-    return _head_weights(value)
-
-
-def _head_weights(value: Any) -> list[list[list[float]]]:
-    """``head_weights`` as nested lists of floats: one ``[key_weights, value_weights]`` pair per layer, each a
-    non-empty list of positive finite numbers of the same length."""
-    shape = "[[key_weights, value_weights], ...] (one pair of lists of per-head weights per layer)"
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"head_weights must be a non-empty list {shape}, got {value!r}")
-    out = []
-    for i, pair in enumerate(value):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError(f"head_weights[{i}] must be a pair [key_weights, value_weights], got {pair!r}")
-        kinds = []
-        for kind, weights in zip(("key", "value"), pair):
-            if not isinstance(weights, (list, tuple)) or not weights:
-                raise ValueError(
-                    f"head_weights[{i}] {kind} weights must be a non-empty list, got {weights!r}"
-                )
-            nums = [_number(f"head_weights[{i}] {kind} weight", w) for w in weights]
-            if not all(w > 0 for w in nums):
-                raise ValueError(f"head_weights[{i}] {kind} weights must be > 0, got {weights!r}")
-            kinds.append(nums)
-        if len(kinds[0]) != len(kinds[1]):
-            raise ValueError(
-                f"head_weights[{i}] has {len(kinds[0])} key and {len(kinds[1])} value weights; give one per KV head"
-            )
-        out.append(kinds)
-    if len({len(k) for k, _ in out}) != 1:
-        raise ValueError("head_weights must give every layer the same number of KV heads")
-    return out
-
-
-def presets_path() -> Path:
-    """Path of the packaged preset file (``configs/compression_configs.yaml`` in the repository)."""
-    return Path(str(resources.files("chunked_decomp") / "configs" / "compression_configs.yaml"))
-
-
-def load_presets(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Read presets with ``yaml.safe_load``; each preset is validated by building a `CompressionConfig`.
-
-    Raises ``ValueError`` naming the file for a missing file, malformed YAML or a bad preset.
-    """
-    path = Path(path) if path is not None else presets_path()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"cannot read presets file {str(path)!r}: {err.strerror or err}") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"presets file {str(path)!r} is not valid YAML: {err}") from err
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ValueError(f"presets file {str(path)!r} must map preset names to option mappings")
-    for name, values in data.items():
-        try:
-            CompressionConfig.from_dict(values)
-        except ValueError as err:
-            raise ValueError(f"preset {name!r} in {str(path)!r} is invalid: {err}") from err
-    return data
-
-
-def add_overrides_option(parser: Any, what: str) -> None:
-    """The benchmarks' repeatable ``--set KEY=VALUE`` flag on an `argparse.ArgumentParser` (into
-    ``args.overrides``, for :func:`parse_overrides`); ``what`` says which configs it overrides."""
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a config field of {what} (repeatable; VALUE read as YAML)",
-    )
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Config fields from ``KEY=VALUE`` strings (the value read as YAML: ``4``, ``pooled``, ``[1, 2]``), as the
-    benchmarks' ``--set`` flags give them; an item without ``=`` raises a ValueError naming it. The fields are
-    checked when a `CompressionConfig` is built from them."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+    return check_head_weights(value)

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 
-from chunked_decomp.quantization import QuantizedTensor, quantize, quantized_nbytes
+from chunked_decomp.core.quantization import QuantizedTensor, quantize, quantized_nbytes
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A fused Triton kernel for attention over quantised factors, for GPUs (no transformers import).
 
-The GPU counterpart of the C++ kernel in `chunked_decomp.kernels`, reading the same flat buffers of
+The GPU counterpart of the C++ kernel in `chunked_decomp.backends.cpu_kernel`, reading the same flat buffers of
 `PackedFactors` (2/4/8-bit codes packed along the last dimension, a scale and a minimum per group). One program
 handles one (batch row, KV head) and a run of chunks, flash-decoding style (Dao et al., "Flash-Decoding for
 long-context inference", 2023): per chunk it dequantises the factors into on-chip tiles, computes the scores of

@@ -1,12 +1,12 @@
 """Head-weight files: calibrated ``CompressionConfig.head_weights`` stored as JSON, shipped or user-made.
 
 ``CompressionConfig.head_weights`` takes explicit weights, ``None`` (all 1), a path to a JSON file written by
-``chunked-decomp calibrate`` (:func:`chunked_decomp.calibration.calibrate`), or ``"auto"``: the weights shipped
-with the package for the model at hand (``configs/head_weights_*.json``), found by the model's fingerprint —
+``chunked-decomp calibrate`` (:func:`chunked_decomp.evaluation.calibration.calibrate`), or ``"auto"``: the weights shipped
+with the package for the model at hand (``config/head_weights_*.json``), found by the model's fingerprint —
 ``model_type``, layer count, KV heads and head size, and the last part of ``name_or_path`` when the model has
 one (calibrated weights belong to a model's weights, not only its shape). A model without shipped weights gets
 uniform weights and one warning per fingerprint. Strings are resolved by :func:`resolve_head_weights` when the
-cache meets the model (:meth:`chunked_decomp.cache.ChunkedSVDCache.from_model`).
+cache meets the model (:meth:`chunked_decomp.hf.cache.ChunkedSVDCache.from_model`).
 
 A file holds ``{"format": "chunked_decomp.head_weights", "format_version": 1, "head_weights": [[key_weights,
 value_weights], ...], "model": {fingerprint, "names": [...]}, "calibration": {...}, "versions": {...}}``; only
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from chunked_decomp.config.checks import number
 
 __all__ = [
     "AUTO",
@@ -109,7 +111,6 @@ def load_head_weights_file(path: str | Path) -> HeadWeightsFile:
 @functools.lru_cache(maxsize=32)
 def _load_cached(path: str, _mtime_ns: int, _size: int) -> HeadWeightsFile:
     # Keyed by modification time and size too, so a rewritten file is read again.
-    from chunked_decomp.config import _head_weights
 
     where = f"head_weights file {path!r}"
     try:
@@ -127,7 +128,7 @@ def _load_cached(path: str, _mtime_ns: int, _size: int) -> HeadWeightsFile:
     if not isinstance(record.get("model"), dict):
         raise ValueError(f"{where} has no 'model' fingerprint")
     try:
-        weights = _head_weights(record.get("head_weights"))
+        weights = check_head_weights(record.get("head_weights"))
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
     arch = record["model"]
@@ -140,8 +141,8 @@ def _load_cached(path: str, _mtime_ns: int, _size: int) -> HeadWeightsFile:
 
 
 def shipped_head_weights_files() -> list[HeadWeightsFile]:
-    """The head-weight files shipped in the package (``configs/head_weights_*.json``), by name."""
-    folder = resources.files("chunked_decomp") / "configs"
+    """The head-weight files shipped in the package (``config/head_weights_*.json``), by name."""
+    folder = resources.files("chunked_decomp.config")
     paths = sorted(
         Path(str(p))
         for p in folder.iterdir()
@@ -192,3 +193,33 @@ def resolve_head_weights(value: Any, model_config: Any) -> list[list[list[float]
             fingerprint.get("name"),
         )
     return loaded.weights
+
+
+def check_head_weights(value: Any) -> list[list[list[float]]]:
+    """``head_weights`` as nested lists of floats: one ``[key_weights, value_weights]`` pair per layer, each a
+    non-empty list of positive finite numbers of the same length."""
+    shape = "[[key_weights, value_weights], ...] (one pair of lists of per-head weights per layer)"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"head_weights must be a non-empty list {shape}, got {value!r}")
+    out = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"head_weights[{i}] must be a pair [key_weights, value_weights], got {pair!r}")
+        kinds = []
+        for kind, weights in zip(("key", "value"), pair):
+            if not isinstance(weights, (list, tuple)) or not weights:
+                raise ValueError(
+                    f"head_weights[{i}] {kind} weights must be a non-empty list, got {weights!r}"
+                )
+            nums = [number(f"head_weights[{i}] {kind} weight", w) for w in weights]
+            if not all(w > 0 for w in nums):
+                raise ValueError(f"head_weights[{i}] {kind} weights must be > 0, got {weights!r}")
+            kinds.append(nums)
+        if len(kinds[0]) != len(kinds[1]):
+            raise ValueError(
+                f"head_weights[{i}] has {len(kinds[0])} key and {len(kinds[1])} value weights; give one per KV head"
+            )
+        out.append(kinds)
+    if len({len(k) for k, _ in out}) != 1:
+        raise ValueError("head_weights must give every layer the same number of KV heads")
+    return out

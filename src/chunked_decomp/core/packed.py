@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from chunked_decomp import kernels
-from chunked_decomp.factors import FactorSet, SharedRows
-from chunked_decomp.quantization import QuantizedTensor, unpack_codes
+from chunked_decomp.core.factors import FactorSet, SharedRows
+from chunked_decomp.core.quantization import QuantizedTensor, unpack_codes
 
 
 def _prod(xs) -> int:
@@ -63,13 +62,16 @@ class _FlatRole:
                 self.views.append(self.data[c : c + f.numel()].view(f.shape))
                 self.offsets.append((c + f.numel(), 0))
 
-    def rows_into(self, out: torch.Tensor, dest: torch.Tensor, first: int, last: int, n: int) -> None:
-        """``out.index_copy_(0, dest, self.rows(first, last, n))``, fused into one pass by the CPU kernel when
-        it is built (by the factored attention; this never starts a build). out: (N, n) float32."""
-        if self.quantized and out.device.type == "cpu" and kernels.built():
+    def rows_into(
+        self, out: torch.Tensor, dest: torch.Tensor, first: int, last: int, n: int, dequant_into=None
+    ) -> None:
+        """``out.index_copy_(0, dest, self.rows(first, last, n))``. out: (N, n) float32. ``dequant_into``: a
+        fused dequantiser of quantised rows on the CPU (`chunked_decomp.backends.cpu_kernel.dequant_into`'s
+        signature), used in one pass instead when given."""
+        if self.quantized and out.device.type == "cpu" and dequant_into is not None:
             (c0, g0), (c1, g1) = self.offsets[first], self.offsets[last]
             width, groups = -(-n * self.bits // 8), -(-n // self.group_size)
-            kernels.dequant_into(
+            dequant_into(
                 out, dest, self.codes[c0:c1].view(-1, width), self.scale[g0:g1].view(-1, groups),
                 self.minimum[g0:g1].view(-1, groups), self.bits, self.group_size, n,
             )  # fmt: skip
@@ -162,7 +164,7 @@ class PackedFactors:
             heads = [h for h, r in enumerate(self.shared) if r is not None and r.basis is not None]
             self.basis_role = _FlatRole([self.shared[h].basis for h in heads], repoint=False)
             basis_at = {h: self.basis_role.offsets[i] for i, h in enumerate(heads)}
-        # Per factor, for the fused kernels (`chunked_decomp.kernels`, `chunked_decomp.triton_attention`): token
+        # Per factor, for the fused kernels (`chunked_decomp.backends.cpu_kernel`, `chunked_decomp.backends.triton`): token
         # code and group offsets, channel code and group offsets, rank, length, first compressed position, head.
         self._meta = None
         channel = self.kernel_channel
@@ -254,7 +256,7 @@ class PackedFactors:
         return self.quantized and not self.channel_shared and self.token.codes.device.type == "cpu"
 
     def kernel_inputs(self) -> tuple:
-        """The arguments of `chunked_decomp.kernels` after the query: flat token and channel codes with their
+        """The arguments of `chunked_decomp.backends.cpu_kernel` after the query: flat token and channel codes with their
         scales and minima as stored (the kernel reads float32, float16 and bfloat16, so no copy is made), the
         per-factor table, and the bits and group sizes of both roles."""
         t, c = self.token, self.channel
@@ -327,10 +329,11 @@ class PackedFactors:
         # Token factors share one format, channel factors another (all quantised or all plain).
         return len(quantized) <= 1 and len(kinds) <= 2
 
-    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def factors(self, dequant_into=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The factors of each run of equal-length chunks, dequantised and zero-padded to the run's largest rank w:
         ``(token, channel)`` with token (batch, heads, n_chunks, w, T) and channel (batch, heads, n_chunks, w, d),
-        float32, so that chunk c of head h is ``token[b, h, c].T @ channel[b, h, c]``: (T, d)."""
+        float32, so that chunk c of head h is ``token[b, h, c].T @ channel[b, h, c]``: (T, d). ``dequant_into``: see
+        ``_FlatRole.rows_into``."""
         device = self.runs[0]["dest"].device
         out = []
         for run in self.runs:
@@ -342,10 +345,10 @@ class PackedFactors:
                 v = torch.zeros(p * w, self.head_dim, device=device)
             else:
                 u = torch.empty(p * w, t, device=device).index_fill_(0, run["pad"], 0.0)
-                self.token.rows_into(u, run["dest"], first, last, t)
+                self.token.rows_into(u, run["dest"], first, last, t, dequant_into)
                 if self.shared is None:
                     v = torch.empty(p * w, self.head_dim, device=device).index_fill_(0, run["pad"], 0.0)
-                    self.channel.rows_into(v, run["dest"], first, last, self.head_dim)
+                    self.channel.rows_into(v, run["dest"], first, last, self.head_dim, dequant_into)
                 else:
                     v = torch.empty(p * w, self.head_dim, device=device)
                     # Every chunk of a head uses its basis rows (token rows past a chunk's rank are zero).
@@ -355,19 +358,20 @@ class PackedFactors:
                     e0, e1 = run["extras"]
                     if e0 != e1:
                         # Chunks with their own rows: those follow the shared rows they keep.
-                        self.extra.rows_into(v, run["extra_dest"], e0, e1, self.head_dim)
+                        self.extra.rows_into(v, run["extra_dest"], e0, e1, self.head_dim, dequant_into)
             out.append(
                 (u.view(self.batch, self.heads, n, w, t), v.view(self.batch, self.heads, n, w, self.head_dim))
             )
         return out
 
-    def reconstruct(self) -> torch.Tensor:
-        """Every chunk of this kind rebuilt: (batch, heads, total length, head_dim), float32."""
+    def reconstruct(self, dequant_into=None) -> torch.Tensor:
+        """Every chunk of this kind rebuilt: (batch, heads, total length, head_dim), float32 (``dequant_into``:
+        see ``_FlatRole.rows_into``)."""
         if self.token is None:
             device = self.runs[0]["dest"].device
             return torch.zeros(self.batch, self.heads, self.length, self.head_dim, device=device)
         outs = []
-        for u, v in self.factors():
+        for u, v in self.factors(dequant_into):
             b, h, n, w, t = u.shape
             # (batch, heads, chunk) products: the result is (batch, heads, tokens, d) as is.
             x = torch.bmm(u.view(-1, w, t).transpose(1, 2), v.view(-1, w, self.head_dim))

@@ -4,7 +4,7 @@ Each command checks its input before any work (a bad flag gets one ``error: ...`
 ``--debug`` shows the traceback instead), writes JSON, CSV and PNG files into ``--output_dir`` atomically, keeps
 every finished cell under ``--output_dir/cells`` so that a rerun skips it, shows progress bars and ends with a
 summary table. ``scripts/run_compression.py``, ``scripts/evaluate_model.py`` and ``scripts/benchmark_memory.py``
-run the same commands; ``python -m chunked_decomp.cli`` works too.
+run the same commands; ``python -m chunked_decomp.cli.commands`` works too.
 
 Examples::
 
@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = ["build_parser", "main", "run_benchmark", "run_calibrate", "run_compress", "run_evaluate"]
 
-DEFAULT_MODEL = "smollm2-135m"  # chunked_decomp.loading.DEFAULT_MODEL, without importing transformers
+DEFAULT_MODEL = "smollm2-135m"  # chunked_decomp.hf.loading.DEFAULT_MODEL, without importing transformers
 DEFAULT_DATASET = "wikipedia"
 METRICS = ("perplexity", "bleu", "rouge", "semantic")
 _METRIC_KEYS = {"bleu": "bleu", "rouge": "rouge_l", "semantic": "semantic_sim"}
@@ -157,7 +157,7 @@ def preset_type(text: str) -> str:
 
 def head_weights_type(text: str) -> str:
     """``auto`` or the path of a head-weight file written by ``chunked-decomp calibrate``."""
-    from chunked_decomp.head_weights import AUTO, load_head_weights_file
+    from chunked_decomp.config.head_weights import AUTO, load_head_weights_file
 
     if text == AUTO:
         return text
@@ -172,7 +172,7 @@ def head_weights_type(text: str) -> str:
 
 
 def dataset_type(text: str) -> str:
-    from chunked_decomp.data import DATASETS
+    from chunked_decomp.evaluation.data import DATASETS
 
     if text.strip().lower() not in DATASETS:
         raise argparse.ArgumentTypeError(
@@ -414,7 +414,7 @@ def _configure_benchmark(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_benchmark, command="benchmark")
 
 
-# chunked_decomp.calibration.DEFAULT_NUM_WINDOWS / DEFAULT_STRIDE, without importing torch
+# chunked_decomp.evaluation.calibration.DEFAULT_NUM_WINDOWS / DEFAULT_STRIDE, without importing torch
 _CALIBRATION_WINDOWS = 8
 _CALIBRATION_STRIDE = 10_000
 
@@ -601,7 +601,7 @@ def check_causal_lm_config(config: Any, name: str) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    from chunked_decomp.loading import load_model_and_tokenizer
+    from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     local = Path(args.model_name).expanduser()
     if local.is_dir() and (local / "config.json").is_file():
@@ -637,7 +637,7 @@ def _load_model(args: argparse.Namespace):
     if args.device_map is not None:
         # Layers spread over devices: inputs enter where the embeddings are; accelerate's hooks move the rest.
         args.device = str(model.get_input_embeddings().weight.device)
-    from chunked_decomp.model_utils import check_decoder_only
+    from chunked_decomp.hf.models import check_decoder_only
 
     try:
         check_decoder_only(model)
@@ -647,7 +647,7 @@ def _load_model(args: argparse.Namespace):
 
 
 def _load_texts(args: argparse.Namespace) -> list[str]:
-    from chunked_decomp.data import load_texts
+    from chunked_decomp.evaluation.data import load_texts
 
     flag = "--text_file" if args.text_file else "--dataset_name"
     try:
@@ -659,7 +659,7 @@ def _load_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _token_ids(args: argparse.Namespace, tokenizer: Any, texts: list[str], need: int):
-    from chunked_decomp.data import load_token_ids
+    from chunked_decomp.evaluation.data import load_token_ids
 
     ids = load_token_ids(tokenizer, texts)
     if ids.numel() < need:
@@ -689,7 +689,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Any, Any, Any, Any]:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
-            from chunked_decomp.tracking import INSTALL_HINT
+            from chunked_decomp.cli.tracking import INSTALL_HINT
 
             raise UsageError("--wandb", f"needs the wandb package, which is not installed: {INSTALL_HINT}")
     texts = _load_texts(args) if args.text_file else None
@@ -698,7 +698,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Any, Any, Any, Any]:
         _log(args, f"loading text {args.dataset_name!r} ...")
         texts = _load_texts(args)
     ids = _token_ids(args, tokenizer, texts, _tokens_needed(args))
-    from chunked_decomp.tracking import start_tracker
+    from chunked_decomp.cli.tracking import start_tracker
 
     config = {k: v for k, v in vars(args).items() if k != "func"}
     tracker = start_tracker(
@@ -728,7 +728,7 @@ def _run_info(args: argparse.Namespace, model: Any, seconds: float, **extra: Any
     import transformers
 
     import chunked_decomp
-    from chunked_decomp.loading import model_info
+    from chunked_decomp.hf.loading import model_info
 
     return {
         "command": args.command,
@@ -827,8 +827,8 @@ def run_compress(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from chunked_decomp.benchmarking.plots import plot_compression_summary, plot_ranks
-    from chunked_decomp.compressor import ChunkedDecomp
     from chunked_decomp.evaluation.quality import PerformanceEvaluator
+    from chunked_decomp.hf.compressor import ChunkedDecomp
     from chunked_decomp.io import ResultStore, atomic_write_json, write_table
 
     base = _base_config(args)
@@ -965,8 +965,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from chunked_decomp.benchmarking.benchmark import recommend_from_results
     from chunked_decomp.benchmarking.plots import plot_comparison, plot_quality
-    from chunked_decomp.compressor import ChunkedDecomp
     from chunked_decomp.evaluation.quality import PerformanceEvaluator
+    from chunked_decomp.hf.compressor import ChunkedDecomp
     from chunked_decomp.io import ResultStore, atomic_write_json, write_table
 
     configs = [
@@ -1291,8 +1291,8 @@ def _profile_generation(args: argparse.Namespace, model: Any, ids, bench: Any):
     ratio, recording process memory and the cache's bytes after every step."""
     import torch
 
-    from chunked_decomp.compressor import ChunkedDecomp
     from chunked_decomp.evaluation.profiler import MemoryProfiler
+    from chunked_decomp.hf.compressor import ChunkedDecomp
 
     profiler = MemoryProfiler(interval=0.005)
     device = next(model.parameters()).device
@@ -1317,7 +1317,7 @@ def _profile_generation(args: argparse.Namespace, model: Any, ids, bench: Any):
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    """``calibrate``: :func:`chunked_decomp.calibration.calibrate` on windows of the text, written atomically to
+    """``calibrate``: :func:`chunked_decomp.evaluation.calibration.calibrate` on windows of the text, written atomically to
     ``--output`` (never over an existing file without ``--overwrite``)."""
     t0 = time.perf_counter()
     output = Path(args.output).expanduser()
@@ -1336,8 +1336,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if texts is None:
         _log(args, f"loading text {args.dataset_name!r} ...")
         texts = _load_texts(args)
-    from chunked_decomp.calibration import calibrate, default_starts
-    from chunked_decomp.data import load_token_ids
+    from chunked_decomp.evaluation.calibration import calibrate, default_starts
+    from chunked_decomp.evaluation.data import load_token_ids
     from chunked_decomp.io import atomic_write_json
 
     ids = load_token_ids(tokenizer, texts)
@@ -1420,7 +1420,3 @@ def main(argv: Sequence[str] | None = None, command: str | None = None, prog: st
             f"error: {type(err).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr
         )
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,12 +24,10 @@ Factorisers (Halko, Martinsson & Tropp 2011 for the randomized range finder):
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -273,85 +271,3 @@ def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     if den == 0:
         return float(num)
     return float(num / den)
-
-
-def choose_ranks_fixed(
-    unit_cost: Sequence[Callable[[int], int]],
-    budget: float,
-    full_ranks: Sequence[int],
-    min_ranks: Sequence[int],
-) -> list[int]:
-    """The largest common rank r (at least each unit's floor) whose total bytes fit ``budget``.
-
-    unit_cost[u](r): bytes unit u stores at rank r. Returns one rank per unit.
-    """
-    best = [min(f, m) for f, m in zip(full_ranks, min_ranks)]
-    for r in range(1, max(full_ranks) + 1):
-        ranks = [max(min(r, f), m) for f, m in zip(full_ranks, min_ranks)]
-        if sum(c(k) for c, k in zip(unit_cost, ranks)) > budget:
-            break
-        best = ranks
-    return best
-
-
-def choose_ranks_adaptive(
-    energies: Sequence[torch.Tensor],
-    unit_cost: Sequence[Callable[[int], int]],
-    budget: float,
-    min_ranks: Sequence[int],
-) -> list[int]:
-    """Greedy energy-per-byte allocation of rank across units within ``budget`` bytes.
-
-    energies[u]: (k_u,) share of unit u's squared Frobenius norm carried by each component, descending.
-    Components are taken in order of energy gained per byte added, each unit's floor first; because energies
-    are sorted within a unit, every unit keeps a prefix of its spectrum. Returns one rank per unit.
-    """
-    ranks = [min(int(m), int(e.numel())) for m, e in zip(min_ranks, energies)]
-    spent = sum(c(r) for c, r in zip(unit_cost, ranks))
-    heap: list[tuple[float, int]] = []
-    for u, e in enumerate(energies):
-        if ranks[u] < e.numel():
-            step = unit_cost[u](ranks[u] + 1) - unit_cost[u](ranks[u])
-            heap.append((-float(e[ranks[u]]) / max(step, 1), u))
-    heapq.heapify(heap)
-    while heap:
-        _, u = heapq.heappop(heap)
-        step = unit_cost[u](ranks[u] + 1) - unit_cost[u](ranks[u])
-        if spent + step > budget:
-            continue
-        ranks[u] += 1
-        spent += step
-        e = energies[u]
-        if ranks[u] < e.numel():
-            nstep = unit_cost[u](ranks[u] + 1) - unit_cost[u](ranks[u])
-            heapq.heappush(heap, (-float(e[ranks[u]]) / max(nstep, 1), u))
-    return ranks
-
-
-def choose_ranks_linear(
-    energies: torch.Tensor | np.ndarray, rank_cost: Sequence[int], budget: float, min_ranks: Sequence[int]
-) -> list[int]:
-    """Energy-per-byte rank allocation when every component of a unit costs the same bytes (vectorised).
-
-    energies: (units, k), each row the share of that unit's squared norm per component, descending;
-    rank_cost[u]: bytes of one component of unit u; min_ranks[u]: floor. Components are taken in order of
-    energy per byte while the total fits ``budget``; each unit keeps a prefix of its spectrum because its
-    scores are sorted. Returns one rank per unit.
-    """
-    # numpy: a few hundred scores, where each torch call would cost more than its work.
-    if isinstance(energies, torch.Tensor):
-        energies = energies.detach().to("cpu", torch.float64).numpy()
-    e = np.asarray(energies, dtype=np.float64)
-    units, k = e.shape
-    cost = np.asarray(rank_cost, dtype=np.float64)
-    floors = np.minimum(np.asarray(min_ranks, dtype=np.int64), k)
-    spent = float((floors * cost).sum())
-    score = e / np.maximum(cost, 1)[:, None]
-    score[np.arange(k)[None, :] < floors[:, None]] = -np.inf
-    flat = score.ravel()
-    order = np.argsort(-flat, kind="stable")
-    order = order[np.isfinite(flat[order])]
-    fits = np.cumsum(cost[order // k]) <= (budget - spent)
-    n_take = int(np.cumprod(fits).sum())
-    ranks = floors + np.bincount(order[:n_take] // k, minlength=units)
-    return [int(r) for r in ranks]

@@ -1,6 +1,14 @@
-"""What the cache needs to know about a transformers model: layer types and the rotary embedding."""
+"""What the library needs to know about a transformers model: its decoder config, layer types, rotary
+embedding, cache geometry, and the name of its cache argument.
+
+transformers renamed the cache argument of ``forward``/``generate`` from ``past_key_values`` to ``cache`` (the old
+name is deprecated until 5.40). kvpress pins transformers < 5.3, where only ``past_key_values`` exists, so the
+library speaks both (:func:`cache_kwarg_name`, :func:`output_cache`).
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -87,3 +95,20 @@ def cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     return int(layers), int(kv), int(head_dim)
+
+
+def cache_kwarg_name(model: torch.nn.Module) -> str:
+    """Name of the keyword under which ``model.forward`` takes its KV cache: ``"cache"`` or ``"past_key_values"``."""
+    params = inspect.signature(model.forward).parameters
+    if "cache" in params:
+        return "cache"
+    return "past_key_values"
+
+
+def output_cache(outputs) -> object | None:
+    """The cache object returned by a model forward, whichever attribute name this transformers uses."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None

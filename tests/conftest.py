@@ -1,49 +1,27 @@
-"""Tiny in-process transformers models shared by the test suite (no downloads).
+"""Test configuration: Triton's interpreter for the GPU kernel's tests, one torch thread, shared fixtures.
 
-Every factory builds its model from a config under a fixed seed, so two calls give identical weights. The
-models cover the layouts the cache must handle:
-
-- ``llama``: grouped-query attention (4 query heads, 2 KV heads, head_dim 16) with rotary embeddings;
-- ``qwen2``: the same geometry with q/k/v biases;
-- ``qwen2_hybrid``: Qwen2 whose last two of four layers use a sliding window of 16 (mixed layer types);
-- ``mistral``: every layer a sliding-window layer (window 32; Mistral in transformers 5.x sets no
-  ``layer_types``, so a ``sliding_window`` makes every layer sliding);
-- ``gpt2``: no rotary embedding, learned absolute positions, 4 KV heads of 16;
-- ``bert``: encoder-only (refused by ChunkedDecomp).
-
-Import the factories with ``from conftest import make_tiny_model`` or use the fixtures below.
+The tiny models and inputs live in `tests.helpers.models`; import them from there.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 # Without a GPU, the Triton kernel (chunked_decomp.backends.triton) runs in Triton's interpreter; the variable
 # is read when the kernel is defined, so it is set before anything imports it. It changes nothing else.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from collections.abc import Callable  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
-VOCAB = 128
-HEAD_DIM = 16
-# No end-of-sequence token, so generate() always runs for max_new_tokens and outputs compare position by position.
-_COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=None, pad_token_id=0)
-_DECODER = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+from tests.helpers.models import (  # noqa: E402
+    make_tiny_model,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
 )
 
 
@@ -54,105 +32,26 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-def _build(model_cls: type, config) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = model_cls(config)
-    return model.eval()
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    return _build(LlamaForCausalLM, LlamaConfig(**_DECODER, **_COMMON))
-
-
-def tiny_qwen2() -> Qwen2ForCausalLM:
-    return _build(Qwen2ForCausalLM, Qwen2Config(**_DECODER, **_COMMON))
-
-
-def tiny_qwen2_hybrid() -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        **{**_DECODER, "num_hidden_layers": 4},
-        **_COMMON,
-        use_sliding_window=True,
-        sliding_window=16,
-        max_window_layers=2,
-    )
-    return _build(Qwen2ForCausalLM, config)
-
-
-def tiny_mistral() -> MistralForCausalLM:
-    return _build(MistralForCausalLM, MistralConfig(**_DECODER, **_COMMON, sliding_window=32))
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **_COMMON)
-    return _build(GPT2LMHeadModel, config)
-
-
-def tiny_bert() -> BertForMaskedLM:
-    config = BertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB
-    )
-    return _build(BertForMaskedLM, config)
-
-
-TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
-    "llama": tiny_llama,
-    "qwen2": tiny_qwen2,
-    "qwen2_hybrid": tiny_qwen2_hybrid,
-    "mistral": tiny_mistral,
-    "gpt2": tiny_gpt2,
-    "bert": tiny_bert,
-}
-
-
-def make_tiny_model(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A fresh tiny model by name (see ``TINY_MODELS``), optionally cast to ``dtype``."""
-    model = TINY_MODELS[name]()
-    return model.to(dtype) if dtype is not None else model
-
-
-def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """(batch, length) token ids in [3, VOCAB), reproducible by seed (ids 0-2 stay free for special tokens)."""
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def make_bpe_tokenizer(text: str):
-    """A small byte-pair tokenizer (128 tokens, Metaspace pre-tokenizer) trained offline on ``text``'s paragraphs,
-    with ``<pad>``, ``</s>`` and ``<unk>`` special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"])
-    tok.train_from_iterator(text.split("\n\n"), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_model_factory() -> Callable[..., torch.nn.Module]:
     return make_tiny_model
 
 
 @pytest.fixture(scope="module")
-def llama_model() -> LlamaForCausalLM:
+def llama_model() -> torch.nn.Module:
     return tiny_llama()
 
 
 @pytest.fixture(scope="module")
-def qwen2_model() -> Qwen2ForCausalLM:
+def qwen2_model() -> torch.nn.Module:
     return tiny_qwen2()
 
 
 @pytest.fixture(scope="module")
-def gpt2_model() -> GPT2LMHeadModel:
+def gpt2_model() -> torch.nn.Module:
     return tiny_gpt2()
 
 
 @pytest.fixture(scope="module")
-def mistral_model() -> MistralForCausalLM:
+def mistral_model() -> torch.nn.Module:
     return tiny_mistral()

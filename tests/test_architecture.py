@@ -60,6 +60,6 @@ def test_imports_follow_the_layering(path: Path) -> None:
 def test_every_module_sits_in_a_layer() -> None:
     loose = {p.name for p in PACKAGE.glob("*.py")} - {"__init__.py", "io.py"}
     assert loose == set()
-    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(ORDER) | {
-        "config"
-    }
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(
+        ORDER
+    ) | {"config"}

@@ -4,13 +4,10 @@ give the stored bytes, ranks per chunk, logits and greedy tokens recorded before
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
-import record  # noqa: E402
+from tests.golden import record
 
 GOLDEN = json.loads(record.GOLDEN.read_text())
 

@@ -1,6 +1,6 @@
 """Golden outputs of the compressed cache: stored bytes, ranks per chunk, logits and greedy tokens.
 
-Captured once (``python tests/golden/record.py``) and compared bit for bit by ``tests/test_golden.py``, so that a
+Captured once (``python -m tests.golden.record`` from the repository root) and compared bit for bit by ``tests/test_golden.py``, so that a
 change of structure that is meant to change no behaviour can be shown to change none. Only the public surface
 is used (``ChunkedSVDCache.from_model``, ``ChunkedDecomp``, ``memory_stats``, a layer's ``chunks``), so the same
 recorder runs before and after a move. Logits are compared through the SHA-256 of their float32 bytes.
@@ -20,9 +20,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden.json"
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))  # the repository root, for tests.helpers
 
 from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig, load_presets  # noqa: E402
+from tests.helpers.models import make_tiny_model, random_ids  # noqa: E402
 
 PREFILL, EXTEND, STEPS, GENERATE = 400, 30, 8, 6
 MODELS = ("llama", "qwen2", "mistral", "gpt2", "qwen2_hybrid")
@@ -84,8 +85,6 @@ EVERY_MODEL = ("small", "shared_keys", "pooled", "factored", "joined")
 
 def peaked_llama():
     """The tiny Llama with its query and key weights scaled up, so its attention is peaked (a sensitive model)."""
-    from conftest import make_tiny_model
-
     model = make_tiny_model("llama")
     with torch.no_grad():
         for layer in model.model.layers:
@@ -95,8 +94,6 @@ def peaked_llama():
 
 
 def make_model(name: str):
-    from conftest import make_tiny_model
-
     return peaked_llama() if name == "llama_peaked" else make_tiny_model(name)
 
 
@@ -145,8 +142,6 @@ def _forward(model, ids, cache):
 def run_case(model_name: str, options: dict) -> dict:
     """The outputs of one case (see the module docstring for what is compared)."""
     torch.set_num_threads(1)
-    from conftest import random_ids
-
     model = make_model(model_name)
     config = CompressionConfig.from_dict(options)
     cache = ChunkedSVDCache.from_model(model, config)

@@ -1,0 +1,554 @@
+"""The cache contract: one parametrised matrix of compression settings × tiny models (kvpress-style).
+
+Every setting in ``CONTRACT_CONFIGS`` goes through the same checks against transformers' `DynamicCache`:
+exact while nothing is compressed, equal at full rank, within budget at reduced rank, and correct under
+``generate``, ``crop``, beam reordering and batch selection. Values are compared, not shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from chunked_decomp import ChunkedDecomp, ChunkedSVDCache, CompressionConfig
+from chunked_decomp.core.rotary import rotate
+from chunked_decomp.hf.layer import ChunkedSVDLayer
+from chunked_decomp.hf.models import cache_geometry, cache_kwarg_name, output_cache
+from tests.helpers.models import HEAD_DIM, make_tiny_model, random_ids
+
+# Small chunks so a tiny model compresses many of them within ~100 tokens; group size 8 so quantisation groups
+# fit a chunk.
+BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)
+
+# One entry per compression setting; every contract test runs each of them (like kvpress's default_presses).
+CONTRACT_CONFIGS: dict[str, dict] = {
+    "per_head_quantised_adaptive": {},
+    "joined_heads": {"head_mode": "joined"},
+    "unquantised_fp32": {"use_quantization": False, "factor_dtype": "float32"},
+    "unquantised_bf16_factors": {"use_quantization": False, "factor_dtype": "bfloat16"},
+    "fixed_rank_policy": {"adaptive_rank": False},
+    "fixed_rank_policy_joined": {"adaptive_rank": False, "head_mode": "joined"},
+    "target_rank": {"target_rank": 4},
+    "dynamic_chunking": {"dynamic_chunking": True},
+    "sequential_processing": {"parallel_processing": False},
+    "post_rope_keys": {"compress_keys_pre_rope": False},
+    "randomized_factorizer": {"factorizer": "randomized"},
+    "subspace_factorizer": {"factorizer": "subspace"},
+    "exact_svd": {"use_fast_svd": False},
+    "quantisation_only": {"use_low_rank_approximation": False},
+    "two_bit": {"quantization_bits": 2, "basis_bits": 4},
+    "min_rank_floor": {"min_rank_ratio": 0.25},
+    "reference_fp16": {"reference_dtype": "float16"},
+    "pooled_ranks": {"rank_allocation": "pooled"},
+    # Attention over the factors (values factored, pre-rotary keys rebuilt), and with keys factored too.
+    "factored_attention": {"decode_attention": "factored"},
+    "factored_attention_post_rope": {"decode_attention": "factored", "compress_keys_pre_rope": False},
+    # A basis per layer: shared by keys and values, by keys only (also with attention over the factors and
+    # with post-rotary keys), and with ranks pooled across layers.
+    "shared_basis": {"basis_sharing": "layer"},
+    "shared_key_basis": {"basis_sharing": "keys"},
+    "shared_key_basis_factored_post_rope": {
+        "basis_sharing": "keys",
+        "decode_attention": "factored",
+        "compress_keys_pre_rope": False,
+    },
+    "shared_key_basis_pooled": {"basis_sharing": "keys", "rank_allocation": "pooled"},
+    "shared_key_basis_8bit": {"basis_sharing": "keys", "shared_basis_bits": 8},
+}
+# Settings whose stored bytes the budget governs (the others fix a rank or keep full rank).
+BUDGETED = [
+    k for k, v in CONTRACT_CONFIGS.items() if "target_rank" not in v and "use_low_rank_approximation" not in v
+]
+MODELS = ["llama", "qwen2", "gpt2"]
+# Every setting on Llama (GQA + RoPE); on Qwen2 (biases) and GPT-2 (no RoPE, 4 KV heads) the settings that change
+# the layout or the storage, to keep the matrix within the suite's time budget on a 2-core machine.
+CONTRACT_CASES = [(s, "llama") for s in CONTRACT_CONFIGS] + [
+    (s, m)
+    for m in ("qwen2", "gpt2")
+    for s in (
+        "per_head_quantised_adaptive",
+        "joined_heads",
+        "unquantised_fp32",
+        "dynamic_chunking",
+        "post_rope_keys",
+        "factored_attention_post_rope",
+        "shared_key_basis",
+    )
+]
+# Rank covering every head or joined layer of the tiny models: "full rank" for every setting.
+FULL_RANK = dict(
+    target_rank=64, use_quantization=False, factor_dtype="float32", use_low_rank_approximation=True
+)
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def model_named(name: str) -> torch.nn.Module:
+    if name not in _MODELS:
+        _MODELS[name] = make_tiny_model(name)
+    return _MODELS[name]
+
+
+def config(setting: str, **overrides) -> CompressionConfig:
+    return CompressionConfig(**{**BASE, **CONTRACT_CONFIGS[setting], **overrides})
+
+
+def full_rank(setting: str, model: torch.nn.Module | None = None) -> CompressionConfig:
+    """The setting at full rank, unquantised, float32 factors: reconstruction is exact up to float32 rounding.
+
+    With a model the rank is exactly the head dimension (or joined width), as `ChunkedDecomp` requires.
+    """
+    rank = FULL_RANK["target_rank"]
+    if model is not None:
+        _, kv_heads, head_dim = cache_geometry(model)
+        rank = kv_heads * head_dim if CONTRACT_CONFIGS[setting].get("head_mode") == "joined" else head_dim
+    # A fixed rank leaves no budget to pool: pooled allocation refuses target_rank.
+    return config(setting, **{**FULL_RANK, "target_rank": rank, "rank_allocation": "per_layer"})
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, cache, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Prefill ``ids[:, :prefill]``, then feed the remaining ids one at a time; all logits (batch, seq, vocab)."""
+    name = cache_kwarg_name(model)
+    out = model(input_ids=ids[:, :prefill], **{name: cache}, use_cache=True)
+    logits = [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        out = model(input_ids=ids[:, t : t + 1], **{name: cache}, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def reference_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    return teacher_forced_logits(model, DynamicCache(config=model.config), ids, prefill)
+
+
+def chunked_layers(cache: ChunkedSVDCache) -> list[ChunkedSVDLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, ChunkedSVDLayer)]
+
+
+contract = pytest.mark.parametrize(
+    "setting, model_name", CONTRACT_CASES, ids=[f"{s}-{m}" for s, m in CONTRACT_CASES]
+)
+models = pytest.mark.parametrize("model_name", MODELS)
+
+
+# ---- the contract matrix ------------------------------------------------------------------------------------
+@contract
+def test_exact_while_nothing_is_compressed(setting, model_name) -> None:
+    model = model_named(model_name)
+    cfg = config(setting)
+    # sinks + residual + chunk = 18 tokens: at 17 no chunk has aged out yet.
+    ids = random_ids(17, seed=1)
+    cache = ChunkedSVDCache.from_model(model, cfg)
+    got = teacher_forced_logits(model, cache, ids, prefill=10)
+    assert cache.memory_stats().compressed_tokens == 0
+    assert torch.equal(got, reference_logits(model, ids, prefill=10))
+
+
+@contract
+def test_full_rank_equals_uncompressed(setting, model_name) -> None:
+    model = model_named(model_name)
+    ids = random_ids(72, seed=2)
+    cache = ChunkedSVDCache.from_model(model, full_rank(setting))
+    got = teacher_forced_logits(model, cache, ids, prefill=60)
+    assert cache.memory_stats().compressed_tokens >= 48  # most of the sequence went through factors
+    assert (got - reference_logits(model, ids, prefill=60)).abs().max() <= 1e-4
+
+
+@contract
+def test_reduced_budget_lengths_bytes_and_error(setting, model_name) -> None:
+    model = model_named(model_name)
+    ids = random_ids(203, seed=3)
+    cfg = config(setting)
+    cache = ChunkedSVDCache.from_model(model, cfg)
+    got = teacher_forced_logits(model, cache, ids, prefill=200)
+    ref = reference_logits(model, ids, prefill=200)
+    stats = cache.memory_stats()
+    assert cache.get_seq_length() == 203
+    assert stats.seq_length == 203
+    assert all(layer.get_mask_sizes(3) == (206, 0) for layer in cache.layers)
+    # Every layer: sinks + chunks + residual window account for every token.
+    for s in stats.per_layer:
+        assert s.exact_tokens + s.compressed_tokens == 203
+        assert 2 + 8 <= s.exact_tokens < 2 + 8 + 8 + 1
+    assert stats.stored_bytes < stats.uncompressed_bytes
+    assert torch.isfinite(got).all()
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.5
+    if setting in BUDGETED:
+        # The aged tokens (sinks + chunks) hold compression_ratio × their reference bytes: within 2%, because
+        # unspent bytes of a chunk roll over to the next one and the sinks' debt is repaid after a few chunks.
+        if cfg.basis_sharing == "none":
+            assert stats.aged_ratio == pytest.approx(cfg.compression_ratio, rel=0.02)
+        else:
+            # Later chunks keep at most the basis rows the first span kept, so bytes may go unspent.
+            assert 0.95 * cfg.compression_ratio <= stats.aged_ratio <= 1.02 * cfg.compression_ratio
+
+
+@contract
+def test_stored_bytes_are_the_bytes_really_held(setting, model_name) -> None:
+    from chunked_decomp.core.factors import SharedRows
+    from chunked_decomp.core.quantization import QuantizedTensor
+
+    model = model_named(model_name)
+    cache = ChunkedSVDCache.from_model(model, config(setting))
+    teacher_forced_logits(model, cache, random_ids(90, seed=4), prefill=80)
+
+    def storages(t) -> list:
+        if t is None:
+            return []
+        if isinstance(t, QuantizedTensor):
+            return [s for x in (t.codes, t.scale, t.minimum) for s in storages(x)]
+        if isinstance(t, SharedRows):  # the layer's basis (counted once), and the chunk's own rows
+            return storages(t.basis) + storages(t.extra)
+        return [t.untyped_storage()]
+
+    def held(layer) -> int:
+        tensors = [layer.keys, layer.values, layer.sink_keys, layer.sink_values]
+        tensors += [
+            f for chunk in layer.chunks for fs in (chunk.keys, chunk.values) for p in fs.pairs for f in p
+        ]
+        return sum({s.data_ptr(): s.nbytes() for t in tensors for s in storages(t) if s.nbytes()}.values())
+
+    for layer in chunked_layers(cache):
+        # As compressed: a chunk's factors are views of buffers that hold exactly its kept components.
+        assert held(layer) == layer.memory_stats().stored_bytes
+        layer.reconstruct_compressed()  # packs the chunks' factors into shared buffers: still counted once
+        assert held(layer) == layer.memory_stats().stored_bytes
+
+
+@contract
+def test_generate_greedy_full_rank_equals_plain(setting, model_name) -> None:
+    model = model_named(model_name)
+    ids = random_ids(40, seed=5)
+    plain = model.generate(ids, max_new_tokens=16, do_sample=False)
+    cd = ChunkedDecomp(config=full_rank(setting, model))
+    with cd.applied(model):
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert isinstance(cd.last_cache, ChunkedSVDCache)
+    assert cd.last_cache.get_seq_length() == 40 + 16 - 1
+    assert cd.last_cache.memory_stats().compressed_tokens > 0
+    assert torch.equal(out, plain)
+
+
+@contract
+@pytest.mark.parametrize("remove", [3, 30, 59], ids=["tail", "into_chunks", "into_sinks"])
+def test_crop_equals_recomputing_the_shorter_sequence(setting, model_name, remove) -> None:
+    model = model_named(model_name)
+    ids = random_ids(66, seed=6)
+    cache = ChunkedSVDCache.from_model(model, full_rank(setting))
+    teacher_forced_logits(model, cache, ids[:, :60], prefill=60)
+    cache.crop(-remove)
+    kept = 60 - remove
+    assert cache.get_seq_length() == kept
+    assert all(layer.get_mask_sizes(1) == (kept + 1, 0) for layer in cache.layers)
+    # Continue with 6 new tokens (a block, then single steps) on both.
+    cont = torch.cat([ids[:, :kept], ids[:, 60:66]], dim=1)
+    name = cache_kwarg_name(model)
+    with torch.no_grad():
+        got = [model(input_ids=cont[:, kept : kept + 3], **{name: cache}, use_cache=True).logits]
+        for t in range(kept + 3, kept + 6):
+            got.append(model(input_ids=cont[:, t : t + 1], **{name: cache}, use_cache=True).logits)
+    got = torch.cat(got, dim=1)
+    expected = reference_logits(model, cont, prefill=kept)[:, kept:]
+    assert cache.get_seq_length() == kept + 6
+    assert (got - expected).abs().max() <= 1e-4
+
+
+@contract
+def test_crop_at_reduced_rank_keeps_lengths_and_masks(setting, model_name) -> None:
+    model = model_named(model_name)
+    cache = ChunkedSVDCache.from_model(model, config(setting))
+    teacher_forced_logits(model, cache, random_ids(60, seed=7), prefill=60)
+    before = cache.memory_stats()
+    for remove, left in ((3, 57), (25, 32), (31, 1)):
+        cache.crop(-remove)
+        assert cache.get_seq_length() == left
+        assert all(layer.get_mask_sizes(2) == (left + 2, 0) for layer in cache.layers)
+        keys, _ = chunked_layers(cache)[0].full_states()
+        assert keys.shape[-2] == left
+    assert cache.memory_stats().stored_bytes < before.stored_bytes
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(5)
+
+
+@contract
+def test_batch_operations_match_dynamic_cache_at_full_rank(setting, model_name) -> None:
+    model = model_named(model_name)
+    ids = random_ids(50, batch=3, seed=8)
+    step = random_ids(1, batch=6, seed=9)
+    name = cache_kwarg_name(model)
+    caches = [ChunkedSVDCache.from_model(model, full_rank(setting)), DynamicCache(config=model.config)]
+    with torch.no_grad():
+        for c in caches:
+            model(input_ids=ids, **{name: c}, use_cache=True)
+        results = []
+        for c in caches:
+            outs = []
+            c.reorder_cache(torch.tensor([2, 0, 0]))
+            outs.append(model(input_ids=step[:3], **{name: c}, use_cache=True).logits)
+            c.batch_select_indices(torch.tensor([0, 2]))
+            outs.append(model(input_ids=step[:2], **{name: c}, use_cache=True).logits)
+            c.batch_repeat_interleave(3)
+            outs.append(model(input_ids=step, **{name: c}, use_cache=True).logits)
+            results.append(outs)
+    for got, expected in zip(*results, strict=True):
+        assert (got - expected).abs().max() <= 1e-4
+    assert caches[0].get_seq_length() == caches[1].get_seq_length() == 53
+
+
+@contract
+def test_reset_empties_the_cache_and_it_can_be_refilled(setting, model_name) -> None:
+    model = model_named(model_name)
+    ids = random_ids(40, seed=10)
+    cache = ChunkedSVDCache.from_model(model, config(setting))
+    first = teacher_forced_logits(model, cache, ids, prefill=36)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert cache.memory_stats().stored_bytes == 0
+    assert all(not layer.chunks and layer.get_seq_length() == 0 for layer in chunked_layers(cache))
+    again = teacher_forced_logits(model, cache, ids, prefill=36)
+    assert torch.equal(first, again)
+
+
+# ---- budgets --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "setting, model_name",
+    [("per_head_quantised_adaptive", m) for m in MODELS]
+    + [("joined_heads", "llama"), ("unquantised_fp32", "gpt2")],
+)
+def test_logit_error_grows_as_the_budget_shrinks(setting, model_name) -> None:
+    model = model_named(model_name)
+    ratios = (0.5, 0.25, 0.1)
+    errors = {r: 0.0 for r in ratios}
+    stored = {r: 0 for r in ratios}
+    for seed in range(2):
+        ids = random_ids(100, seed=20 + seed)
+        ref = reference_logits(model, ids, prefill=96)
+        for r in ratios:
+            cache = ChunkedSVDCache.from_model(model, config(setting, compression_ratio=r))
+            got = teacher_forced_logits(model, cache, ids, prefill=96)
+            errors[r] += float((got - ref).norm() / ref.norm()) / 2
+            stored[r] += cache.memory_stats().stored_bytes
+    assert errors[0.5] < errors[0.25] < errors[0.1], errors
+    assert stored[0.5] > stored[0.25] > stored[0.1], stored
+
+
+def test_ratio_one_without_quantisation_is_within_budget_but_not_lossless() -> None:
+    """compression_ratio=1.0 budgets the chunk's own bytes, and full-rank factors of a T×d chunk cost (T+d)·d:
+    more than T·d. So ratio 1.0 keeps rank < d — close, not exact; exactness needs target_rank=head_dim."""
+    model = model_named("llama")
+    ids = random_ids(72, seed=11)
+    cfg = CompressionConfig(
+        **{**BASE, "compression_ratio": 1.0, "use_quantization": False, "factor_dtype": "float32"}
+    )
+    cache = ChunkedSVDCache.from_model(model, cfg)
+    got = teacher_forced_logits(model, cache, ids, prefill=60)
+    stats = cache.memory_stats()
+    assert stats.aged_ratio <= 1.0 + 1e-9
+    assert all(
+        s.mean_key_rank < HEAD_DIM // 2 + 1 for s in stats.per_layer
+    )  # 8x16 chunk: (8+16)r <= 128 -> r <= 5
+    err = float((got - reference_logits(model, ids, prefill=60)).abs().max())
+    assert 0 < err < 0.1
+
+
+def test_pre_rope_factoring_recovers_low_rank_keys_that_rotation_spreads() -> None:
+    """Keys that are rank 2 before the rotary embedding are near full rank after it: pre-RoPE factoring at
+    rank 2 rebuilds them exactly, post-RoPE factoring cannot."""
+    g = torch.Generator().manual_seed(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    raw = torch.randn(1, 2, 40, 2, generator=g) @ torch.randn(1, 2, 2, 16, generator=g)
+    keys = rotate(raw, torch.arange(40), inv_freq)
+    values = torch.randn(1, 2, 40, 16, generator=g)
+    errors = {}
+    for pre in (True, False):
+        cfg = CompressionConfig(
+            **{**BASE, "target_rank": 2, "use_quantization": False, "factor_dtype": "float32"},
+            compress_keys_pre_rope=pre,
+        )
+        cache = ChunkedSVDCache(cfg, num_layers=1, inv_freq=inv_freq)
+        cache.update(keys, values, 0)
+        cache.compress_all()
+        rebuilt, _ = cache.layers[0].full_states()
+        errors[pre] = float((rebuilt - keys).norm() / keys.norm())
+    assert errors[True] < 1e-5
+    assert errors[False] > 0.05
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+@models
+def test_beam_search(model_name) -> None:
+    model = model_named(model_name)
+    ids = random_ids(40, seed=12)
+    plain = model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False)
+    exact = ChunkedDecomp(config=full_rank("per_head_quantised_adaptive", model))
+    with exact.applied(model):
+        assert torch.equal(model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False), plain)
+    assert exact.last_cache.layers[0].store.batch == 3  # the beams
+    reduced = ChunkedDecomp(**BASE)
+    with reduced.applied(model):
+        out = model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False)
+    assert out.shape == plain.shape and torch.equal(out[:, :40], ids)
+    assert reduced.memory_report()["compressed_tokens"] > 0
+
+
+@models
+def test_sampled_generation_with_a_seed(model_name) -> None:
+    model = model_named(model_name)
+    ids = random_ids(30, seed=13)
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=20, temperature=1.5)
+    torch.manual_seed(0)
+    plain = model.generate(ids, **kwargs)
+    with ChunkedDecomp(config=full_rank("per_head_quantised_adaptive", model)).applied(model):
+        torch.manual_seed(0)
+        exact = model.generate(ids, **kwargs)
+    assert torch.equal(exact, plain)
+    cd = ChunkedDecomp(**BASE)
+    with cd.applied(model):
+        torch.manual_seed(0)
+        a = model.generate(ids, **kwargs)
+        torch.manual_seed(0)
+        b = model.generate(ids, **kwargs)
+    assert torch.equal(a, b)  # deterministic under a seed
+    assert ((a[:, 30:] >= 0) & (a[:, 30:] < 128)).all()
+
+
+@models
+def test_left_padded_batch_rows_equal_each_row_alone(model_name) -> None:
+    model = model_named(model_name)
+    rows = [random_ids(n, seed=30 + n)[0] for n in (45, 30, 38)]
+    width = max(len(r) for r in rows)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, r in enumerate(rows):
+        batch[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    cd = ChunkedDecomp(config=full_rank("per_head_quantised_adaptive", model))
+    with cd.applied(model):
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        # The padding is kept exact in front of the real sinks: 15 pads + 2 sinks.
+        assert chunked_layers(cd.last_cache)[0].store.sink_region == 2 + 15
+        assert cd.last_cache.memory_stats().compressed_tokens > 0
+        for i, r in enumerate(rows):
+            alone = model.generate(r[None], max_new_tokens=12, do_sample=False)
+            assert torch.equal(out[i, width:], alone[0, len(r) :]), i
+
+
+# ---- layer types ----------------------------------------------------------------------------------------------
+def test_sliding_window_layers_keep_transformers_sliding_layer() -> None:
+    mistral = make_tiny_model("mistral")
+    cache = ChunkedSVDCache.from_model(mistral, CompressionConfig(**BASE))
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
+    assert [layer.sliding_window for layer in cache.layers] == [32, 32]
+
+    hybrid = make_tiny_model("qwen2_hybrid")
+    cache = ChunkedSVDCache.from_model(hybrid, CompressionConfig(**{**BASE, **FULL_RANK}))
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds == [ChunkedSVDLayer, ChunkedSVDLayer, DynamicSlidingWindowLayer, DynamicSlidingWindowLayer]
+    # Longer than the window: sliding layers roll, full layers compress; logits still match DynamicCache.
+    ids = random_ids(60, seed=14)
+    got = teacher_forced_logits(hybrid, cache, ids, prefill=50)
+    assert (got - reference_logits(hybrid, ids, prefill=50)).abs().max() <= 1e-4
+    assert cache.layers[2].keys.shape[-2] == 15  # window - 1
+    stats = cache.memory_stats()
+    assert stats.seq_length == 60 and stats.compressed_tokens > 0
+
+
+def test_all_sliding_model_matches_dynamic_cache() -> None:
+    mistral = make_tiny_model("mistral")
+    ids = random_ids(50, seed=15)
+    cd = ChunkedDecomp(**BASE)
+    with cd.applied(mistral):
+        out = mistral.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, mistral.generate(ids, max_new_tokens=8, do_sample=False))
+    assert cd.memory_report()["compressed_tokens"] == 0  # sliding layers already bound their memory
+
+
+def test_gpt2_keys_are_factored_without_rotary() -> None:
+    model = model_named("gpt2")
+    cache = ChunkedSVDCache.from_model(model, CompressionConfig(**BASE))
+    teacher_forced_logits(model, cache, random_ids(40, seed=16), prefill=40)
+    layer = chunked_layers(cache)[0]
+    assert layer.store.inv_freq is None and layer.chunks and not any(c.keys_pre_rope for c in layer.chunks)
+    llama_cache = ChunkedSVDCache.from_model(model_named("llama"), CompressionConfig(**BASE))
+    teacher_forced_logits(model_named("llama"), llama_cache, random_ids(40, seed=16), prefill=40)
+    assert all(c.keys_pre_rope for c in chunked_layers(llama_cache)[0].chunks)
+
+
+def test_forward_returns_the_chunked_cache() -> None:
+    model = model_named("llama")
+    cache = ChunkedSVDCache.from_model(model, CompressionConfig(**BASE))
+    with torch.no_grad():
+        out = model(input_ids=random_ids(20), **{cache_kwarg_name(model): cache}, use_cache=True)
+    assert output_cache(out) is cache
+
+
+def test_compress_all_compresses_everything_but_the_sinks() -> None:
+    model = model_named("llama")
+    cache = ChunkedSVDCache.from_model(model, CompressionConfig(**{**BASE, **FULL_RANK}))
+    ids = random_ids(45, seed=17)
+    teacher_forced_logits(model, cache, ids, prefill=45)
+    cache.compress_all()
+    for s in cache.memory_stats().per_layer:
+        assert s.exact_tokens == 2 and s.compressed_tokens == 43
+    # Still exact at full rank after compressing the partial chunk too.
+    ref = DynamicCache(config=model.config)
+    ids2 = torch.cat([ids, random_ids(2, seed=18)], dim=1)
+    got = teacher_forced_logits(model, cache, ids2[:, 45:], prefill=1)
+    expected = teacher_forced_logits(model, ref, ids2, prefill=45)[:, 45:]
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_compression_gathers_once_per_tensor_not_per_chunk() -> None:
+    """Storing the chunks of one compression call gathers each encoded tensor's kept rows in one copy: the count
+    of gathers does not grow with the number of chunks (on a GPU each per-chunk gather and index copy cost a
+    launch and a synchronisation), and the chunks hold the same factors as chunks compressed one by one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountGathers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket is torch.ops.aten.index_select
+            return func(*args, **(kwargs or {}))
+
+    config = CompressionConfig(**BASE)
+    gen = torch.Generator().manual_seed(5)
+    counts, stores = [], []
+    for tokens in (2 + 4 * 8, 2 + 16 * 8):
+        k = torch.randn(2, 2, tokens, HEAD_DIM, generator=gen)
+        v = torch.randn(2, 2, tokens, HEAD_DIM, generator=gen)
+        cache = ChunkedSVDCache(config, layer_types=["full_attention"])
+        with CountGathers() as mode:
+            cache.update(k, v, 0)  # compresses all but the residual window, in one call
+        assert len(cache.layers[0].chunks) == (tokens - 2) // 8 - 1
+        cache.compress_all()
+        counts.append(mode.count)
+        stores.append((cache, k, v))
+    assert counts[0] == counts[1] > 0
+    # The same chunks, one compression call per chunk, are identical factor by factor.
+    batched, k, v = stores[1]
+    one_by_one = ChunkedSVDCache(config, layer_types=["full_attention"])
+    one_by_one.update(k[..., :2, :], v[..., :2, :], 0)
+    one_by_one.compress_all()
+    for i in range(16):
+        one_by_one.update(k[..., 2 + 8 * i : 10 + 8 * i, :], v[..., 2 + 8 * i : 10 + 8 * i, :], 0)
+        one_by_one.compress_all()
+    got, want = batched.layers[0].chunks, one_by_one.layers[0].chunks
+    assert len(got) == len(want) == 16
+    for a, b in zip(got, want):
+        assert a.start == b.start and a.keys.ranks == b.keys.ranks and a.values.ranks == b.values.ranks
+        torch.testing.assert_close(a.keys.reconstruct(), b.keys.reconstruct(), rtol=0, atol=0)
+        torch.testing.assert_close(a.values.reconstruct(), b.values.reconstruct(), rtol=0, atol=0)
+
+
+def test_cache_without_layers_information_is_refused() -> None:
+    with pytest.raises(ValueError, match="num_layers"):
+        ChunkedSVDCache(CompressionConfig())
+    with pytest.raises(ValueError, match="linear_attention"):
+        ChunkedSVDCache(CompressionConfig(), layer_types=["full_attention", "linear_attention"])

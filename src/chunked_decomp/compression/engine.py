@@ -122,7 +122,7 @@ class Job:
     # With pooled ranks: the bytes the pooled allocation left, shared by the jobs of the call ([bytes]), which
     # bounds their corrections to a shared basis (each layer's own slack would overspend the pooled budget).
     correction_pool: list | None = None
-    # Per-layer allocation with a shared basis: the bytes the job's chunks may take (measured before the basis
+    # Per-layer allocation with a shared basis: the bytes the job's chunks may take (counted before the basis
     # they store is counted) and the bytes of that basis.
     budget: float | None = None
     basis_bytes: int = 0

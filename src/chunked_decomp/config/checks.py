@@ -20,3 +20,12 @@ def integer(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def choice(name: str, value: Any, allowed: tuple, optional: bool = False) -> None:
+    """``value`` is one of ``allowed`` (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if value not in allowed:
+        suffix = " or None" if optional else ""
+        raise ValueError(f"{name} must be one of {allowed}{suffix}, got {value!r}")

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from chunked_decomp.config.checks import integer, number
+from chunked_decomp.config.checks import choice, integer, number
 
 _DTYPES = ("float16", "bfloat16", "float32")
 _QUANT_BITS = (2, 4, 8)
@@ -19,6 +19,18 @@ _FACTORIZERS = ("gram", "randomized", "exact", "subspace")
 _BASIS_SHARING = ("none", "layer", "keys")
 _DECODE_ATTENTION = ("rebuild", "factored")
 _RANK_ALLOCATION = ("per_layer", "pooled")
+_FLAGS = (
+    "dynamic_chunking",
+    "use_low_rank_approximation",
+    "adaptive_rank",
+    "compress_keys_pre_rope",
+    "basis_corrections",
+    "use_fast_svd",
+    "use_quantization",
+    "parallel_processing",
+    "enable_gradient_checkpointing",
+    "debug",
+)
 
 
 @dataclass
@@ -149,13 +161,21 @@ class CompressionConfig:
     debug: bool = False
 
     def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_choices()
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._check_combinations()
+        self._check_head_weights()
+        if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
+            self.debug = True
+
+    def _check_numbers(self) -> None:
         self.compression_ratio = number("compression_ratio", self.compression_ratio)
         if not (0.0 < self.compression_ratio <= 1.0):
             raise ValueError(f"compression_ratio must be in (0, 1], got {self.compression_ratio}")
-        if self.reference_dtype is not None and self.reference_dtype not in _DTYPES:
-            raise ValueError(
-                f"reference_dtype must be one of {_DTYPES} or None, got {self.reference_dtype!r}"
-            )
+        choice("reference_dtype", self.reference_dtype, _DTYPES, optional=True)
         integer("chunk_size", self.chunk_size, minimum=4)
         integer("residual_length", self.residual_length, minimum=0)
         integer("num_sink_tokens", self.num_sink_tokens, minimum=0)
@@ -170,20 +190,13 @@ class CompressionConfig:
         self.key_weight = number("key_weight", self.key_weight)
         if not self.key_weight > 0:
             raise ValueError(f"key_weight must be > 0, got {self.key_weight}")
-        if self.rank_allocation not in _RANK_ALLOCATION:
-            raise ValueError(
-                f"rank_allocation must be one of {_RANK_ALLOCATION}, got {self.rank_allocation!r}"
-            )
-        if self.head_mode not in _HEAD_MODES:
-            raise ValueError(f"head_mode must be one of {_HEAD_MODES}, got {self.head_mode!r}")
-        if self.decode_attention not in _DECODE_ATTENTION:
-            raise ValueError(
-                f"decode_attention must be one of {_DECODE_ATTENTION}, got {self.decode_attention!r}"
-            )
-        if self.basis_sharing not in _BASIS_SHARING:
-            raise ValueError(f"basis_sharing must be one of {_BASIS_SHARING}, got {self.basis_sharing!r}")
-        if self.factorizer is not None and self.factorizer not in _FACTORIZERS:
-            raise ValueError(f"factorizer must be one of {_FACTORIZERS} or None, got {self.factorizer!r}")
+
+    def _check_choices(self) -> None:
+        choice("rank_allocation", self.rank_allocation, _RANK_ALLOCATION)
+        choice("head_mode", self.head_mode, _HEAD_MODES)
+        choice("decode_attention", self.decode_attention, _DECODE_ATTENTION)
+        choice("basis_sharing", self.basis_sharing, _BASIS_SHARING)
+        choice("factorizer", self.factorizer, _FACTORIZERS, optional=True)
         for name in ("quantization_bits", "basis_bits", "shared_basis_bits"):
             value = getattr(self, name)
             if name == "shared_basis_bits" and value is None:
@@ -191,22 +204,9 @@ class CompressionConfig:
             if value not in _QUANT_BITS or isinstance(value, bool):
                 raise ValueError(f"{name} must be one of {_QUANT_BITS}, got {value!r}")
         integer("quant_group_size", self.quant_group_size, minimum=8)
-        if self.factor_dtype not in _DTYPES:
-            raise ValueError(f"factor_dtype must be one of {_DTYPES}, got {self.factor_dtype!r}")
-        for name in (
-            "dynamic_chunking",
-            "use_low_rank_approximation",
-            "adaptive_rank",
-            "compress_keys_pre_rope",
-            "basis_corrections",
-            "use_fast_svd",
-            "use_quantization",
-            "parallel_processing",
-            "enable_gradient_checkpointing",
-            "debug",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        choice("factor_dtype", self.factor_dtype, _DTYPES)
+
+    def _check_combinations(self) -> None:
         if self.enable_gradient_checkpointing:
             raise ValueError(
                 "enable_gradient_checkpointing does not apply: ChunkedDecomp compresses the KV cache at inference "
@@ -229,6 +229,8 @@ class CompressionConfig:
                 "rank_allocation='pooled' shares the budget by energy per byte, which needs adaptive_rank=True, "
                 "use_low_rank_approximation=True and target_rank=None"
             )
+
+    def _check_head_weights(self) -> None:
         self.head_weights_power = number("head_weights_power", self.head_weights_power)
         if not self.head_weights_power > 0:
             raise ValueError(f"head_weights_power must be > 0, got {self.head_weights_power}")
@@ -237,8 +239,6 @@ class CompressionConfig:
             # "auto" (as in a preset) stays valid with joined heads, which then get no weights.
             if self.head_mode != "per_head" and self.head_weights != "auto":
                 raise ValueError("head_weights needs head_mode='per_head' (one weight per KV head)")
-        if os.environ.get("CHUNKED_DECOMP_DEBUG", "") not in ("", "0", "false", "False"):
-            self.debug = True
 
     @property
     def resolved_factorizer(self) -> str:

@@ -10,14 +10,14 @@ One of the two factors is orthonormal (the one on the larger side), so the full-
 projection of ``x`` onto its own row or column space and reconstructs it exactly up to float32 rounding.
 
 Factorisers (Halko, Martinsson & Tropp 2011 for the randomized range finder):
-- ``exact``: ``torch.linalg.svd``. Reference; slow when batched on CPU and GPU (see MEASUREMENTS.md).
+- ``exact``: ``torch.linalg.svd``. Reference; slow when batched, on CPU and GPU alike.
 - ``gram``: eigen-decomposition of the small Gram matrix (``n × n`` or ``m × m``) — one batched matrix product
   and a small symmetric eigensolver; gives the whole spectrum, which adaptive ranks need.
 - ``randomized``: randomized range finder with power iterations, orthonormalised by shifted Cholesky-QR2,
   i.e. matrix products and ``(r+p) × (r+p)`` Cholesky factorisations only; gives the top ``r + p`` triplets.
 - ``subspace``: orthogonal (subspace) iteration on the Gram matrix, orthonormalised by Cholesky-QR: matrix
   products and small Cholesky factorisations only, no eigensolver, so it suits GPUs, where batched ``eigh`` and
-  ``svd`` cost orders of magnitude more than the bytes they read (MEASUREMENTS.md). Components come out nested
+  ``svd`` cost orders of magnitude more than the bytes they read. Components come out nested
   (the first j span the dominant j-dimensional subspace, to the accuracy of the iteration) with their exact
   captured energies.
 """
@@ -251,7 +251,7 @@ def single_thread_lapack() -> Iterator[None]:
     """Run small batched work (eigh, svd, cholesky, and the cache's compression) on one thread.
 
     The batch is many tiny matrices, which threading does not speed up; and threaded LAPACK collapses when the
-    cores are shared (measured here: a batched 64×64 ``eigh`` took 4.7 s on 2 busy threads and 0.05 s on one).
+    cores are shared (a batched 64×64 ``eigh`` can take a hundred times longer on two busy threads than on one).
     """
     previous = torch.get_num_threads()
     if previous == 1:

@@ -1,7 +1,7 @@
 """Batched reconstruction of all compressed chunks of one layer (no transformers import).
 
 Rebuilding chunk by chunk costs some twenty small tensor operations per chunk, head and step, and that overhead,
-not arithmetic, dominated decoding (about 1 ms per chunk and layer on a CPU core). `PackedFactors` lays out the
+not arithmetic, dominated decoding. `PackedFactors` lays out the
 factors of one kind (keys or values) of every chunk of a layer in a few flat buffers and turns each chunk's
 factors into views of them, so no byte is held twice and the stored-byte count is unchanged. A rebuild is then
 one dequantisation per buffer and one zero-padded batched matrix product per run of equal-length chunks.
@@ -115,8 +115,7 @@ class PackedFactors:
         s0 = sets[0]
         self.batch, self.heads, self.head_dim = s0.batch, s0.heads, s0.head_dim
         self.length = sum(s.length for s in sets)
-        tokens, channels = [], []
-        slots = []  # (set index, head) of each stored pair, in buffer order
+        tokens, channels, slots = [], [], []  # slots: (set index, head) of each stored pair, in buffer order
         for ci, s in enumerate(sets):
             for h, (t, c) in enumerate(s.pairs):
                 if t is not None:
@@ -124,11 +123,25 @@ class PackedFactors:
                     channels.append(c)
                     slots.append((ci, h))
         self.token = _FlatRole(tokens) if tokens else None
-        # A basis shared by the layer: each head's stored rows, held once (by the layer), not packed.
-        self.shared: list[SharedRows | None] | None = None
         self._basis_cache: dict[tuple[int, str], torch.Tensor] = {}
-        # Chunks' own correction rows on a shared basis: packed like channel factors; per factor i with
-        # corrections, (i, rows of the shared basis it keeps).
+        extra_of = self._pack_channels(channels, slots)
+        if self.token is not None and not self.token.quantized:
+            # Plain tensors cannot be re-pointed in place: put the views into the pairs.
+            cviews = self.channel.views if self.channel is not None else channels_of(sets, slots)
+            if self.extra is not None:
+                for (i, _), ev in zip(extra_of, self.extra.views):
+                    cviews[i] = SharedRows(cviews[i].basis, cviews[i].rank, ev)
+            for (ci, h), tv, cv in zip(slots, self.token.views, cviews):
+                sets[ci].pairs[h] = (tv, cv)
+        basis_at = self._pack_basis_copy()
+        self._meta = self._kernel_table(sets, slots, tokens, basis_at)
+        self.runs = self._runs(sets, dict(extra_of))
+
+    def _pack_channels(self, channels: list, slots: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Pack the channel factors (``self.channel``), or, on a basis shared by the layer, note each head's
+        stored rows (``self.shared``, held once by the layer, not packed) and pack the chunks' own correction rows
+        (``self.extra``). Returns, per factor i with corrections, (i, rows of the shared basis it keeps)."""
+        self.shared: list[SharedRows | None] | None = None
         self.extra: _FlatRole | None = None
         extra_of: list[tuple[int, int]] = []
         if channels and isinstance(channels[0], SharedRows):
@@ -142,59 +155,62 @@ class PackedFactors:
                 self.extra = _FlatRole([channels[i].extra for i, _ in extra_of])
             channels = []
         self.channel = _FlatRole(channels) if channels else None
-        if self.token is not None and not self.token.quantized:
-            # Plain tensors cannot be re-pointed in place: put the views into the pairs.
-            cviews = self.channel.views if self.channel is not None else channels_of(sets, slots)
-            if self.extra is not None:
-                for (i, _), ev in zip(extra_of, self.extra.views):
-                    cviews[i] = SharedRows(cviews[i].basis, cviews[i].rank, ev)
-            for (ci, h), tv, cv in zip(slots, self.token.views, cviews):
-                sets[ci].pairs[h] = (tv, cv)
-        # A quantised shared basis without correction rows, for the Triton kernel, which reads a channel factor per
-        # factor: a copy of each head's rows in one flat buffer (the layer keeps the originals, a few KB), every
-        # factor of a head pointing at them, every batch row at the same rows (`channel_shared`).
+        return extra_of
+
+    def _pack_basis_copy(self) -> dict[int, tuple[int, int]]:
+        """A quantised shared basis without correction rows, for the Triton kernel, which reads a channel factor per
+        factor: a copy of each head's rows in one flat buffer (``self.basis_role``; the layer keeps the originals,
+        a few KB), every factor of a head pointing at them, every batch row at the same rows (`channel_shared`).
+        Returns where each head's rows start in it."""
         self.basis_role: _FlatRole | None = None
-        basis_at: dict[int, tuple[int, int]] = {}
-        if (
+        if not (
             self.shared is not None
             and self.extra is None
             and all(r is None or isinstance(r.basis, QuantizedTensor) for r in self.shared)
             and any(r is not None and r.basis is not None for r in self.shared)
         ):
-            heads = [h for h, r in enumerate(self.shared) if r is not None and r.basis is not None]
-            self.basis_role = _FlatRole([self.shared[h].basis for h in heads], repoint=False)
-            basis_at = {h: self.basis_role.offsets[i] for i, h in enumerate(heads)}
-        # Per factor, for the fused kernels (`chunked_decomp.backends.cpu_kernel`, `chunked_decomp.backends.triton`): token
-        # code and group offsets, channel code and group offsets, rank, length, first compressed position, head.
-        self._meta = None
+            return {}
+        heads = [h for h, r in enumerate(self.shared) if r is not None and r.basis is not None]
+        self.basis_role = _FlatRole([self.shared[h].basis for h in heads], repoint=False)
+        return {h: self.basis_role.offsets[i] for i, h in enumerate(heads)}
+
+    def _kernel_table(self, sets, slots, tokens, basis_at) -> torch.Tensor | None:
+        """Per factor, for the fused kernels (`chunked_decomp.backends.cpu_kernel`, `chunked_decomp.backends.triton`):
+        token code and group offsets, channel code and group offsets, rank, length, first compressed position,
+        head; (factors, 8) int64, or None unless token and channel factors are all quantised."""
         channel = self.kernel_channel
-        if self.token is not None and self.token.quantized and channel is not None and channel.quantized:
-            starts = [0]
-            for s in sets:
-                starts.append(starts[-1] + s.length)
-            rows = [
-                (
-                    *self.token.offsets[i],
-                    *(self.channel.offsets[i] if self.channel is not None else basis_at[h]),
-                    t.shape[-2],
-                    sets[ci].length,
-                    starts[ci],
-                    h,
-                )
-                for i, ((ci, h), t) in enumerate(zip(slots, tokens))
-            ]
-            self._meta = torch.tensor(rows, dtype=torch.int64).view(-1, 8)
-        # Runs of consecutive chunks of equal length, each rebuilt by one padded batched product.
+        if not (
+            self.token is not None and self.token.quantized and channel is not None and channel.quantized
+        ):
+            return None
+        starts = [0]
+        for s in sets:
+            starts.append(starts[-1] + s.length)
+        rows = [
+            (
+                *self.token.offsets[i],
+                *(self.channel.offsets[i] if self.channel is not None else basis_at[h]),
+                t.shape[-2],
+                sets[ci].length,
+                starts[ci],
+                h,
+            )
+            for i, ((ci, h), t) in enumerate(zip(slots, tokens))
+        ]
+        return torch.tensor(rows, dtype=torch.int64).view(-1, 8)
+
+    def _runs(self, sets: list[FactorSet], extra_rank: dict[int, int]) -> list[dict]:
+        """Runs of consecutive chunks of equal length, each rebuilt by one padded batched product: per run, where
+        each factor's rows go in the run's (batch, head, chunk, width) buffer, the rows no factor writes, and
+        which factors (and correction rows) it covers."""
         device = self._device(sets)
-        self.runs = []
+        runs = []
         factor_idx = extra_idx = 0
-        extra_rank = dict(extra_of)
         i = 0
         while i < len(sets):
             j = i
             while j < len(sets) and sets[j].length == sets[i].length:
                 j += 1
-            length = sets[i].length
             ranks = [sets[c].ranks for c in range(i, j)]
             width = max([max(r) for r in ranks] + [1])
             dest, extra_dest = [], []
@@ -217,10 +233,10 @@ class PackedFactors:
             # the others are written whole, so the buffers need no zeroing pass.
             unused = torch.ones((j - i) * self.batch * self.heads * width, dtype=torch.bool)
             unused[dest] = False
-            self.runs.append(
+            runs.append(
                 dict(
                     chunks=j - i,
-                    length=length,
+                    length=sets[i].length,
                     width=width,
                     dest=torch.tensor(dest, dtype=torch.int64, device=device),
                     pad=unused.nonzero().flatten().to(device),
@@ -232,6 +248,7 @@ class PackedFactors:
             factor_idx += n_factors
             extra_idx += n_extras
             i = j
+        return runs
 
     @property
     def quantized(self) -> bool:

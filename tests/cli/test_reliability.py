@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from chunked_decomp import ChunkedDecomp
-from chunked_decomp.cli.commands import main
+from chunked_decomp.cli import main
 from chunked_decomp.hf.models import cache_kwarg_name, output_cache
 from tests.helpers.models import make_bpe_tokenizer, make_tiny_model, random_ids
 
@@ -124,7 +124,7 @@ def replace(src, dst, *args, **kwargs):
         time.sleep(600)
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
-from chunked_decomp.cli.commands import main
+from chunked_decomp.cli import main
 sys.exit(main(argv))
 """
 
@@ -245,7 +245,7 @@ def _kill_and_resume(assets: dict[str, Path], root: Path, ratios: list[str]) -> 
 def killed_sweep(assets, tmp_path_factory) -> dict:
     """A sweep of (ratio × chunk) cells killed twice with SIGKILL, then run to completion, in a sandbox.
 
-    1. ``python -m chunked_decomp.cli.commands compress ...`` killed as soon as its first cell file exists;
+    1. ``python -m chunked_decomp.cli compress ...`` killed as soon as its first cell file exists;
     2. the same command killed while it writes the next cell (after the fsync, before the rename);
     3. the command again, to the end.
 
@@ -714,7 +714,7 @@ def test_trust_remote_code_is_off_unless_asked(kind, tmp_path, monkeypatch):
 
 def test_the_command_line_cannot_turn_remote_code_on(monkeypatch, tmp_path, capsys):
     import chunked_decomp.hf.loading as loading
-    from chunked_decomp.cli.commands import build_parser
+    from chunked_decomp.cli.parser import build_parser
 
     for command in ("compress", "evaluate", "benchmark"):
         assert "trust" not in build_parser(command).format_help()

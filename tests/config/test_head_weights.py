@@ -79,10 +79,10 @@ def test_shipped_calibration_text_is_no_evaluation_text() -> None:
 
 
 def test_default_starts_sit_at_the_end_of_the_text() -> None:
-    from chunked_decomp.cli import commands as cli
+    from chunked_decomp.cli import args as cli
     from chunked_decomp.evaluation import calibration
 
-    assert (cli._CALIBRATION_WINDOWS, cli._CALIBRATION_STRIDE) == (
+    assert (cli.CALIBRATION_WINDOWS, cli.CALIBRATION_STRIDE) == (
         calibration.DEFAULT_NUM_WINDOWS,
         calibration.DEFAULT_STRIDE,
     )

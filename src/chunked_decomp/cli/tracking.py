@@ -1,6 +1,6 @@
 """Optional experiment tracking with Weights & Biases (``--wandb``).
 
-wandb is imported only when a tracker is started, so ``import chunked_decomp.cli.commands`` never imports it. Without an
+wandb is imported only when a tracker is started, so importing the command line never imports it. Without an
 API key (``WANDB_API_KEY``) the run is logged offline; every file wandb writes (run folder, cache, settings)
 goes under ``<output_dir>/wandb`` so that nothing lands outside the run's output folder. Sync an offline run
 later with ``wandb sync <output_dir>/wandb/offline-run-*``.

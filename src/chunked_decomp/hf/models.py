@@ -25,10 +25,13 @@ def text_config(model: torch.nn.Module):
 
 
 # Bidirectional encoders: transformers can still build a "causal LM head" for some of them (BertLMHeadModel),
-# which generates only when the config is explicitly switched to decoder mode.
+# which generates only when the config is explicitly switched to decoder mode. The command line also reads this
+# list, to refuse such a model from its config before loading the weights.
 ENCODER_ONLY_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "camembert",
-     "mpnet", "ernie", "modernbert", "xlm", "flaubert", "squeezebert", "mobilebert", "convbert", "funnel"}
+    {"albert", "bert", "big_bird", "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2", "distilbert",
+     "electra", "ernie", "esm", "flaubert", "funnel", "ibert", "layoutlm", "longformer", "megatron-bert",
+     "mobilebert", "modernbert", "mpnet", "nezha", "nystromformer", "rembert", "roberta", "roberta-prelayernorm",
+     "roc_bert", "roformer", "squeezebert", "xlm", "xlm-roberta", "xlm-roberta-xl", "xmod", "yoso"}
 )  # fmt: skip
 
 

@@ -44,7 +44,7 @@ format: $(STAMP)
 ## The windows sit at the end of the Wikipedia stream (tokens 474,000-545,536), away from every evaluation.
 head-weights: $(STAMP)
 	$(BIN)/chunked-decomp calibrate --names smollm2-135m-instruct --threads 1 --overwrite \
-		--output src/chunked_decomp/configs/head_weights_smollm2-135m.json
+		--output src/chunked_decomp/config/head_weights_smollm2-135m.json
 
 ## A second environment with kvpress (pins transformers<5.3) for the peer comparison table.
 peers:

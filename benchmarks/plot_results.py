@@ -1,15 +1,17 @@
-"""Plots of the benchmark results the README shows, drawn from the JSON files in ``benchmarks/results``.
+"""Plots of the benchmark results the docs show, drawn from the JSON files in ``benchmarks/results``.
 
 Nothing is measured here: each figure reads what the benchmark scripts wrote, so it can be redrawn at any time
-(and in CI) without a model. Figures (PNG, written atomically next to the JSON files):
+(and in CI) without a model. Figures (PNG, written atomically into the folder of the study they plot):
 
-* ``quality_per_byte.png`` — continuation and recall perplexity increase and passkey accuracy against stored
-  bytes ÷ a 16-bit cache, for ChunkedDecomp's presets, the kvpress presses and transformers' `QuantizedCache`
-  (``compare_peers*.json``; the first window of each protocol, the same for every method);
-* ``decode_speed.png`` — CPU decoding speed ÷ `DynamicCache` against context length, on 1 and 2 threads, for
-  ``fast`` and ``balanced`` (``decode_speed_{preset}_threaded_{4k,8k,batch4}_t{1,2}.json``);
-* ``memory_peak.png`` — peak process memory increase during generation ÷ `DynamicCache` (``memory_peak.json``);
-* ``gpu_attention.png`` — the Triton attention over the factors against SDPA on an H200 (``gpu_attention.json``).
+* ``peers/quality_per_byte.png`` — continuation and recall perplexity increase and passkey accuracy against
+  stored bytes ÷ a 16-bit cache, for ChunkedDecomp's presets, the kvpress presses and transformers'
+  `QuantizedCache` (``peers/compare_peers*.json``; the first window of each protocol, the same for every method);
+* ``decode_speed/decode_speed.png`` — CPU decoding speed ÷ `DynamicCache` against context length, on 1 and 2
+  threads, for ``fast`` and ``balanced`` (``decode_speed/{preset}_{4k,8k,batch4}_t{1,2}.json``);
+* ``memory/memory_peak.png`` — peak process memory increase during generation ÷ `DynamicCache`
+  (``memory/memory_peak.json``);
+* ``gpu/gpu_attention.png`` — the Triton attention over the factors against SDPA on an H200
+  (``gpu/gpu_attention.json``).
 
     python benchmarks/plot_results.py                 # all figures whose inputs exist
     python benchmarks/plot_results.py --only quality  # one of: quality, decode, memory, gpu
@@ -30,21 +32,22 @@ from chunked_decomp.benchmarking.plots import _figure, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The comparison runs the README quotes, oldest first: a later file's row for the same method replaces an
-# earlier one (the presets were re-run after the shipped head weights).
-PEER_FILES = [
-    "compare_peers-transformers5.24.0.json",
-    "compare_peers_kvpress_passkey1k-transformers5.2.0.json",
-    "compare_peers_kvpress_0.0625-transformers5.2.0.json",
-    "compare_peers_presets_auto_weights-transformers5.24.0.json",
-    "compare_peers_long_context-transformers5.24.0.json",
-    "compare_peers_long_context_fast-transformers5.24.0.json",
-    # balanced and long_context with the shared key basis (later files' rows replace earlier ones' of that name)
-    "compare_peers_balanced_shared_keys-transformers5.24.0.json",
-    "compare_peers_long_context_shared_keys-transformers5.24.0.json",
-]
-# Rows of ChunkedDecomp plotted: the shipped presets at their budgets (older rows of other settings are in the
-# JSON files and the README's table).
+# The comparison runs docs/results.md quotes, and the rows each one contributes (a method name, or a prefix ending
+# in ":"). Every row is compared with the uncompressed run of its own file: each run measures its own baseline.
+# The order sets the order (and colours) of the series: the presets, QuantizedCache, then the presses.
+PEER_FILES: dict[str, tuple[str, ...]] = {
+    "peers/compare_peers_balanced-transformers5.24.0.json": ("chunked:balanced@0.25",),
+    "peers/compare_peers_long_context-transformers5.24.0.json": ("chunked:long_context@0.25",),
+    "peers/compare_peers_fast-transformers5.24.0.json": ("chunked:fast@0.25",),
+    "peers/compare_peers_aggressive_extreme-transformers5.24.0.json": (
+        "chunked:aggressive@0.125",
+        "chunked:extreme@0.0625",
+    ),
+    "peers/compare_peers-transformers5.24.0.json": ("quanto4", "quanto2"),
+    "peers/compare_peers_kvpress_passkey1k-transformers5.2.0.json": ("kvpress:",),
+    "peers/compare_peers_kvpress_0.0625-transformers5.2.0.json": ("kvpress:",),
+}
+# Rows of ChunkedDecomp plotted: the shipped presets at their budgets, with their labels.
 PRESET_ROWS = {
     "chunked:balanced@0.25": "balanced",
     "chunked:long_context@0.25": "long_context",
@@ -52,6 +55,10 @@ PRESET_ROWS = {
     "chunked:aggressive@0.125": "aggressive",
     "chunked:extreme@0.0625": "extreme",
 }
+
+
+def _selected(method: str, selectors: tuple[str, ...]) -> bool:
+    return any(method == s or (s.endswith(":") and method.startswith(s)) for s in selectors)
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -78,9 +85,8 @@ PASSKEY_LENGTHS = {"1024", "2048"}
 
 def peer_points() -> dict[str, list[tuple[float, float, float | None, float | None, str]]]:
     """``{series: [(rho, continuation %, recall %, passkey, method), ...]}`` sorted by rho, from ``PEER_FILES``."""
-    # Each row with the uncompressed row of its own file (every file measures its own baseline).
     rows: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    for name in PEER_FILES:
+    for name, selectors in PEER_FILES.items():
         data = _load(name)
         if data is None:
             continue
@@ -88,8 +94,8 @@ def peer_points() -> dict[str, list[tuple[float, float, float | None, float | No
         if base is None:
             continue
         for row in data["rows"]:
-            if row is not base:
-                rows[row["method"]] = (row, base)
+            if row is not base and _selected(row["method"], selectors):
+                rows.setdefault(row["method"], (row, base))
     series: dict[str, list] = {}
     for method, (row, base) in rows.items():
         if method.startswith("chunked:"):
@@ -170,8 +176,8 @@ def _context_axis(ax, contexts: list[int]) -> None:
     ax.set_xlabel("context tokens")
 
 
-# The decoding runs the README's table quotes: each preset, context and thread count run alone, 3 rounds
-# (decode_speed.py --output decode_speed_{preset}_threaded_{run}_t{1,2}.json): (preset, mode) → label, runs.
+# The decoding runs docs/results.md's table quotes: each preset, context and thread count run alone, 3 rounds
+# (decode_speed.py --output benchmarks/results/decode_speed/{preset}_{run}_t{1,2}.json): (preset, mode) → label, runs.
 DECODE_RUNS = {
     ("fast", "factored_post_rope"): ("fast (keys after RoPE, factored)", ("4k", "8k", "batch4")),
     ("balanced", "factored"): ("balanced, factored (pre-RoPE keys rebuilt)", ("4k", "8k")),
@@ -186,7 +192,7 @@ def decode_points() -> dict[str, list[tuple[int, int, float]]]:
         for threads in (1, 2):
             pts = []
             for run in runs:
-                data = _load(f"decode_speed_{preset}_threaded_{run}_t{threads}.json")
+                data = _load(f"decode_speed/{preset}_{run}_t{threads}.json")
                 if data is not None:
                     pts += [(r["context"], data["batch"], r[f"{mode}_speed_ratio"]) for r in data["rows"]]
             if pts:
@@ -222,7 +228,7 @@ def plot_decode(out: Path) -> Path | None:
 
 
 def plot_memory(out: Path) -> Path | None:
-    data = _load("memory_peak.json")
+    data = _load("memory/memory_peak.json")
     if data is None:
         return None
     fig, axes = _row_of_axes(1, (7, 4.5))
@@ -245,7 +251,7 @@ def plot_memory(out: Path) -> Path | None:
 
 
 def plot_gpu(out: Path) -> Path | None:
-    data = _load("gpu_attention.json")
+    data = _load("gpu/gpu_attention.json")
     if data is None:
         return None
     rows = data["attention"]
@@ -282,21 +288,26 @@ FIGURES: dict[str, Callable[[Path], Path | None]] = {
     "memory": plot_memory,
     "gpu": plot_gpu,
 }
+# The study folder each figure is written to, next to the results it plots.
+FOLDERS = {"quality": "peers", "decode": "decode_speed", "memory": "memory", "gpu": "gpu"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=list(FIGURES), nargs="+", help="figures to draw (default: all)")
     parser.add_argument(
-        "--output_dir", default=str(RESULTS), help="folder of the PNG files (default: %(default)s)"
+        "--output_dir",
+        default=str(RESULTS),
+        help="folder whose study folders get the PNG files (default: %(default)s)",
     )
     args = parser.parse_args()
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         parser.error(f"--output_dir {str(out)!r} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     for name in args.only or list(FIGURES):
-        path = FIGURES[name](out)
+        folder = out / FOLDERS[name]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = FIGURES[name](folder)
         if path is not None:
             print(f"wrote {path}")
 

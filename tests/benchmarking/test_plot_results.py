@@ -1,9 +1,11 @@
-"""``benchmarks/plot_results.py``: the README's figures, redrawn from the result files that ship in the repository."""
+"""``benchmarks/plot_results.py`` and the docs' figures: the plots are drawn from the result files that ship in the
+repository, and the tables of ``docs/results.md`` and the README quote those same files."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import pytest
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
+RESULTS_MD = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 @pytest.fixture(scope="module")
@@ -23,43 +28,154 @@ def plots():
     return module
 
 
-def test_peer_points_are_the_readme_numbers(plots) -> None:
-    """The quality panel's points are the comparison's rows: increases over the uncompressed run of the same file
-    (README table: balanced -0.5% / +4.0%, long_context +0.4% / +5.6%, extreme +3.3% / +185%, ExpectedAttention
-    at 0.0625 +11.2% / +2,067%, quanto 2-bit +210%), and passkey only from runs of the full passkey protocol."""
+def table(path: Path, header: str) -> list[list[str]]:
+    """The body rows (cells, stripped) of the markdown table in ``path`` whose header row starts with ``header``."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(header)]
+    assert len(starts) == 1, f"{path.name}: {len(starts)} tables start with {header!r}"
+    rows = []
+    for line in lines[starts[0] + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def figure(text: str) -> tuple[float, float]:
+    """A figure as the docs write it (``+3,697%``, ``-0.5%``, ``1.26×``, ``0.250``) and half a unit of its last
+    digit: the largest difference its rounding allows."""
+    t = text.replace(",", "").replace("%", "").replace("×", "").replace("*", "").strip()
+    decimals = len(t.split(".")[1]) if "." in t else 0
+    return float(t), 0.5 * 10.0**-decimals + 1e-9
+
+
+def assert_quotes(text: str, value: float | None, what: str) -> None:
+    assert value is not None, f"{what}: the docs write {text!r}, the result file has no value"
+    written, tolerance = figure(text)
+    assert abs(written - value) <= tolerance, (
+        f"{what}: the docs write {text!r}, the result file gives {value:.4f}"
+    )
+
+
+def in_brackets(cell: str) -> str:
+    """``"11.67 (1.26×)"`` → ``"1.26×"``."""
+    match = re.search(r"\(([^)]*×)\)", cell)
+    assert match, f"no ratio in brackets in {cell!r}"
+    return match.group(1)
+
+
+# Rows of the peers table in docs/results.md and the method each one quotes.
+PEER_LABELS = {
+    "`balanced`": "chunked:balanced@0.25",
+    "`long_context`": "chunked:long_context@0.25",
+    "`fast`": "chunked:fast@0.25",
+    "`aggressive`": "chunked:aggressive@0.125",
+    "`extreme`": "chunked:extreme@0.0625",
+    "QuantizedCache quanto 4-bit": "quanto4",
+    "QuantizedCache quanto 2-bit": "quanto2",
+}
+
+
+def test_peer_points_are_the_numbers_of_docs_results(plots) -> None:
+    """The quality panel's points are the comparison's rows (increases over the uncompressed run of the same file),
+    and docs/results.md's peers tables quote exactly them; passkey only from runs of the full passkey protocol."""
     series = plots.peer_points()
-    ours = {p[4]: p for p in series["ChunkedDecomp presets"]}
-    assert set(ours) == set(plots.PRESET_ROWS)
-    assert ours["chunked:balanced@0.25"][1] == pytest.approx(-0.5, abs=0.05)
-    assert ours["chunked:balanced@0.25"][2] == pytest.approx(4.0, abs=0.05)
-    assert ours["chunked:long_context@0.25"][1] == pytest.approx(0.4, abs=0.05)
-    assert ours["chunked:long_context@0.25"][2] == pytest.approx(5.6, abs=0.05)
-    assert ours["chunked:extreme@0.0625"][1] == pytest.approx(3.3, abs=0.05)
-    assert ours["chunked:extreme@0.0625"][2] == pytest.approx(185, abs=0.5)
-    assert all(p[3] == 1.0 for p in ours.values())
-    ea = {round(p[0], 4): p for p in series["kvpress expectedattention"]}
-    assert ea[0.0625][1] == pytest.approx(11.2, abs=0.05) and ea[0.0625][2] == pytest.approx(2067, abs=1)
-    assert ea[0.0625][3] == 0.0
-    # The presses at 0.5-0.125 were passkey-tested at 1k tokens × 3 depths only: not on the passkey panel.
-    assert ea[0.25][3] is None and ea[0.25][1] == pytest.approx(8.0, abs=0.05)
-    quanto = {round(p[0], 4): p for p in series["QuantizedCache (quanto 4/2-bit)"]}
-    assert quanto[0.1875][1] == pytest.approx(209.7, abs=0.1)
+    points = {p[4]: p for pts in series.values() for p in pts}
+    ours = {p[4] for p in series["ChunkedDecomp presets"]}
+    assert ours == set(plots.PRESET_ROWS)
+
+    rows = table(RESULTS_MD, "| method | ρ16 | continuation ppl |")
+    labels = [row[0] for row in rows]
+    assert labels == ["uncompressed", *PEER_LABELS]
+    for label, rho, cont, recall, passkey in rows[1:]:
+        point = points[PEER_LABELS[label]]
+        for text, value, what in ((rho, point[0], "ρ16"), (cont, point[1], "continuation"),
+                                  (recall, point[2], "recall"), (passkey, point[3], "passkey")):  # fmt: skip
+            assert_quotes(text, value, f"{label} {what}")
+
+    presses = {"Knorm": "knorm", "SnapKV": "snapkv", "StreamingLLM": "streamingllm",
+               "ExpectedAttention": "expectedattention", "TOVA": "tova"}  # fmt: skip
+    budgets = ("0.5", "0.25", "0.125", "0.0625")
+    rows = table(RESULTS_MD, "| press | 0.5 |")
+    assert [row[0] for row in rows] == list(presses)
+    for name, *cells in rows:
+        for budget, cell in zip(budgets, cells, strict=True):
+            cont, recall = cell.split(" / ")
+            point = points[f"kvpress:{presses[name]}@{budget}"]
+            assert_quotes(cont, point[1], f"{name} @{budget} continuation")
+            assert_quotes(recall, point[2], f"{name} @{budget} recall")
+            # The presses at 0.5-0.125 were passkey-tested at 1k tokens × 3 depths only: not on the passkey panel.
+            assert (point[3] is None) == (budget != "0.0625")
 
 
-def test_decode_points_are_the_readme_numbers(plots) -> None:
-    """The decoding figure plots the runs the README's table quotes (fast 1.26x / 1.19x at 4k on 1 / 2 threads,
-    1.42x / 1.40x at 8k, 1.97x / 1.57x with a batch of 4; balanced factored 0.79x / 0.67x, rebuild 0.31x / 0.33x
-    at 4k), each with its thread count and batch."""
+def test_decode_points_are_the_numbers_of_docs_results(plots) -> None:
+    """The decoding figure plots the runs docs/results.md's table quotes, each with its thread count and batch."""
     series = plots.decode_points()
-    fast1 = {(c, b): r for c, b, r in series["fast (keys after RoPE, factored), 1 thread"]}
-    fast2 = {(c, b): r for c, b, r in series["fast (keys after RoPE, factored), 2 threads"]}
-    assert [round(fast1[k], 2) for k in ((4096, 1), (8192, 1), (4096, 4))] == [1.26, 1.42, 1.97]
-    assert [round(fast2[k], 2) for k in ((4096, 1), (8192, 1), (4096, 4))] == [1.19, 1.40, 1.57]
-    factored = series["balanced, factored (pre-RoPE keys rebuilt), 1 thread"]
-    rebuild = series["balanced, rebuild (the default decoding), 2 threads"]
-    assert round(dict(((c, b), r) for c, b, r in factored)[(4096, 1)], 2) == 0.79
-    assert round(dict(((c, b), r) for c, b, r in rebuild)[(4096, 1)], 2) == 0.33
     assert len(series) == 6
+    columns = {
+        4: "fast (keys after RoPE, factored)",
+        5: "balanced, rebuild (the default decoding)",
+        6: "balanced, factored (pre-RoPE keys rebuilt)",
+    }
+    rows = table(RESULTS_MD, "| context | batch | threads | `DynamicCache` |")
+    quoted = set()
+    for row in rows:
+        context, batch, threads = (int(c.replace(",", "")) for c in row[:3])
+        for col, label in columns.items():
+            if not row[col]:
+                continue
+            name = f"{label}, {threads} thread{'s' * (threads > 1)}"
+            ratio = {(c, b): r for c, b, r in series[name]}.get((context, batch))
+            assert_quotes(in_brackets(row[col]), ratio, f"{name} at {context} tokens, batch {batch}")
+            quoted.add((name, context, batch))
+    plotted = {(name, c, b) for name, pts in series.items() for c, b, _ in pts}
+    assert plotted == quoted, f"plotted but not in the table: {sorted(plotted - quoted)}"
+
+
+def _quality(preset: str) -> dict:
+    return json.loads((RESULTS / "quality" / f"{preset}.json").read_text())["rows"][0]
+
+
+def test_the_presets_tables_quote_the_result_files() -> None:
+    """docs/results.md's presets table and the README's headline per preset are the figures of
+    benchmarks/results/quality/ and decode_speed/; an empty cell is a figure that was not measured."""
+    for preset, rho, _, _, cont, recall, *_ in table(RESULTS_MD, "| preset | ρ16 | stored ÷ 16-bit |"):
+        row = _quality(preset.strip("`"))
+        assert_quotes(rho, row["budget_16bit"], f"{preset} budget")
+        first, pooled, worst = cont.split(" / ")
+        assert_quotes(first, row["perplexity_increase_pct"], f"{preset} first window")
+        assert_quotes(pooled, row["pooled_perplexity_increase_pct"], f"{preset} pooled")
+        assert_quotes(worst, row["worst_perplexity_increase_pct"], f"{preset} worst window")
+        if recall:
+            value, windows = recall.split(" (")
+            assert_quotes(value, row["mean_recall_increase_pct"], f"{preset} recall")
+            assert int(windows.rstrip(")")) == len(row["recall_window_starts"])
+
+    def decode(name: str, mode: str) -> float:
+        data = json.loads((RESULTS / "decode_speed" / f"{name}_4k_t1.json").read_text())
+        return data["rows"][0][f"{mode}_speed_ratio"]
+
+    speeds = {"`balanced`": [decode("balanced", "rebuild"), decode("balanced", "factored")],
+              "`fast`": [decode("fast", "factored_post_rope")]}  # fmt: skip
+    measured = set()
+    for preset, _, rho, cont, recall, speed in table(README, "| preset | what it is for |"):
+        name = preset.strip("`")
+        if not (RESULTS / "quality" / f"{name}.json").exists():
+            assert not (cont or recall or speed), (
+                f"README quotes figures for {preset}, which has no result file"
+            )
+            continue
+        measured.add(name)
+        row = _quality(name)
+        assert_quotes(rho, row["budget_16bit"], f"README {preset} budget")
+        assert_quotes(cont, row["pooled_perplexity_increase_pct"], f"README {preset} continuation")
+        if recall:
+            assert_quotes(recall, row["mean_recall_increase_pct"], f"README {preset} recall")
+        written = re.findall(r"[0-9.]+×", speed)
+        assert len(written) == len(speeds.get(preset, [])), f"README {preset} decoding: {speed!r}"
+        for text, value in zip(written, speeds.get(preset, [])):
+            assert_quotes(text, value, f"README {preset} decoding")
+    assert measured == {"conservative", "balanced", "long_context", "fast", "aggressive", "extreme"}
 
 
 def test_every_figure_is_written_as_a_png(plots, tmp_path) -> None:
@@ -71,15 +187,32 @@ def test_every_figure_is_written_as_a_png(plots, tmp_path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_each_figure_goes_to_its_study_folder(plots, tmp_path, monkeypatch) -> None:
+    """The command line writes each figure next to the results it plots, under ``--output_dir``; the docs link
+    the figures at those places."""
+    monkeypatch.setattr(sys, "argv", ["plot_results.py", "--output_dir", str(tmp_path)])
+    plots.main()
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png"))
+    assert written == sorted(f"{plots.FOLDERS[name]}/{png}" for name, png in
+                             [("quality", "quality_per_byte.png"), ("decode", "decode_speed.png"),
+                              ("memory", "memory_peak.png"), ("gpu", "gpu_attention.png")])  # fmt: skip
+    docs = RESULTS_MD.read_text(encoding="utf-8")
+    for png in written:
+        assert f"(../benchmarks/results/{png})" in docs, f"docs/results.md does not show {png}"
+
+
 def test_a_missing_input_skips_its_figure_and_a_broken_one_names_the_file(
     plots, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setattr(plots, "RESULTS", tmp_path)
     assert plots.plot_decode(tmp_path) is None
     assert not (tmp_path / "decode_speed.png").exists()
-    (tmp_path / "memory_peak.json").write_text("{not json")
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory_peak.json").write_text("{not json")
     with pytest.raises(ValueError, match="memory_peak.json is not valid JSON"):
         plots.plot_memory(tmp_path)
     # The rows it reads are the ones written by the benchmark: a row set without the uncompressed run is empty.
-    (tmp_path / plots.PEER_FILES[0]).write_text(json.dumps({"rows": []}))
+    first = tmp_path / next(iter(plots.PEER_FILES))
+    first.parent.mkdir(parents=True)
+    first.write_text(json.dumps({"rows": []}))
     assert plots.peer_points() == {}

@@ -31,9 +31,9 @@ def _counting(monkeypatch) -> list[int]:
     calls = []
     real = dispatch.attend
 
-    def counted(query, ctx, mask, scaling):
+    def counted(query, ctx, mask, scaling, **kwargs):
         calls.append(query.shape[2])
-        return real(query, ctx, mask, scaling)
+        return real(query, ctx, mask, scaling, **kwargs)
 
     monkeypatch.setattr(dispatch, "attend", counted)
     return calls

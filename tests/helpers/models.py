@@ -46,37 +46,43 @@ def build(model_cls: type, config) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    return build(LlamaForCausalLM, LlamaConfig(**DECODER, **COMMON))
+def tiny_llama(**extra) -> LlamaForCausalLM:
+    return build(LlamaForCausalLM, LlamaConfig(**DECODER, **COMMON, **extra))
 
 
-def tiny_qwen2() -> Qwen2ForCausalLM:
-    return build(Qwen2ForCausalLM, Qwen2Config(**DECODER, **COMMON))
+def tiny_qwen2(**extra) -> Qwen2ForCausalLM:
+    return build(Qwen2ForCausalLM, Qwen2Config(**DECODER, **COMMON, **extra))
 
 
-def tiny_qwen2_hybrid() -> Qwen2ForCausalLM:
+def tiny_qwen2_hybrid(**extra) -> Qwen2ForCausalLM:
     config = Qwen2Config(
         **{**DECODER, "num_hidden_layers": 4},
         **COMMON,
         use_sliding_window=True,
         sliding_window=16,
         max_window_layers=2,
+        **extra,
     )
     return build(Qwen2ForCausalLM, config)
 
 
-def tiny_mistral() -> MistralForCausalLM:
-    return build(MistralForCausalLM, MistralConfig(**DECODER, **COMMON, sliding_window=32))
+def tiny_mistral(**extra) -> MistralForCausalLM:
+    return build(MistralForCausalLM, MistralConfig(**DECODER, **COMMON, sliding_window=32, **extra))
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **COMMON)
+def tiny_gpt2(**extra) -> GPT2LMHeadModel:
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **COMMON, **extra)
     return build(GPT2LMHeadModel, config)
 
 
-def tiny_bert() -> BertForMaskedLM:
+def tiny_bert(**extra) -> BertForMaskedLM:
     config = BertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        **extra,
     )
     return build(BertForMaskedLM, config)
 
@@ -91,9 +97,16 @@ TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 }
 
 
-def make_tiny_model(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A fresh tiny model by name (see ``TINY_MODELS``), optionally cast to ``dtype``."""
-    model = TINY_MODELS[name]()
+# With the default initialisation (0.02) a tiny model's attention is nearly uniform (normalised entropy 1.00), so
+# even garbage keys barely move its logits; at 0.2 the attention is peaked (entropy about 0.6 on the tiny Llama)
+# and a rank-2 cache moves the logits by about half their norm, so the tests can tell a defect from rounding.
+PEAKED_INIT = 0.2
+
+
+def make_tiny_model(name: str, dtype: torch.dtype | None = None, peaked: bool = False) -> torch.nn.Module:
+    """A fresh tiny model by name (see ``TINY_MODELS``), optionally cast to ``dtype``; ``peaked``: initialised
+    at ``PEAKED_INIT``, so that its attention, and so its logits, react to errors in the cache."""
+    model = TINY_MODELS[name](**({"initializer_range": PEAKED_INIT} if peaked else {}))
     return model.to(dtype) if dtype is not None else model
 
 

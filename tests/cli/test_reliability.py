@@ -556,7 +556,7 @@ def test_the_scan_accepts_the_safe_forms():
 # ---- nothing lost: every file the library and the command line write is written atomically --------------------
 
 # io.py is the atomic writer; loading.py writes a whole folder under a temporary name and publishes it by one rename.
-_ATOMIC_BY_DESIGN = {"src/chunked_decomp/io.py", "src/chunked_decomp/hf/loading.py"}
+_ATOMIC_BY_DESIGN = {"src/chunked_decomp/io.py", "src/chunked_decomp/hf/assets.py"}
 _WRITERS = {
     "write_text",
     "write_bytes",
@@ -700,7 +700,7 @@ def test_trust_remote_code_is_off_unless_asked(kind, tmp_path, monkeypatch):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    monkeypatch.setattr(loading, "_converted_embedded_model", lambda cache_root: folder)
+    monkeypatch.setattr(loading, "converted_default_model", lambda cache_root: folder)
     name = {"embedded": "smollm2-135m", "local": str(folder), "hub": "someone/some-model"}[kind]
 
     loading.load_model_and_tokenizer(name)

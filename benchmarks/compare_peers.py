@@ -5,7 +5,7 @@ and 2 bits) and every kvpress press at each budget (only where kvpress imports: 
 ``scripts/setup_peers_env.sh``). Columns: ρ (stored bytes ÷ an uncompressed 16-bit cache), the ratio against the
 model's own dtype, stored bytes, continuation perplexity and its increase, recall perplexity and its increase,
 passkey accuracy. Protocols: :mod:`chunked_decomp.evaluation.perplexity` and
-:mod:`chunked_decomp.evaluation.passkey` (MEASUREMENTS.md describes "continuation" and "recall").
+:mod:`chunked_decomp.evaluation.passkey` (docs/results.md describes "continuation" and "recall").
 
 Run from the repository root, in the main environment and in the peers environment::
 
@@ -18,7 +18,7 @@ Run from the repository root, in the main environment and in the peers environme
 (Times on this project's 2-core CPU machine, one torch thread, SmolLM2-135M in float32; ``--quick`` runs budget
 0.25 only, three presses, passkeys of 1,024 tokens at three depths. A row costs about 1-1.5 min in quick mode.)
 
-It prints a table, writes JSON and CSV (``--output-dir``, default ``benchmarks/results``, one file per
+It prints a table, writes JSON and CSV (``--output-dir``, default ``benchmarks/results/peers``, one file per
 transformers version) and ends with one JSON line summarising the run.
 """
 
@@ -27,15 +27,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import add_overrides_option, load_model_and_text, run_metadata, timed
 
-from chunked_decomp.config import CompressionConfig, add_overrides_option, parse_overrides
+from chunked_decomp.config import CompressionConfig, parse_overrides
 from chunked_decomp.evaluation.methods import (
     ChunkedDecompMethod,
     FullCache,
@@ -74,11 +74,6 @@ def build_methods(args: argparse.Namespace) -> list[KVMethod]:
     return methods
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_method(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -86,47 +81,54 @@ def run_method(
     method: KVMethod,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    device = next(model.parameters()).device
+    """One row: the method through every protocol, and the seconds it took (the device synchronised)."""
     row: dict[str, Any] = {"method": method.name}
-    sync(device)
-    t0 = time.perf_counter()
-    cont = continuation_perplexity(
-        model,
-        method,
-        token_ids,
-        context_len=args.context_len,
-        continuation_len=args.continuation_len,
-        start=args.start,
-    )
-    row.update(
-        rho=cont.ratio,
-        ratio_cache_dtype=cont.ratio_cache_dtype,
-        stored_bytes=cont.stored_bytes,
-        reference_bytes=cont.reference_bytes,
-        continuation_ppl=cont.perplexity,
-    )
-    if not args.no_recall:
-        recall = recall_perplexity(model, method, token_ids, start=args.start)
-        row["recall_ppl"] = recall.perplexity
-        row["recall_rho"] = recall.ratio
-    if not args.no_passkey:
-        passkey = passkey_accuracy(
+    with timed(next(model.parameters()).device) as elapsed:
+        cont = continuation_perplexity(
             model,
-            tokenizer,
             method,
-            lengths=args.passkey_lengths,
-            depths=args.passkey_depths,
-            trials_per_cell=args.passkey_trials,
-            seed=args.seed,
+            token_ids,
+            context_len=args.context_len,
+            continuation_len=args.continuation_len,
+            start=args.start,
         )
-        row["passkey_acc"] = passkey.accuracy
-        row["passkey_by_length"] = {str(k): v for k, v in passkey.by_length.items()}
-        row["passkey_trials"] = [
-            {k: t[k] for k in ("length", "depth", "correct", "output")} for t in passkey.trials
-        ]
-    sync(device)
-    row["seconds"] = time.perf_counter() - t0
+        row.update(
+            rho=cont.ratio,
+            ratio_cache_dtype=cont.ratio_cache_dtype,
+            stored_bytes=cont.stored_bytes,
+            reference_bytes=cont.reference_bytes,
+            continuation_ppl=cont.perplexity,
+        )
+        if not args.no_recall:
+            recall = recall_perplexity(model, method, token_ids, start=args.start)
+            row["recall_ppl"] = recall.perplexity
+            row["recall_rho"] = recall.ratio
+        if not args.no_passkey:
+            row.update(passkey_fields(model, tokenizer, method, args))
+    row["seconds"] = elapsed.seconds
     return row
+
+
+def passkey_fields(
+    model: torch.nn.Module, tokenizer: Any, method: KVMethod, args: argparse.Namespace
+) -> dict:
+    """The passkey protocol's accuracy, per length and per trial."""
+    passkey = passkey_accuracy(
+        model,
+        tokenizer,
+        method,
+        lengths=args.passkey_lengths,
+        depths=args.passkey_depths,
+        trials_per_cell=args.passkey_trials,
+        seed=args.seed,
+    )
+    return {
+        "passkey_acc": passkey.accuracy,
+        "passkey_by_length": {str(k): v for k, v in passkey.by_length.items()},
+        "passkey_trials": [
+            {k: t[k] for k in ("length", "depth", "correct", "output")} for t in passkey.trials
+        ],
+    }
 
 
 def add_increases(rows: list[dict[str, Any]]) -> None:
@@ -221,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "matmuls under contention made the quick run 3-13x slower (28 min instead of 8)",
     )
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first method that fails")
-    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/peers"))
     parser.add_argument(
         "--tag", default="", help="suffix of the output files' names (keeps other runs' files)"
     )
@@ -237,20 +239,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import transformers
-
-    from chunked_decomp.evaluation.data import load_texts, load_token_ids
-    from chunked_decomp.hf.loading import load_model_and_tokenizer
-
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    token_ids = load_token_ids(tokenizer, load_texts(args.dataset))
-    methods = build_methods(args)
+def with_overrides(
+    methods: list[KVMethod], model: torch.nn.Module, token_ids: torch.Tensor, args: argparse.Namespace
+) -> None:
+    """Apply ``--set`` (and ``--calibrate``'s head weights) to every ChunkedDecomp row, in place; a malformed
+    ``--set`` exits naming it."""
     try:
         overrides = parse_overrides(args.overrides)
     except ValueError as err:
@@ -263,8 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(method, ChunkedDecompMethod) and overrides:
             method.config = CompressionConfig.from_dict({**method.config.to_dict(), **overrides})
             method.name += "+calibrated" if args.calibrate else ""
-    if not kvpress_available():
-        print("kvpress not importable here (needs transformers<5.3): no kvpress rows", file=sys.stderr)
+
+
+def run_rows(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    token_ids: torch.Tensor,
+    methods: list[KVMethod],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """A row per method, in order; a method that fails gets an ``error`` row (unless ``--fail-fast``)."""
     rows = []
     for method in methods:
         try:
@@ -283,20 +284,17 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     add_increases(rows)
-    table = format_table(rows)
-    print(table)
+    return rows
 
-    meta = {
+
+def run_meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    """The JSON file's ``meta``: what ran, on which versions, and each protocol's settings."""
+    return {
         "model": args.model,
         "dataset": args.dataset,
         "device": args.device,
         "dtype": args.dtype,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "kvpress": _version("kvpress"),
-        "optimum_quanto": _version("optimum-quanto"),
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **run_metadata("torch", "transformers", "kvpress", "optimum_quanto", "python", "threads"),
         "quick": args.quick,
         "overrides": [*args.overrides, *(["calibrated head_weights"] if args.calibrate else [])],
         "protocols": {
@@ -313,11 +311,15 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": args.seed,
             },
         },
-        "seconds": time.perf_counter() - t_start,
+        "seconds": seconds,
     }
+
+
+def write_outputs(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """JSON (meta and rows) and CSV (the rows' scalar columns), named after the run and transformers' version."""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
-    stem = f"compare_peers{'_quick' if args.quick else ''}{tag}-transformers{transformers.__version__}"
+    stem = f"compare_peers{'_quick' if args.quick else ''}{tag}-transformers{meta['transformers']}"
     json_path, csv_path = args.output_dir / f"{stem}.json", args.output_dir / f"{stem}.csv"
     atomic_write_json(json_path, {"meta": meta, "rows": rows})
     columns: list[str] = []
@@ -328,6 +330,25 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    model, tokenizer, token_ids = load_model_and_text(
+        args.model, args.dataset, dtype=args.dtype, device=args.device
+    )
+    methods = build_methods(args)
+    with_overrides(methods, model, token_ids, args)
+    if not kvpress_available():
+        print("kvpress not importable here (needs transformers<5.3): no kvpress rows", file=sys.stderr)
+    rows = run_rows(model, tokenizer, token_ids, methods, args)
+    print(format_table(rows))
+    meta = run_meta(args, time.perf_counter() - t_start)
+    write_outputs(args, meta, rows)
     summary = {r["method"]: round(r["continuation_increase_pct"], 2) for r in rows if "error" not in r}
     print(
         json.dumps(
@@ -339,15 +360,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -23,32 +23,35 @@ For each run it also records the cache's stored bytes and the process's peak RSS
 
 ``--batch N`` decodes N rows at once, each prompt a different stretch of the text (consecutive, non-overlapping).
 
-Prints a table; writes ``benchmarks/results/decode_speed.json`` atomically (last stdout line: the JSON summary).
+Prints a table; writes ``benchmarks/results/decode_speed/decode_speed.json`` atomically (last stdout line: the JSON summary).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from common import (
+    RESULTS,
+    add_overrides_option,
+    load_model_and_text,
+    overrides_from,
+    preset_config,
+    run_metadata,
+    timed,
+    write_results,
+)
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker
-from chunked_decomp.config import add_overrides_option, parse_overrides
-from chunked_decomp.evaluation.data import load_texts, load_token_ids
 from chunked_decomp.evaluation.memory import cache_nbytes
-from chunked_decomp.hf.loading import load_model_and_tokenizer
 from chunked_decomp.hf.models import cache_kwarg_name, output_cache
-from chunked_decomp.io import atomic_write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {
     "rebuild": {},
     "factored": {"decode_attention": "factored"},
@@ -74,21 +77,20 @@ def kernel_switch(on: bool) -> Iterator[None]:
 @torch.no_grad()
 def time_decode(model, prompt: torch.Tensor, steps: int) -> dict:
     """Prefill prompt (batch, P) with the model's default cache, then time ``steps`` greedy single-token steps."""
-    t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
-    prefill_s = time.perf_counter() - t0
+    with timed() as prefill:
+        out = model(input_ids=prompt, use_cache=True)
     cache = output_cache(out)
     name = cache_kwarg_name(model)
     token = out.logits[:, -1:].argmax(-1)
     times = []
     with MemoryTracker(device="cpu") as mt:
         for _ in range(steps):
-            t = time.perf_counter()
-            out = model(input_ids=token, use_cache=True, **{name: cache})
-            times.append(time.perf_counter() - t)
+            with timed() as step:
+                out = model(input_ids=token, use_cache=True, **{name: cache})
+            times.append(step.seconds)
             token = out.logits[:, -1:].argmax(-1)
     return {
-        "prefill_seconds": prefill_s,
+        "prefill_seconds": prefill.seconds,
         "step_seconds": times,
         "median_step_seconds": statistics.median(times),
         "cache_bytes": cache_nbytes(cache),
@@ -96,7 +98,8 @@ def time_decode(model, prompt: torch.Tensor, steps: int) -> dict:
     }
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, dict[str, Any], dict[str, CompressionConfig]]:
+    """The flags, the ``--set`` overrides and the config of each mode; a bad value exits with status 2."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--steps", type=int, default=16)
@@ -110,7 +113,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     add_overrides_option(parser, "the preset")
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/decode_speed.json)"
+        "--output", default=None, help="JSON path (default benchmarks/results/decode_speed/decode_speed.json)"
     )
     args = parser.parse_args()
     for flag in ("steps", "repeats", "threads", "batch"):
@@ -118,22 +121,18 @@ def main() -> None:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if any(c < 16 for c in args.contexts):
         parser.error(f"--contexts must each be >= 16 tokens, got {args.contexts}")
-    try:
-        overrides = parse_overrides(args.overrides)
-        configs = {
-            m: CompressionConfig.from_preset(args.preset, **{**overrides, **MODES[m]}) for m in args.modes
-        }
-    except ValueError as err:
-        parser.error(str(err))
+    overrides = overrides_from(parser, args)
+    configs = {m: preset_config(parser, args.preset, **{**overrides, **MODES[m]}) for m in args.modes}
     if args.quick:
         args.contexts, args.steps, args.repeats = [512, 1024], 8, 1
-    output = (
-        Path(args.output) if args.output else RESULTS / f"decode_speed{'_quick' if args.quick else ''}.json"
-    )
-    torch.set_num_threads(args.threads)
+    return args, overrides, configs
 
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=args.batch * max(args.contexts) + 1)
+
+def run_rounds(
+    model, ids: torch.Tensor, args: argparse.Namespace, configs: dict[str, CompressionConfig]
+) -> dict[int, dict[str, list[dict]]]:
+    """`time_decode` runs per context and cache, ``--repeats`` rounds, the caches' order reversed every other
+    round so that all see the same machine load."""
     kinds = ["dynamic", *args.modes]
     results: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in kinds} for c in args.contexts}
     for rnd in range(args.repeats):
@@ -153,19 +152,30 @@ def main() -> None:
                     f"cache {r['cache_bytes'] / 2**20:.1f} MiB",
                     flush=True,
                 )
+    return results
 
+
+def table_rows(results: dict[int, dict[str, list[dict]]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per context: tokens/s of all rows, cache MiB and decoding's peak RSS increase (medians) of every cache,
+    and each compressed cache's speed ÷ the dynamic one's."""
     rows = []
     for ctx in args.contexts:
-        med = {k: statistics.median(s for r in v for s in r["step_seconds"]) for k, v in results[ctx].items()}
-        mem = {k: statistics.median(r["peak_rss_increase_mb"] for r in v) for k, v in results[ctx].items()}
+        runs = results[ctx]
+        med = {k: statistics.median(s for r in v for s in r["step_seconds"]) for k, v in runs.items()}
+        mem = {k: statistics.median(r["peak_rss_increase_mb"] for r in v) for k, v in runs.items()}
         row = {"context": ctx}
-        for k in kinds:
+        for k in ["dynamic", *args.modes]:
             row[f"{k}_tok_s"] = args.batch / med[k]  # tokens of all rows
-            row[f"{k}_cache_mib"] = results[ctx][k][-1]["cache_bytes"] / 2**20
+            row[f"{k}_cache_mib"] = runs[k][-1]["cache_bytes"] / 2**20
             row[f"{k}_decode_peak_rss_increase_mb"] = mem[k]
             if k != "dynamic":
                 row[f"{k}_speed_ratio"] = med["dynamic"] / med[k]
         rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    kinds = ["dynamic", *args.modes]
     print(f"\nSmolLM2-135M float32 CPU, batch {args.batch}, {args.threads} thread(s), preset {args.preset!r}, "
           f"medians of {args.steps} steps x {args.repeats} round(s); tok/s of all rows (ratio to dynamic)")  # fmt: skip
     print(f"{'context':>7} " + " ".join(f"{k:>26}" for k in kinds) + f" {'cache MiB dyn/compressed':>25}")
@@ -177,6 +187,19 @@ def main() -> None:
             f"{r['context']:>7} " + " ".join(cells)
             + f" {r['dynamic_cache_mib']:>12.1f}/{r[f'{args.modes[0]}_cache_mib']:<12.1f}"
         )  # fmt: skip
+
+
+def main() -> None:
+    args, overrides, configs = parse_args()
+    output = (
+        Path(args.output) if args.output else RESULTS / "decode_speed" / f"decode_speed{'_quick' if args.quick else ''}.json"
+    )
+    torch.set_num_threads(args.threads)
+
+    model, _, ids = load_model_and_text(min_tokens=args.batch * max(args.contexts) + 1)
+    results = run_rounds(model, ids, args, configs)
+    rows = table_rows(results, args)
+    print_table(rows, args)
     summary = {
         "benchmark": "decode_speed",
         "model": "smollm2-135m",
@@ -188,13 +211,11 @@ def main() -> None:
         "batch": args.batch,
         "steps": args.steps,
         "repeats": args.repeats,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **run_metadata("torch", "machine"),
         "rows": rows,
         "raw": {str(c): v for c, v in results.items()},
     }
-    atomic_write_json(output, summary)
-    print(json.dumps({k: v for k, v in summary.items() if k != "raw"}))
+    write_results(output, summary, leave_out=("raw",))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ path against the rebuild path, and one dispatched by accelerate across the GPU a
     python benchmarks/gpu_attention.py                       # contexts 8192 32768, budgets 0.25 0.125
     python benchmarks/gpu_attention.py --out results.json
 
-Prints tables; writes JSON (``--out``, default benchmarks/results/gpu_attention.json).
+Prints tables; writes JSON (``--out``, default benchmarks/results/gpu/gpu_attention.json).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import run_metadata, timed
 
 from chunked_decomp.backends import triton as triton_attention
 from chunked_decomp.core.decomposition import factorize_subspace, gram_basis
@@ -107,7 +107,7 @@ def bench(fn, reps: int = 3) -> float:
 
 # Launch settings tried by --sweep: warps and token block. Software-pipelining stages (1 or 2) and the programs per
 # (batch row, KV head) (a few per multiprocessor by default, or one per 4 or per 1 chunk) changed nothing or lost
-# in the sweep of 2026-11-28 on an H200 (results/gpu_attention.json, "sweep_2026_11_28"), so they are left out.
+# in a launch sweep (results/gpu/gpu_attention_launch_sweep.json), so they are left out.
 CONFIGS = [dict(num_warps=w, block_tokens=t) for w in (4, 8) for t in (32, 64)]
 
 
@@ -163,7 +163,21 @@ def sweep(args, device) -> dict:
     return best
 
 
+def relative_error(got, qg, kp, vp, ex_k, ex_v, scale: float, inv_freq) -> float:
+    """‖got − want‖ / ‖want‖, ``want`` the attention over the rebuilt states in float64 (keys rotated from
+    position ``SINKS`` on when ``inv_freq`` is given: factored before the rotary embedding)."""
+    keys = kp.reconstruct()
+    if inv_freq is not None:
+        keys = rotate_range(keys, SINKS, inv_freq)
+    k_all = torch.cat([ex_k[:, :, :SINKS].float(), keys, ex_k[:, :, SINKS:].float()], dim=-2).double()
+    v_all = torch.cat([ex_v[:, :, :SINKS].float(), vp.reconstruct(), ex_v[:, :, SINKS:].float()], -2)
+    p = torch.softmax((qg.double() @ k_all.transpose(-1, -2)) * scale, dim=-1)
+    want = p @ v_all.double()
+    return float((got.double() - want).norm() / want.norm())
+
+
 def attention_rows(args, device, best: dict) -> list[dict]:
+    """Per context, budget and key mode: SDPA and ours timed, ours checked against the float64 reference."""
     gen = torch.Generator(device=device).manual_seed(0)
     d = args.head_dim
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
@@ -200,21 +214,7 @@ def attention_rows(args, device, best: dict) -> list[dict]:
                         qg, kp, vp, ex_k, ex_v, scale, inv_freq=freq, rope_offset=SINKS, **cfg
                     )
 
-                got = ours()
-                # Reference: the rebuilt states in float64.
-                keys = kp.reconstruct()
-                if pre_rope:
-                    keys = rotate_range(keys, SINKS, inv_freq)
-                k_all = torch.cat(
-                    [ex_k[:, :, :SINKS].float(), keys, ex_k[:, :, SINKS:].float()], dim=-2
-                ).double()
-                v_all = torch.cat(
-                    [ex_v[:, :, :SINKS].float(), vp.reconstruct(), ex_v[:, :, SINKS:].float()], -2
-                )
-                p = torch.softmax((qg.double() @ k_all.transpose(-1, -2)) * scale, dim=-1)
-                want = p @ v_all.double()
-                err = float((got.double() - want).norm() / want.norm())
-                del keys, k_all, v_all, p, want
+                err = relative_error(ours(), qg, kp, vp, ex_k, ex_v, scale, freq)
                 t_ours = bench(ours)
                 stored_ratio = ratio_shared if shared else ratio
                 row = dict(
@@ -259,12 +259,10 @@ def factorisation_rows(args, device) -> list[dict]:
             rows.append(dict(method=f"subspace, {iters} iterations, {label}", ms=t,
                              err_vs_optimal_median=float(err.median()), err_vs_optimal_max=float(err.max())))  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    gram_basis(xs)
-    torch.cuda.synchronize()
+    with timed("cuda") as eigh:
+        gram_basis(xs)
     rows.append(dict(method=f"Gram + eigh (cache's CPU default), 1/{args.eigh_fraction} timed, scaled",
-                     ms=(time.perf_counter() - t0) * 1e3 * x.shape[0] / part))  # fmt: skip
+                     ms=eigh.seconds * 1e3 * x.shape[0] / part))  # fmt: skip
     rows += cache_compression_rows(args, device, kv)
     for row in rows:
         row["x_floor"] = row["ms"] / floor
@@ -290,12 +288,10 @@ def cache_compression_rows(args, device, kv) -> list[dict]:
         times, ratio = [], None
         for _ in range(3):
             cache = ChunkedSVDCache(config, inv_freq=inv_freq, layer_types=["full_attention"])
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            cache.update(kv[0], kv[1], 0)  # the prefill; compresses what leaves the residual window
-            cache.compress_all()  # and the rest but the sinks
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
+            with timed("cuda") as compression:
+                cache.update(kv[0], kv[1], 0)  # the prefill; compresses what leaves the residual window
+                cache.compress_all()  # and the rest but the sinks
+            times.append(compression.seconds * 1e3)
             stats = cache.layers[0].memory_stats()
             ratio = stats.aged_stored_bytes / stats.aged_reference_bytes
             del cache
@@ -388,7 +384,7 @@ def add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=32768)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.125])
@@ -400,15 +396,13 @@ def main() -> None:
         "--skip-device-map", action="store_true", help="no GPU + CPU device_map generation check"
     )
     parser.add_argument("--sweep", action="store_true", help="try launch settings first and use the fastest")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_attention.json"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available() or triton_attention.triton is None:
-        raise SystemExit("gpu_attention.py needs a CUDA GPU and triton")
-    device = torch.device("cuda")
-    info = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton_attention.triton.__version__
-    )
-    print(json.dumps(info), flush=True)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu/gpu_attention.json"))
+    return parser.parse_args()
+
+
+def model_checks(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
+    """`model_check` and `device_map_check` (unless skipped); a failing one is reported, and the kernel still
+    timed."""
     try:
         check = {} if args.skip_model_check else model_check(device)
     except Exception as err:  # report, and still time the kernel
@@ -419,9 +413,10 @@ def main() -> None:
     except Exception as err:
         placement = dict(error=repr(err)[:300])
         print(json.dumps(dict(device_map_check=placement)), flush=True)
-    best = sweep(args, device) if args.sweep else {}
-    attn = attention_rows(args, device, best)
-    fact = [] if args.skip_factorisation else factorisation_rows(args, device)
+    return check, placement
+
+
+def print_tables(args: argparse.Namespace, info: dict, attn: list[dict], fact: list[dict]) -> None:
     print(f"\nDecode attention, one layer, batch {args.batch}, {args.q_heads}/{args.kv_heads} heads x {args.head_dim}"
           f" ({info['gpu']}):")  # fmt: skip
     print(f"{'context':>8} {'budget':>6} {'rank':>4} {'keys':>9} {'SDPA ms':>8} {'ours ms':>8} {'SDPA/ours':>9} "
@@ -434,6 +429,20 @@ def main() -> None:
               f"{args.chunk}); floor = one read of the bytes:")  # fmt: skip
         for r in fact:
             print(f"  {r['method']:<50} {r['ms']:>10.3f} ms  {r['x_floor']:>8.1f}x floor")
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available() or triton_attention.triton is None:
+        raise SystemExit("gpu_attention.py needs a CUDA GPU and triton")
+    device = torch.device("cuda")
+    info = run_metadata("gpu", "torch", "triton")
+    print(json.dumps(info), flush=True)
+    check, placement = model_checks(args, device)
+    best = sweep(args, device) if args.sweep else {}
+    attn = attention_rows(args, device, best)
+    fact = [] if args.skip_factorisation else factorisation_rows(args, device)
+    print_tables(args, info, attn, fact)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"\nTiny Llama on the GPU, Triton attention vs rebuild: {json.dumps(check)}")
     print(f"Tiny Llama split across the GPU and the CPU (device_map): {json.dumps(placement)}")

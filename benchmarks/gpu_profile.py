@@ -8,7 +8,7 @@ Where `benchmarks/gpu_attention.py` gives end-to-end medians, this splits them, 
 - ``factorize_subspace`` on one layer's 32k-token prefill and the cache's ``compress_all`` of it: CUDA time per
   kernel and CPU time per operator (torch.profiler), top entries.
 
-    python benchmarks/gpu_profile.py --out benchmarks/results/gpu_profile.json
+    python benchmarks/gpu_profile.py --out benchmarks/results/gpu/gpu_profile.json
 
 Prints tables; writes JSON.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import run_metadata
 from gpu_attention import SINKS, add_shape_args, setting
 
 from chunked_decomp.backends import triton as triton_attention
@@ -114,12 +115,12 @@ def compression_profile(args, device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(parser)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_profile.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu/gpu_profile.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available() or triton_attention.triton is None:
         raise SystemExit("gpu_profile.py needs a CUDA GPU and triton")
     device = torch.device("cuda")
-    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    info = run_metadata("gpu", "torch")
     attention = attention_profile(args, device)
     compression = compression_profile(args, device)
     print("\ncontext budget  SDPA (graph)   post-RoPE (graph)   pre-RoPE (graph)   ms")

@@ -39,7 +39,7 @@ predicted length (first malloc setting, at most ``--verify_max_context`` tokens)
     python benchmarks/memory_peak.py --mallocs default --verify       # ~12 min + the verification runs
     python benchmarks/memory_peak.py --quick                          # contexts 1024 2048, 4 new tokens, ~6 min
 
-Prints tables; writes ``benchmarks/results/memory_peak.json`` atomically (last stdout line: the JSON summary).
+Prints tables; writes ``benchmarks/results/memory/memory_peak.json`` atomically (last stdout line: the JSON summary).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ import ctypes.util
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,13 +60,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESULTS, library_info, load_model, load_model_and_text, run_metadata, timed, write_results
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker, load_presets
 from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
 from chunked_decomp.hf.models import cache_kwarg_name
 from chunked_decomp.io import atomic_write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 _MB = 1024 * 1024
 PROTOCOLS = {"generate": "generate", "chunked": "chunked prefill"}
 # glibc settings of the run's process. "default": glibc as it comes, whose mmap threshold rises (up to 32 MB) each
@@ -135,20 +134,19 @@ def _chunked(
     """Prefill prompt (1, P) ``piece`` tokens per forward call into ``cache``, then decode greedily one token per
     call; ``new_tokens`` tokens in all (the first from the prefill). Returns the tokens and the prefill seconds."""
     name = cache_kwarg_name(model)
-    t0 = time.perf_counter()
     out = None
-    for start in range(0, prompt.shape[1], piece):
-        out = model(
-            input_ids=prompt[:, start : start + piece], use_cache=True, logits_to_keep=1, **{name: cache}
-        )
-    prefill_s = time.perf_counter() - t0
+    with timed() as prefill:
+        for start in range(0, prompt.shape[1], piece):
+            out = model(
+                input_ids=prompt[:, start : start + piece], use_cache=True, logits_to_keep=1, **{name: cache}
+            )
     token = out.logits[:, -1:].argmax(-1)
     tokens = [int(token)]
     for _ in range(new_tokens - 1):
         out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{name: cache})
         token = out.logits[:, -1:].argmax(-1)
         tokens.append(int(token))
-    return tokens, prefill_s
+    return tokens, prefill.seconds
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,10 +154,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     threads, warmup, malloc. Returns the run's record (RSS in bytes, seconds, tokens)."""
     from transformers import DynamicCache
 
-    from chunked_decomp.hf.loading import load_model_and_tokenizer
-
     torch.set_num_threads(spec["threads"])
-    model, _ = load_model_and_tokenizer("smollm2-135m")  # float32, CPU, eval mode
+    model, _ = load_model()  # float32, CPU, eval mode
     prompt = torch.tensor(json.loads(Path(spec["ids_file"]).read_text())[: spec["context"]]).unsqueeze(0)
     if prompt.shape[1] != spec["context"]:
         raise ValueError(f"the token stream holds {prompt.shape[1]} tokens, fewer than {spec['context']}")
@@ -185,15 +181,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         record["hwm_resettable"] = os.access("/proc/self/clear_refs", os.W_OK)
         record["baseline_rss_bytes"] = current_rss_bytes()
         record["baseline_rss_kb_by_kind"] = _rss_kinds()
-        t0 = time.perf_counter()
-        with MemoryTracker(device="cpu") as mt:
+        with timed() as run, MemoryTracker(device="cpu") as mt:
             if spec["protocol"] == "chunked":
                 tokens, record["prefill_seconds"] = _chunked(
                     model, prompt, spec["new_tokens"], cache, spec["prefill_chunk"]
                 )
             else:
                 tokens = _generate(model, prompt, spec["new_tokens"], cache)
-        record["seconds"] = time.perf_counter() - t0
+        record["seconds"] = run.seconds
         if cache is None:
             cache = cd.last_cache
         record["peak_rss_bytes"] = mt.peak_bytes
@@ -230,31 +225,6 @@ def spawn(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
             f"worker {spec['cache']} {spec['protocol']} @ {spec['context']} (malloc {spec['malloc']}) failed:\n{tail}"
         )
     return json.loads(out.read_text(encoding="utf-8"))
-
-
-def _library_info() -> dict[str, Any]:
-    """Where ``chunked_decomp`` is imported from, its git commit when it sits in a clean or dirty checkout, and
-    whether its fused CPU kernels are available — built here, before any measured run, when they are new."""
-    import chunked_decomp
-
-    folder = Path(chunked_decomp.__file__).resolve().parent
-    info: dict[str, Any] = {"path": str(folder), "git_commit": None, "git_dirty_src": None}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(folder)]
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
-        if head.returncode == 0:
-            info["git_commit"] = head.stdout.strip()
-            dirty = subprocess.run(
-                [*git, "status", "--porcelain", "."], capture_output=True, text=True, timeout=30
-            )
-            info["git_dirty_src"] = bool(dirty.stdout.strip())
-    try:
-        from chunked_decomp.backends import cpu_kernel as kernels
-    except ImportError:
-        info["fused_kernels"] = None
-    else:
-        info["fused_kernels"] = kernels.available()
-    return info
 
 
 # ---- fits and tables ----------------------------------------------------------------------------------------
@@ -403,9 +373,9 @@ def print_fits(fits: list[dict[str, Any]], budget: float, budget_source: str) ->
 
 
 # ---- command line -------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """What is measured: contexts, caches, protocols, malloc settings and the runs' sizes."""
     presets = list(load_presets())
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--contexts", type=int, nargs="+", default=[4096, 8192], help="prompt lengths (tokens)"
     )
@@ -434,6 +404,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--offset", type=int, default=5000, help="first token of the prompts in the Wikipedia stream"
     )
+
+
+def _add_estimate_options(parser: argparse.ArgumentParser) -> None:
+    """The budget estimate and its check, the warm-up, the output, and the hidden worker flags."""
     parser.add_argument(
         "--budget_mb", type=float, default=None,
         help="peak-increase budget (MB) for the longest-context estimate (default: DynamicCache's chunked-prefill "
@@ -454,10 +428,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="contexts 1024 2048, 4 new tokens, 1 round")
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/memory_peak.json)"
+        "--output", default=None, help="JSON path (default benchmarks/results/memory/memory_peak.json)"
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker_output", default=None, help=argparse.SUPPRESS)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _add_run_options(parser)
+    _add_estimate_options(parser)
     args = parser.parse_args(argv)
     if args.worker is not None:
         return args
@@ -489,113 +469,163 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_stream(args: argparse.Namespace) -> tuple[torch.Tensor, int]:
+    """The Wikipedia token stream from ``--offset`` (at least the longest context) and the model's positions;
+    the model is loaded only for them (each run loads its own)."""
+    model, _, ids = load_model_and_text(min_tokens=args.offset + max(args.contexts))
+    max_positions = model.config.max_position_embeddings
+    del model
+    return ids[args.offset :].clone(), max_positions
+
+
+def run_one(
+    base: dict[str, Any], folder: Path, context: int, cache: str, protocol: str, malloc: str, label: str
+):
+    """One run in a fresh process (:func:`spawn`), its line printed."""
+    spec = {**base, "context": context, "cache": cache, "protocol": protocol, "malloc": malloc}
+    r = spawn(spec, folder)
+    print(
+        f"{label} malloc {malloc:<7} {PROTOCOLS[protocol]:<16} context {context:>6} {cache:<10}: "
+        f"peak +{r['peak_increase_mb']:7.1f} MB (baseline {r['baseline_rss_bytes'] / _MB:.0f} MB), "
+        f"KV {r['kv_bytes'] / _MB:6.1f} MiB, {r['seconds']:.1f} s",
+        flush=True,
+    )
+    return r
+
+
+def run_rounds(args: argparse.Namespace, base: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    """Every (context, malloc, protocol, cache) run, ``--repeats`` rounds, the caches' order reversed every
+    other round."""
+    runs: list[dict[str, Any]] = []
+    for rnd in range(args.repeats):
+        order = args.caches if rnd % 2 == 0 else args.caches[::-1]
+        for ctx in args.contexts:
+            for malloc in args.mallocs:
+                for protocol in args.protocols:
+                    for cache in order:
+                        r = run_one(base, folder, ctx, cache, protocol, malloc, f"round {rnd + 1}")
+                        runs.append({**r, "round": rnd + 1})
+    return runs
+
+
+def choose_budget(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[float, str]:
+    """The peak-increase budget of the estimate and where it comes from (``--budget_mb`` or the default)."""
+    if args.budget_mb is not None:
+        return args.budget_mb, "--budget_mb"
+    ref = "chunked" if "chunked" in args.protocols else args.protocols[0]
+    ctx = DEFAULT_BUDGET_CONTEXT if DEFAULT_BUDGET_CONTEXT in args.contexts else args.contexts[0]
+    row = next(r for r in rows if _key(r) == (args.mallocs[0], ref, ctx, "dynamic"))
+    return (
+        row["peak_increase_mb"],
+        f"default: DynamicCache's {PROTOCOLS[ref]} peak increase at {ctx} tokens, malloc {args.mallocs[0]}",
+    )
+
+
+def verify_fits(
+    fits: list[dict[str, Any]],
+    args: argparse.Namespace,
+    base: dict[str, Any],
+    folder: Path,
+    stream_tokens: int,
+    max_positions: int,
+    budget: float,
+) -> list[dict[str, Any]]:
+    """One real chunked-prefill run per compressed cache at its predicted longest context, under the first
+    allocator setting only (each run is minutes)."""
+    verified = []
+    for f in fits:
+        if (f["malloc"], f["protocol"]) != (args.mallocs[0], "chunked") or f["cache"] == "dynamic":
+            continue
+        if f["longest_context"] is None or f["longest_context"] < 16:
+            continue
+        ctx = min(f["longest_context"], stream_tokens, args.verify_max_context)
+        r = run_one(base, folder, ctx, f["cache"], "chunked", f["malloc"], "verify ")
+        verified.append(
+            {
+                "cache": f["cache"],
+                "malloc": f["malloc"],
+                "predicted_context": f["longest_context"],
+                "context": ctx,
+                "capped": ctx < f["longest_context"],
+                "beyond_model_positions": ctx > max_positions,
+                "peak_increase_mb": r["peak_increase_mb"],
+                "budget_mb": budget,
+                "within_budget": r["peak_increase_mb"] <= budget,
+                "run": r,
+            }
+        )
+    return verified
+
+
+def print_verified(verified: list[dict[str, Any]], budget: float, max_positions: int) -> None:
+    print("\nVerification (one real chunked-prefill run at the predicted length):")
+    for v in verified:
+        notes = [
+            n
+            for n, on in (
+                (f"capped below the prediction {v['predicted_context']:,}", v["capped"]),
+                (f"beyond the model's {max_positions:,} positions", v["beyond_model_positions"]),
+            )
+            if on
+        ]
+        print(
+            f"  malloc {v['malloc']:<7} {v['cache']:<10} context {v['context']:>6,}: peak increase "
+            f"{v['peak_increase_mb']:.1f} MB vs budget {budget:.1f} MB -> "
+            f"{'within' if v['within_budget'] else 'OVER'}" + (f" ({'; '.join(notes)})" if notes else "")
+        )
+
+
+def measure(args: argparse.Namespace, stream: torch.Tensor, max_positions: int) -> dict[str, Any]:
+    """Every run, their medians, the budget fits and (``--verify``) their check: ``runs``, ``rows``,
+    ``same_tokens``, ``budget``, ``budget_source``, ``fits``, ``verified``."""
+    with tempfile.TemporaryDirectory(prefix="memory_peak-") as tmp:
+        ids_file = Path(tmp) / "ids.json"
+        atomic_write_json(ids_file, stream.tolist())
+        base = {"ids_file": str(ids_file), "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk}
+        base.update(threads=args.threads, warmup=not args.cold)
+        runs = run_rounds(args, base, Path(tmp))
+        rows = summarise(runs, args)
+        same_tokens = tokens_agree(runs)
+        budget, budget_source = choose_budget(rows, args)
+        fits = budget_fits(rows, args, budget)
+        verified = []
+        if args.verify:
+            verified = verify_fits(fits, args, base, Path(tmp), len(stream), max_positions, budget)
+    return {
+        "runs": runs,
+        "rows": rows,
+        "same_tokens": same_tokens,
+        "budget": budget,
+        "budget_source": budget_source,
+        "fits": fits,
+        "verified": verified,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
         atomic_write_json(args.worker_output, worker(json.loads(args.worker)), indent=None)
         return
     output = (
-        Path(args.output) if args.output else RESULTS / f"memory_peak{'_quick' if args.quick else ''}.json"
+        Path(args.output) if args.output else RESULTS / "memory" / f"memory_peak{'_quick' if args.quick else ''}.json"
     )
     t_start = time.perf_counter()
-
-    from chunked_decomp.evaluation.data import load_texts, load_token_ids
-    from chunked_decomp.hf.loading import load_model_and_tokenizer
-
-    library = _library_info()
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    max_positions = model.config.max_position_embeddings
-    del model
-    ids = load_token_ids(tokenizer, load_texts("wikipedia"), min_tokens=args.offset + max(args.contexts))
-    stream = ids[args.offset :].clone()
+    library = library_info()
+    stream, max_positions = load_stream(args)
     print(
         f"SmolLM2-135M float32 CPU, {args.threads} thread(s); contexts {args.contexts}; caches {args.caches}; "
         f"protocols {args.protocols}; {args.new_tokens} new tokens; {len(stream):,} prompt tokens available",
         flush=True,
     )
-
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="memory_peak-") as tmp:
-        ids_file = Path(tmp) / "ids.json"
-        atomic_write_json(ids_file, stream.tolist())
-        base = {"ids_file": str(ids_file), "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk}
-        base.update(threads=args.threads, warmup=not args.cold)
-
-        def run(context: int, cache: str, protocol: str, malloc: str, label: str) -> dict[str, Any]:
-            spec = {**base, "context": context, "cache": cache, "protocol": protocol, "malloc": malloc}
-            r = spawn(spec, Path(tmp))
-            print(
-                f"{label} malloc {malloc:<7} {PROTOCOLS[protocol]:<16} context {context:>6} {cache:<10}: "
-                f"peak +{r['peak_increase_mb']:7.1f} MB (baseline {r['baseline_rss_bytes'] / _MB:.0f} MB), "
-                f"KV {r['kv_bytes'] / _MB:6.1f} MiB, {r['seconds']:.1f} s",
-                flush=True,
-            )
-            return r
-
-        for rnd in range(args.repeats):
-            order = args.caches if rnd % 2 == 0 else args.caches[::-1]
-            for ctx in args.contexts:
-                for malloc in args.mallocs:
-                    for protocol in args.protocols:
-                        for cache in order:
-                            r = run(ctx, cache, protocol, malloc, f"round {rnd + 1}")
-                            runs.append({**r, "round": rnd + 1})
-
-        rows = summarise(runs, args)
-        same_tokens = tokens_agree(runs)
-        if args.budget_mb is not None:
-            budget, budget_source = args.budget_mb, "--budget_mb"
-        else:
-            ref = "chunked" if "chunked" in args.protocols else args.protocols[0]
-            ctx = DEFAULT_BUDGET_CONTEXT if DEFAULT_BUDGET_CONTEXT in args.contexts else args.contexts[0]
-            row = next(r for r in rows if _key(r) == (args.mallocs[0], ref, ctx, "dynamic"))
-            budget = row["peak_increase_mb"]
-            budget_source = f"default: DynamicCache's {PROTOCOLS[ref]} peak increase at {ctx} tokens, malloc {args.mallocs[0]}"
-        fits = budget_fits(rows, args, budget)
-
-        verified = []
-        if args.verify:
-            # The chunked protocol's prediction, under the first allocator setting only (each run is minutes).
-            for f in fits:
-                if (f["malloc"], f["protocol"]) != (args.mallocs[0], "chunked") or f["cache"] == "dynamic":
-                    continue
-                if f["longest_context"] is None or f["longest_context"] < 16:
-                    continue
-                ctx = min(f["longest_context"], len(stream), args.verify_max_context)
-                r = run(ctx, f["cache"], "chunked", f["malloc"], "verify ")
-                verified.append(
-                    {
-                        "cache": f["cache"],
-                        "malloc": f["malloc"],
-                        "predicted_context": f["longest_context"],
-                        "context": ctx,
-                        "capped": ctx < f["longest_context"],
-                        "beyond_model_positions": ctx > max_positions,
-                        "peak_increase_mb": r["peak_increase_mb"],
-                        "budget_mb": budget,
-                        "within_budget": r["peak_increase_mb"] <= budget,
-                        "run": r,
-                    }
-                )
+    m = measure(args, stream, max_positions)
+    rows, fits, verified, same_tokens = m["rows"], m["fits"], m["verified"], m["same_tokens"]
+    budget, budget_source = m["budget"], m["budget_source"]
 
     print_runs(rows, args)
     print_fits(fits, budget, budget_source)
     if verified:
-        print("\nVerification (one real chunked-prefill run at the predicted length):")
-        for v in verified:
-            notes = [
-                n
-                for n, on in (
-                    (f"capped below the prediction {v['predicted_context']:,}", v["capped"]),
-                    (f"beyond the model's {max_positions:,} positions", v["beyond_model_positions"]),
-                )
-                if on
-            ]
-            print(
-                f"  malloc {v['malloc']:<7} {v['cache']:<10} context {v['context']:>6,}: peak increase "
-                f"{v['peak_increase_mb']:.1f} MB vs budget {budget:.1f} MB -> "
-                f"{'within' if v['within_budget'] else 'OVER'}" + (f" ({'; '.join(notes)})" if notes else "")
-            )
+        print_verified(verified, budget, max_positions)
     if same_tokens:
         print(
             "\nsame greedy tokens in every run of a protocol, context and cache (allocators, rounds): "
@@ -622,17 +652,15 @@ def main(argv: list[str] | None = None) -> None:
         "budget_source": budget_source,
         "budget_method": "extrapolation: least-squares line peak increase = a + b*context through the measured contexts",
         "library": library,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
+        **run_metadata("torch", "machine"),
         "wall_seconds": wall,
         "rows": rows,
         "fits": fits,
         "verified": verified,
         "same_tokens": same_tokens,
-        "raw": runs,
+        "raw": m["runs"],
     }
-    atomic_write_json(output, summary)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("raw", "rows", "verified")}))
+    write_results(output, summary, leave_out=("raw", "rows", "verified"))
 
 
 if __name__ == "__main__":

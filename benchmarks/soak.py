@@ -29,7 +29,7 @@ What it reports:
     python benchmarks/soak.py --tokens 2048      # what fits in ~40 minutes on a busy 2-core CPU
     python benchmarks/soak.py --quick            # 1,024 tokens, a smoke test (writes soak_quick.{json,png})
 
-Prints a table; writes ``benchmarks/results/soak.json`` and ``soak.png`` atomically (the last line of stdout is
+Prints a table; writes ``benchmarks/results/soak/soak.json`` and ``soak.png`` atomically (the last line of stdout is
 the JSON summary).
 """
 
@@ -39,15 +39,16 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import RESULTS, load_model, run_metadata, text_token_ids, timed
 
 from chunked_decomp import ChunkedDecomp
 from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
@@ -55,7 +56,38 @@ from chunked_decomp.hf.models import cache_kwarg_name, output_cache
 from chunked_decomp.io import atomic_write_json
 
 _MB = 1024 * 1024
-RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _picker(sample_seed: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The next token (batch, 1) from logits (batch, n, vocab): greedy, or sampled from the softmax with a
+    generator seeded ``sample_seed``."""
+    gen = torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if gen is None:
+            return logits[:, -1:].argmax(-1)
+        probs = torch.softmax(logits[:, -1].float(), dim=-1)
+        return torch.multinomial(probs, 1, generator=gen)
+
+    return pick
+
+
+def _decode_step(
+    model, token: torch.Tensor, cache: Any, name: str, pick: Callable, trace: dict
+) -> torch.Tensor:
+    """One single-token forward call on ``cache``, its latency, CPU time, RSS, cache bytes and context recorded
+    in ``trace``; returns the next token."""
+    with timed() as step:
+        out = model(token, **{name: cache}, use_cache=True)
+        token = pick(out.logits)
+        trace["tokens"].append(int(token.item()))  # .item() also waits for the step to finish
+    trace["latency_s"].append(step.seconds)
+    trace["cpu_s"].append(step.cpu_seconds)
+    del out
+    trace["rss_bytes"].append(current_rss_bytes())
+    trace["cache_bytes"].append(cache_nbytes(cache))
+    trace["context"].append(cache.get_seq_length())
+    return token
 
 
 def decode_loop(
@@ -78,45 +110,23 @@ def decode_loop(
     name and the RSS and cache bytes right after the prefill (``rss0``, ``cache0``).
     """
     name = cache_kwarg_name(model)
-    gen = torch.Generator().manual_seed(sample_seed) if sample_seed is not None else None
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if gen is None:
-            return logits[:, -1:].argmax(-1)
-        probs = torch.softmax(logits[:, -1].float(), dim=-1)
-        return torch.multinomial(probs, 1, generator=gen)
-
+    pick = _picker(sample_seed)
     trace: dict[str, list] = {
-        "context": [],
-        "latency_s": [],
-        "cpu_s": [],
-        "rss_bytes": [],
-        "cache_bytes": [],
-        "tokens": [],
+        k: [] for k in ("context", "latency_s", "cpu_s", "rss_bytes", "cache_bytes", "tokens")
     }
     gc_objects: list[tuple[int, int]] = []
     with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(prompt, use_cache=True)
-        cache = output_cache(out)
-        token = pick(out.logits)
-        prefill_s = time.perf_counter() - t0
+        with timed() as prefill:
+            out = model(prompt, use_cache=True)
+            cache = output_cache(out)
+            token = pick(out.logits)
         del out
         gc.collect()
         rss0, cache0 = current_rss_bytes(), cache_nbytes(cache)
         gc_objects.append((0, len(gc.get_objects())))
         report_every = max(steps // 10, 1)
         for step in range(1, steps + 1):
-            t, cpu = time.perf_counter(), time.process_time()
-            out = model(token, **{name: cache}, use_cache=True)
-            token = pick(out.logits)
-            trace["tokens"].append(int(token.item()))  # .item() also waits for the step to finish
-            trace["latency_s"].append(time.perf_counter() - t)
-            trace["cpu_s"].append(time.process_time() - cpu)
-            del out
-            trace["rss_bytes"].append(current_rss_bytes())
-            trace["cache_bytes"].append(cache_nbytes(cache))
-            trace["context"].append(cache.get_seq_length())
+            token = _decode_step(model, token, cache, name, pick, trace)
             if step % gc_every == 0 or step == steps:
                 gc_objects.append((step, len(gc.get_objects())))
             if step % report_every == 0:
@@ -130,7 +140,7 @@ def decode_loop(
     return {
         **trace,
         "cache_type": type(cache).__name__,
-        "prefill_s": prefill_s,
+        "prefill_s": prefill.seconds,
         "rss0": rss0,
         "cache0": cache0,
         "gc_objects": gc_objects,
@@ -257,16 +267,17 @@ def fixed_context_cycles(model, cd: ChunkedDecomp, prompt: torch.Tensor, cycles:
                 "chunks_per_layer": len(cache.layers[0].chunks),
             }
         )
-        t0, peak = time.perf_counter(), 0
-        before = cache.compression_seconds
-        for _ in range(steps):
-            out = model(token, **{name: cache}, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            del out
-            peak = max(peak, current_rss_bytes())
+        peak = 0
+        with timed() as cycle_time:
+            before = cache.compression_seconds
+            for _ in range(steps):
+                out = model(token, **{name: cache}, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                del out
+                peak = max(peak, current_rss_bytes())
         starts[-1].update(
             peak_rss_bytes=peak,
-            seconds=time.perf_counter() - t0,
+            seconds=cycle_time.seconds,
             compressed_this_cycle=cache.compression_seconds > before,
         )
         cache.crop(-(cache.get_seq_length() - base))
@@ -294,19 +305,15 @@ def fixed_context_cycles(model, cd: ChunkedDecomp, prompt: torch.Tensor, cycles:
 
 
 def _prompt(tokenizer, length: int) -> torch.Tensor:
-    from chunked_decomp.evaluation.data import load_texts, load_token_ids
-
-    ids = load_token_ids(tokenizer, load_texts("wikipedia", num_samples=3), min_tokens=length)
+    ids = text_token_ids(tokenizer, num_samples=3, min_tokens=length)
     return ids[:length].unsqueeze(0)
 
 
 def worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """One run in this process: ``"compressed"``, ``"uncompressed"`` (DynamicCache), ``"repeat"`` or ``"cycles"``."""
-    from chunked_decomp.hf.loading import load_model_and_tokenizer
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # float32, CPU
+    model, tokenizer = load_model()  # float32, CPU
     cd = ChunkedDecomp.from_preset(args.preset)
     if kind == "cycles":
         cd.compress_model(model)
@@ -373,6 +380,49 @@ def _rolling_median(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _plot_run(mem: Any, lat: Any, cpu: Any, label: str, run: dict[str, Any]) -> None:
+    """One run's lines: memory growth (RSS, cache bytes, their difference) and step wall and CPU times."""
+    colors = {"rss": "tab:blue", "cache": "tab:orange", "diff": "tab:green"}
+    steps = list(range(1, len(run["latency_s"]) + 1))
+    rss = [(r - run["rss0"]) / _MB for r in run["rss_bytes"]]
+    cache = [(c - run["cache0"]) / _MB for c in run["cache_bytes"]]
+    diff = [r - c for r, c in zip(rss, cache)]
+    ls = {"compressed": "-", "uncompressed": ":"}.get(label, "--")
+    name = f"{label} ({run['cache_type']})"
+    mem.plot(steps, rss, ls, color=colors["rss"], label=f"RSS − start, {name}")
+    mem.plot(steps, cache, ls, color=colors["cache"], label=f"cache stored bytes − start, {name}")
+    mem.plot(steps, diff, ls, color=colors["diff"], label=f"RSS growth − cache growth, {name}")
+    window = max(len(steps) // 100, 1)
+    for axis, key in ((lat, "latency_s"), (cpu, "cpu_s")):
+        axis.plot(steps, [1000 * v for v in run[key]], ls, color="0.8", lw=0.5)
+        axis.plot(
+            steps,
+            [1000 * v for v in _rolling_median(run[key], window)],
+            ls,
+            color="tab:red" if label == "compressed" else "tab:purple",
+            label=f"{name}, rolling median of {window} steps",
+        )
+
+
+def _plot_cycles(cyc: Any, cycles: dict[str, Any]) -> None:
+    """RSS at the start and peak of each fixed-context cycle, and the cache's bytes, from cycle 1's start."""
+    rows = cycles["cycles"]
+    first = rows[0]["rss_bytes"]
+    x = [r["cycle"] + 1 for r in rows]
+    cyc.plot(x, [(r["rss_bytes"] - first) / _MB for r in rows], "o-", label="RSS at the cycle's start")
+    cyc.plot(x, [(r["peak_rss_bytes"] - first) / _MB for r in rows], "s--", label="RSS peak within the cycle")
+    cyc.plot(x, [(r["cache_bytes"] - rows[0]["cache_bytes"]) / _MB for r in rows], "^:", label="cache bytes")
+    cyc.set_xlabel(
+        f"fixed-context cycle: decode {cycles['steps_per_cycle']} tokens from a {cycles['context']}-token "
+        "context (compressing a chunk), then crop back"
+    )
+    cyc.set_xticks(x)
+    cyc.set_ylabel("MB since cycle 1's start")
+    cyc.axhline(0, color="black", lw=0.5)
+    cyc.grid(alpha=0.3)
+    cyc.legend(fontsize=8, loc="upper left")
+
+
 def plot(
     runs: dict[str, dict[str, Any]], path: Path, title: str, cycles: dict[str, Any] | None = None
 ) -> Path:
@@ -389,28 +439,8 @@ def plot(
         cpu.sharex(mem)
     else:
         mem, lat, cpu = fig.subplots(3, 1, sharex=True)
-    styles = {"compressed": "-", "uncompressed": ":"}
-    colors = {"rss": "tab:blue", "cache": "tab:orange", "diff": "tab:green"}
     for label, run in runs.items():
-        steps = list(range(1, len(run["latency_s"]) + 1))
-        rss = [(r - run["rss0"]) / _MB for r in run["rss_bytes"]]
-        cache = [(c - run["cache0"]) / _MB for c in run["cache_bytes"]]
-        diff = [r - c for r, c in zip(rss, cache)]
-        ls = styles.get(label, "--")
-        name = f"{label} ({run['cache_type']})"
-        mem.plot(steps, rss, ls, color=colors["rss"], label=f"RSS − start, {name}")
-        mem.plot(steps, cache, ls, color=colors["cache"], label=f"cache stored bytes − start, {name}")
-        mem.plot(steps, diff, ls, color=colors["diff"], label=f"RSS growth − cache growth, {name}")
-        window = max(len(steps) // 100, 1)
-        for axis, key in ((lat, "latency_s"), (cpu, "cpu_s")):
-            axis.plot(steps, [1000 * v for v in run[key]], ls, color="0.8", lw=0.5)
-            axis.plot(
-                steps,
-                [1000 * v for v in _rolling_median(run[key], window)],
-                ls,
-                color="tab:red" if label == "compressed" else "tab:purple",
-                label=f"{name}, rolling median of {window} steps",
-            )
+        _plot_run(mem, lat, cpu, label, run)
     mem.axhline(0, color="black", lw=0.5)
     mem.set_ylabel("MB since the end of the prefill")
     mem.set_title(title)
@@ -423,25 +453,7 @@ def plot(
     for axis in (lat, cpu):
         axis.legend(fontsize=8, loc="upper left")
     if cycles:
-        rows = cycles["cycles"]
-        first = rows[0]["rss_bytes"]
-        x = [r["cycle"] + 1 for r in rows]
-        cyc.plot(x, [(r["rss_bytes"] - first) / _MB for r in rows], "o-", label="RSS at the cycle's start")
-        cyc.plot(
-            x, [(r["peak_rss_bytes"] - first) / _MB for r in rows], "s--", label="RSS peak within the cycle"
-        )
-        cyc.plot(
-            x, [(r["cache_bytes"] - rows[0]["cache_bytes"]) / _MB for r in rows], "^:", label="cache bytes"
-        )
-        cyc.set_xlabel(
-            f"fixed-context cycle: decode {cycles['steps_per_cycle']} tokens from a {cycles['context']}-token "
-            "context (compressing a chunk), then crop back"
-        )
-        cyc.set_xticks(x)
-        cyc.set_ylabel("MB since cycle 1's start")
-        cyc.axhline(0, color="black", lw=0.5)
-        cyc.grid(alpha=0.3)
-        cyc.legend(fontsize=8, loc="upper left")
+        _plot_cycles(cyc, cycles)
     return save_figure(fig, path)
 
 
@@ -511,7 +523,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample", action="store_true", help="seeded sampling in the soak instead of greedy")
     parser.add_argument("--gc_every", type=int, default=256, help="steps between gc object counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/soak.json)")
+    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/soak/soak.json)")
     parser.add_argument(
         "--worker", choices=["compressed", "uncompressed", "repeat", "cycles"], help=argparse.SUPPRESS
     )
@@ -528,21 +540,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.worker:
-        atomic_write_json(args.worker_output, worker(args.worker, args), indent=None)
-        return {}
-    output = (
-        Path(args.output) if args.output else RESULTS / ("soak_quick.json" if args.quick else "soak.json")
-    )
-    if args.prompt_tokens + args.tokens > 8192:
-        print(
-            f"note: {args.prompt_tokens} + {args.tokens} tokens exceed SmolLM2-135M's 8,192-token context; "
-            "the last positions are beyond its training length",
-            flush=True,
-        )
-    t_start = time.perf_counter()
+def run_workers(
+    args: argparse.Namespace,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
+    """The runs, each in a fresh process: ``({"compressed": …, "uncompressed": …}, seeded repeat, cycles)``."""
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         print(f"compressed ({args.preset}): {args.tokens} decoding steps", flush=True)
@@ -559,7 +560,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
             cycles = _spawn("cycles", args, Path(tmp))
+    return runs, repeat, cycles
 
+
+def summarize_runs(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`summarize` of each run; the compressed one also gets its cache's figures at the end and, with a
+    baseline, how many tokens agree with it."""
     summaries = {label: summarize(run) for label, run in runs.items()}
     comp = summaries["compressed"]
     for key in ("stored_ratio_16bit_at_end", "chunks_per_layer_at_end", "gc_objects_per_chunk"):
@@ -571,7 +577,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         comp["tokens_identical_before_first_difference"] = next(
             (i for i, (a, b) in enumerate(pairs) if a != b), len(pairs)
         )
+    return summaries
 
+
+def print_report(
+    summaries: dict[str, dict[str, Any]],
+    repeat: dict[str, Any],
+    cycles: dict[str, Any] | None,
+    args: argparse.Namespace,
+) -> None:
+    print()
+    print(table(summaries))
+    print(
+        f"\nseeded repeat ({repeat['prompt_tokens']}-token prompt + {args.repeat_tokens} tokens, do_sample=True, "
+        f"seed {args.seed}, {repeat['chunks_per_layer']} chunks per layer): "
+        f"{'identical' if repeat['identical_with_same_seed'] else 'DIFFERENT'} with the same seed; "
+        f"{repeat['tokens_differing_with_other_seed']} of {args.repeat_tokens} tokens differ with seed {args.seed + 1}"
+    )
+    if cycles is not None:
+        print(
+            f"fixed-context cycles ({cycles['context']} tokens, +{cycles['steps_per_cycle']} and back, "
+            f"{args.cycles} cycles): RSS at cycle start {cycles['rss_start_growth_mb']:+.1f} MB from cycle 2 to "
+            f"{args.cycles} ({cycles['rss_start_slope_mb_per_cycle']:+.2f} MB per cycle), gc objects "
+            f"{cycles['gc_objects_growth']:+d}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker:
+        atomic_write_json(args.worker_output, worker(args.worker, args), indent=None)
+        return {}
+    output = (
+        Path(args.output) if args.output else RESULTS / "soak" / ("soak_quick.json" if args.quick else "soak.json")
+    )
+    if args.prompt_tokens + args.tokens > 8192:
+        print(
+            f"note: {args.prompt_tokens} + {args.tokens} tokens exceed SmolLM2-135M's 8,192-token context; "
+            "the last positions are beyond its training length",
+            flush=True,
+        )
+    t_start = time.perf_counter()
+    runs, repeat, cycles = run_workers(args)
+    summaries = summarize_runs(runs)
     title = (
         f"Soak: SmolLM2-135M float32 CPU, {args.prompt_tokens}-token prompt + {args.tokens} decoded tokens, "
         f"ChunkedDecomp '{args.preset}' vs DynamicCache"
@@ -589,7 +637,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "baseline_tokens": args.baseline_tokens,
         "decoding": "seeded sampling" if args.sample else "greedy",
         "threads": args.threads,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": run_metadata("platform", "cpus", "torch"),
         "total_wall_s": time.perf_counter() - t_start,
         "summary": summaries,
         "seeded_repeat": repeat,
@@ -601,22 +649,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gc_objects": {label: run["gc_objects"] for label, run in runs.items()},
     }
     atomic_write_json(output, result, indent=None)
-
-    print()
-    print(table(summaries))
-    print(
-        f"\nseeded repeat ({repeat['prompt_tokens']}-token prompt + {args.repeat_tokens} tokens, do_sample=True, "
-        f"seed {args.seed}, {repeat['chunks_per_layer']} chunks per layer): "
-        f"{'identical' if repeat['identical_with_same_seed'] else 'DIFFERENT'} with the same seed; "
-        f"{repeat['tokens_differing_with_other_seed']} of {args.repeat_tokens} tokens differ with seed {args.seed + 1}"
-    )
-    if cycles is not None:
-        print(
-            f"fixed-context cycles ({cycles['context']} tokens, +{cycles['steps_per_cycle']} and back, "
-            f"{args.cycles} cycles): RSS at cycle start {cycles['rss_start_growth_mb']:+.1f} MB from cycle 2 to "
-            f"{args.cycles} ({cycles['rss_start_slope_mb_per_cycle']:+.2f} MB per cycle), gc objects "
-            f"{cycles['gc_objects_growth']:+d}"
-        )
+    print_report(summaries, repeat, cycles, args)
     print(f"wrote {output} and {png}")
     brief = {k: v for k, v in result.items() if k not in ("traces", "gc_objects")}
     brief["seeded_repeat"] = {k: v for k, v in repeat.items() if k != "tokens"}

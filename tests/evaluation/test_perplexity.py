@@ -155,7 +155,7 @@ def test_chunked_streaming_compresses_as_it_goes(model, ids):
 
 @pytest.mark.slow
 def test_real_model_baselines():
-    """MEASUREMENTS.md anchors on SmolLM2-135M, float32: continuation ≈ 15.76, recall ≈ 1.17."""
+    """The anchors on SmolLM2-135M, float32: continuation ≈ 15.76, recall ≈ 1.17."""
     from chunked_decomp.evaluation.data import load_texts, load_token_ids
     from chunked_decomp.hf.loading import load_model_and_tokenizer
 

@@ -10,7 +10,9 @@ import torch
 from chunked_decomp import ChunkedDecomp, CompressionConfig
 from chunked_decomp.evaluation.methods import ChunkedDecompMethod, FullCache
 from chunked_decomp.evaluation.perplexity import continuation_perplexity
-from chunked_decomp.evaluation.quality import PerformanceEvaluator, token_agreement, wired_decomp
+from chunked_decomp.evaluation.quality import PerformanceEvaluator
+from chunked_decomp.evaluation.text_metrics import token_agreement
+from chunked_decomp.evaluation.wired import wired_decomp
 from tests.helpers.models import make_tiny_model, random_ids
 
 HEAD_DIM = 16

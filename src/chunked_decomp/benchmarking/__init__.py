@@ -9,8 +9,8 @@ from typing import Any
 
 _EXPORTS = {
     "ComprehensiveBenchmark": "benchmark",
-    "recommend_from_results": "benchmark",
-    "SETTING_COLUMNS": "benchmark",
+    "recommend_from_results": "recommend",
+    "SETTING_COLUMNS": "recommend",
 }
 
 __all__ = sorted(_EXPORTS)

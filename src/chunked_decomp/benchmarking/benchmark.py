@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
+from chunked_decomp.benchmarking.recommend import SETTING_COLUMNS, recommend_from_results
 from chunked_decomp.io import ResultStore, check_output_dir, write_table
 
+# The recommendation lives in recommend.py (no torch needed); it stays part of this module's interface.
 __all__ = ["ComprehensiveBenchmark", "SETTING_COLUMNS", "recommend_from_results"]
 
-#: Columns that identify a compression setting (those present in a results table are used).
-SETTING_COLUMNS = ("method", "preset", "compression_ratio", "chunk_size")
 _MB = 1024 * 1024
 
 
@@ -41,115 +41,19 @@ def token_fingerprint(token_ids: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _is_baseline(frame: Any) -> Any:
-    """Rows of the uncompressed baseline (method ``"full"``)."""
-    if "method" in frame.columns:
-        return frame["method"].astype(str).str.lower().isin(["full", "baseline", "uncompressed"])
-    return frame["compression_ratio"] >= 1.0
-
-
-def recommend_from_results(
-    results: Any,
-    target_memory_reduction: float,
-    max_quality_loss: float,
-    memory_column: str = "memory_reduction_pct",
-    quality_column: str = "perplexity_increase_pct",
-) -> dict[str, Any]:
-    """The best measured setting that saves at least ``target_memory_reduction`` percent of the KV cache with
-    at most ``max_quality_loss`` percent perplexity increase.
-
-    A setting (the :data:`SETTING_COLUMNS` present) measured in several cells (context lengths, batch sizes) is
-    judged by its worst cell: the smallest memory reduction and the largest quality loss. Among the settings
-    that meet both targets, the cheapest is the one that costs the least quality; ties go to the larger memory
-    reduction, then the faster decoding. The uncompressed baseline is never recommended.
-
-    Returns ``found``, ``setting`` (dict or ``None``), ``expected_memory_reduction`` and
-    ``expected_quality_loss`` (percent, worst case over cells), ``expected_speed_ratio`` when measured,
-    ``cells``, ``candidates`` (every setting with its worst case) and a plain-language ``message``; when nothing
-    qualifies, ``message`` says so and names the settings that come closest.
-    """
-    for name, value in (
-        ("target_memory_reduction", target_memory_reduction),
-        ("max_quality_loss", max_quality_loss),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"{name} must be a number (percent), got {value!r}")
-    if not 0 <= target_memory_reduction < 100:
-        raise ValueError(
-            f"target_memory_reduction must be in [0, 100) percent, got {target_memory_reduction}"
-        )
-    for column in (memory_column, quality_column):
-        if column not in results.columns:
-            raise ValueError(f"results need a {column!r} column, got columns {list(results.columns)}")
-    frame = results[~_is_baseline(results)].dropna(subset=[memory_column, quality_column])
-    keys = [c for c in SETTING_COLUMNS if c in frame.columns]
-    targets = (
-        f"≥ {target_memory_reduction:g}% memory reduction with ≤ {max_quality_loss:g}% perplexity increase"
-    )
-    if frame.empty:
-        return {
-            "found": False,
-            "setting": None,
-            "expected_memory_reduction": None,
-            "expected_quality_loss": None,
-            "candidates": [],
-            "message": f"No compressed setting was measured, so none can be recommended for {targets}.",
-        }
-    aggregations = {memory_column: (memory_column, "min"), quality_column: (quality_column, "max")}
-    aggregations["cells"] = (memory_column, "size")
-    if "speed_ratio" in frame.columns:
-        aggregations["speed_ratio"] = ("speed_ratio", "min")
-    grouped = frame.groupby(keys, dropna=False).agg(**aggregations).reset_index()
-    candidates = grouped.to_dict(orient="records")
-    ok = grouped[
-        (grouped[memory_column] >= target_memory_reduction) & (grouped[quality_column] <= max_quality_loss)
-    ]
-
-    def describe(row: dict[str, Any]) -> str:
-        parts = [f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys]
-        return (
-            f"{', '.join(parts)} ({row[memory_column]:.1f}% memory reduction, "
-            f"{row[quality_column]:+.2f}% perplexity)"
-        )
-
-    if ok.empty:
-        by_memory = grouped[grouped[quality_column] <= max_quality_loss]
-        by_quality = grouped[grouped[memory_column] >= target_memory_reduction]
-        hints = []
-        if not by_memory.empty:
-            best = by_memory.sort_values(memory_column, ascending=False).iloc[0].to_dict()
-            hints.append(f"within the quality limit the most memory is saved by {describe(best)}")
-        if not by_quality.empty:
-            best = by_quality.sort_values(quality_column).iloc[0].to_dict()
-            hints.append(f"at that memory reduction the least quality is lost by {describe(best)}")
-        if not hints:
-            best = grouped.sort_values(quality_column).iloc[0].to_dict()
-            hints.append(f"the least quality is lost by {describe(best)}")
-        return {
-            "found": False,
-            "setting": None,
-            "expected_memory_reduction": None,
-            "expected_quality_loss": None,
-            "candidates": candidates,
-            "message": f"No measured setting meets {targets}; " + "; ".join(hints) + ".",
-        }
-    sort_cols, ascending = [quality_column, memory_column], [True, False]
-    if "speed_ratio" in ok.columns:
-        sort_cols.append("speed_ratio")
-        ascending.append(False)
-    best = ok.sort_values(sort_cols, ascending=ascending).iloc[0].to_dict()
-    result = {
-        "found": True,
-        "setting": {k: best[k] for k in keys},
-        "expected_memory_reduction": float(best[memory_column]),
-        "expected_quality_loss": float(best[quality_column]),
-        "cells": int(best["cells"]),
-        "candidates": candidates,
-        "message": f"Recommended for {targets}: {describe(best)}, worst case over {int(best['cells'])} measured cell(s).",
-    }
-    if "speed_ratio" in best and best["speed_ratio"] == best["speed_ratio"]:
-        result["expected_speed_ratio"] = float(best["speed_ratio"])
-    return result
+def _check_grid(
+    compression_ratios: Sequence[float], sequence_lengths: Sequence[int], batch_sizes: Sequence[int]
+) -> list[float]:
+    """The ratios as floats; ValueError for a ratio outside (0, 1] or a length or batch size that is not a
+    positive integer."""
+    ratios = [float(r) for r in compression_ratios]
+    for r in ratios:
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"compression ratios must be in (0, 1], got {r}")
+    for name, values in (("sequence_lengths", sequence_lengths), ("batch_sizes", batch_sizes)):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{name} must be positive integers, got {list(values)}")
+    return ratios
 
 
 class ComprehensiveBenchmark:
@@ -266,7 +170,8 @@ class ComprehensiveBenchmark:
     def measure_cell(self, compression_ratio: float | None, seq_len: int, batch: int) -> dict[str, Any]:
         """Measure one cell (see the module docstring); ``compression_ratio=None`` is the uncompressed cache."""
         from chunked_decomp.evaluation.memory import MemoryTracker
-        from chunked_decomp.evaluation.quality import continuation_nll, decode_speed
+        from chunked_decomp.evaluation.perplexity import continuation_nll
+        from chunked_decomp.evaluation.wired import decode_speed
 
         model = self.model
         device = next(model.parameters()).device
@@ -339,13 +244,7 @@ class ComprehensiveBenchmark:
         import pandas as pd
         from tqdm.auto import tqdm
 
-        ratios = [float(r) for r in compression_ratios]
-        for r in ratios:
-            if not 0.0 < r <= 1.0:
-                raise ValueError(f"compression ratios must be in (0, 1], got {r}")
-        for name, values in (("sequence_lengths", sequence_lengths), ("batch_sizes", batch_sizes)):
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"{name} must be positive integers, got {list(values)}")
+        ratios = _check_grid(compression_ratios, sequence_lengths, batch_sizes)
         self._load(model_name)
         store = ResultStore(self.output_dir / "cells" / "scaling") if self.output_dir is not None else None
         fingerprint = token_fingerprint(self.token_ids)
@@ -356,22 +255,10 @@ class ComprehensiveBenchmark:
         bar = tqdm(grid, desc="scaling cells", unit="cell", disable=not self.progress)
         for ratio, seq_len, batch in bar:
             bar.set_postfix_str(f"{'full' if ratio is None else f'ρ={ratio:g}'} seq={seq_len} batch={batch}")
-            params = {
-                "study": "scaling",
-                "model": str(model_name),
-                "dtype": self.dtype,
-                "device": self.device,
-                "text": fingerprint,
-                "start": self.start,
-                "continuation_length": self.continuation_length,
-                "decode_tokens": self.decode_tokens,
-                "seq_len": seq_len,
-                "batch_size": batch,
-                "config": None if ratio is None else self.method(ratio).config.to_dict(),
-            }
             if store is not None:
                 row, cached = store.get_or_compute(
-                    params, lambda r=ratio, s=seq_len, b=batch: self.measure_cell(r, s, b)
+                    self._cell_params(model_name, fingerprint, ratio, seq_len, batch),
+                    lambda r=ratio, s=seq_len, b=batch: self.measure_cell(r, s, b),
                 )
             else:
                 row, cached = self.measure_cell(ratio, seq_len, batch), False
@@ -382,6 +269,24 @@ class ComprehensiveBenchmark:
             if self.output_dir is not None:
                 write_table(self.results, self.output_dir / "scaling_results")
         return self.results
+
+    def _cell_params(
+        self, model_name: str, fingerprint: str, ratio: float | None, seq_len: int, batch: int
+    ) -> dict[str, Any]:
+        """What identifies a cell in the result store: a stored cell is reused only when all of it matches."""
+        return {
+            "study": "scaling",
+            "model": str(model_name),
+            "dtype": self.dtype,
+            "device": self.device,
+            "text": fingerprint,
+            "start": self.start,
+            "continuation_length": self.continuation_length,
+            "decode_tokens": self.decode_tokens,
+            "seq_len": seq_len,
+            "batch_size": batch,
+            "config": None if ratio is None else self.method(ratio).config.to_dict(),
+        }
 
     @staticmethod
     def _finish(frame):

@@ -2,6 +2,6 @@
 all build), the presets file, and per-head weights (:mod:`chunked_decomp.config.head_weights`)."""
 
 from chunked_decomp.config.compression import CompressionConfig
-from chunked_decomp.config.presets import add_overrides_option, load_presets, parse_overrides, presets_path
+from chunked_decomp.config.presets import load_presets, parse_overrides, presets_path
 
-__all__ = ["CompressionConfig", "add_overrides_option", "load_presets", "parse_overrides", "presets_path"]
+__all__ = ["CompressionConfig", "load_presets", "parse_overrides", "presets_path"]

@@ -41,23 +41,10 @@ def load_presets(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     return data
 
 
-def add_overrides_option(parser: Any, what: str) -> None:
-    """The benchmarks' repeatable ``--set KEY=VALUE`` flag on an `argparse.ArgumentParser` (into
-    ``args.overrides``, for :func:`parse_overrides`); ``what`` says which configs it overrides."""
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=f"override a config field of {what} (repeatable; VALUE read as YAML)",
-    )
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Config fields from ``KEY=VALUE`` strings (the value read as YAML: ``4``, ``pooled``, ``[1, 2]``), as the
-    benchmarks' ``--set`` flags give them; an item without ``=`` raises a ValueError naming it. The fields are
-    checked when a `CompressionConfig` is built from them."""
+    benchmarks' ``--set`` flags give them (the flag is built in ``benchmarks/common.py``); an item without ``=``
+    raises a ValueError naming it. The fields are checked when a `CompressionConfig` is built from them."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

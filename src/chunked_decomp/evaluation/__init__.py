@@ -25,6 +25,8 @@ _EXPORTS = {
     "peers": ["QuantizedCacheMethod", "KVPressMethod", "KVPRESS_PRESSES", "kvpress_available"],
     "perplexity": [
         "PerplexityResult",
+        "continuation_logits",
+        "continuation_nll",
         "continuation_perplexity",
         "streaming_perplexity",
         "recall_perplexity",

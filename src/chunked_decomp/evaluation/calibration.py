@@ -42,16 +42,11 @@ def head_sensitivity(
     the cached keys and values (batch 1, ``(1, kv_heads, context_len, head_dim)`` per layer; the first
     ``num_sink_tokens``, kept exact by the cache, are left out). A head's sensitivity ``Σ_t ‖g_t‖² ‖x_t‖²`` is
     summed over the starts, divided by the mean over all heads of its kind (keys and values apart, so that
-    ``key_weight`` keeps its meaning) and raised to ``power`` (< 1 damps the noise of a few calibration windows;
-    measured on SmolLM2-135M at ρ 0.125: 0.5 was better than 1).
+    ``key_weight`` keeps its meaning) and raised to ``power`` (< 1 damps the noise of a few calibration windows).
 
     The model's weights and their ``.grad`` are left untouched (gradients are taken with respect to the cache).
     ``progress`` wraps the starts (e.g. ``tqdm``) to show one step per window.
     """
-    from transformers import DynamicCache
-
-    from chunked_decomp.hf.models import cache_kwarg_name
-
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     need = max(starts) + context_len + continuation_len
     if ids.numel() < need:
@@ -59,30 +54,10 @@ def head_sensitivity(
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power}")
     device = next(model.parameters()).device
-    kw = cache_kwarg_name(model)
     totals: list[list[torch.Tensor]] | None = None
     for start in progress(starts) if progress is not None else starts:
         window = ids[start : start + context_len + continuation_len].to(device).unsqueeze(0)
-        cache = DynamicCache()
-        with torch.no_grad():
-            model(input_ids=window[:, :context_len], use_cache=True, **{kw: cache})
-        leaves = []
-        for layer in cache.layers:
-            layer.keys = layer.keys.detach().float().requires_grad_(True)
-            layer.values = layer.values.detach().float().requires_grad_(True)
-            leaves += [layer.keys, layer.values]
-        with torch.enable_grad():
-            logits = model(input_ids=window[:, context_len:-1], use_cache=True, **{kw: cache}).logits[0]
-            loss = F.cross_entropy(logits.float(), window[0, context_len + 1 :], reduction="sum")
-            grads = torch.autograd.grad(loss, leaves)
-        per_leaf = [
-            (g[:, :, num_sink_tokens:].pow(2).sum(-1) * x.detach()[:, :, num_sink_tokens:].pow(2).sum(-1))
-            .sum((0, 2))
-            .double()
-            .cpu()
-            for x, g in zip(leaves, grads)
-        ]  # each (kv_heads,)
-        pairs = [per_leaf[i : i + 2] for i in range(0, len(per_leaf), 2)]
+        pairs = _window_sensitivity(model, window, context_len, num_sink_tokens)
         totals = pairs if totals is None else [[a + b for a, b in zip(p, q)] for p, q in zip(totals, pairs)]
     keys = torch.stack([k for k, _ in totals])
     values = torch.stack([v for _, v in totals])
@@ -90,6 +65,40 @@ def head_sensitivity(
     keys = (keys / keys.mean()).clamp_min(1e-6) ** power
     values = (values / values.mean()).clamp_min(1e-6) ** power
     return [[k.tolist(), v.tolist()] for k, v in zip(keys, values)]
+
+
+def _window_sensitivity(
+    model: torch.nn.Module, window: torch.Tensor, context_len: int, num_sink_tokens: int
+) -> list[list[torch.Tensor]]:
+    """``[[keys, values], ...]`` per layer, each ``(kv_heads,)`` float64 on the CPU: ``Σ_t ‖g_t‖² ‖x_t‖²`` over the
+    context's tokens after the sinks, for one window ``(1, context_len + continuation_len)`` on ``model``'s
+    device (its context prefilled into a `DynamicCache`, its continuation's summed loss differentiated with
+    respect to the cached keys and values)."""
+    from transformers import DynamicCache
+
+    from chunked_decomp.hf.models import cache_kwarg_name
+
+    kw = cache_kwarg_name(model)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=window[:, :context_len], use_cache=True, **{kw: cache})
+    leaves = []
+    for layer in cache.layers:
+        layer.keys = layer.keys.detach().float().requires_grad_(True)
+        layer.values = layer.values.detach().float().requires_grad_(True)
+        leaves += [layer.keys, layer.values]
+    with torch.enable_grad():
+        logits = model(input_ids=window[:, context_len:-1], use_cache=True, **{kw: cache}).logits[0]
+        loss = F.cross_entropy(logits.float(), window[0, context_len + 1 :], reduction="sum")
+        grads = torch.autograd.grad(loss, leaves)
+    per_leaf = [
+        (g[:, :, num_sink_tokens:].pow(2).sum(-1) * x.detach()[:, :, num_sink_tokens:].pow(2).sum(-1))
+        .sum((0, 2))
+        .double()
+        .cpu()
+        for x, g in zip(leaves, grads)
+    ]  # each (kv_heads,)
+    return [per_leaf[i : i + 2] for i in range(0, len(per_leaf), 2)]
 
 
 def default_starts(
@@ -119,6 +128,22 @@ def default_starts(
     return [first + stride * i for i in range(num_windows)]
 
 
+def _versions() -> dict[str, str]:
+    """The versions a head-weight file records: the package, torch, transformers and Python."""
+    import platform
+
+    import transformers
+
+    import chunked_decomp
+
+    return {
+        "chunked_decomp": chunked_decomp.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def calibrate(
     model: torch.nn.Module,
     token_ids: torch.Tensor,
@@ -138,11 +163,6 @@ def calibrate(
     ``head_weights="auto"``); the model's own name is always included. source: what the text is (dataset,
     tokens), stored as given. Write the record with :func:`chunked_decomp.io.atomic_write_json`.
     """
-    import platform
-
-    import transformers
-
-    import chunked_decomp
     from chunked_decomp.config.head_weights import FORMAT, FORMAT_VERSION, model_fingerprint
 
     weights = head_sensitivity(
@@ -177,11 +197,6 @@ def calibrate(
             "device": param.device.type,
             **({"source": source} if source else {}),
         },
-        "versions": {
-            "chunked_decomp": chunked_decomp.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": _versions(),
         "head_weights": weights,
     }

@@ -9,7 +9,7 @@ The mark is per process: a tracker started inside another one resets it, so for 
 tracker has only its own samples (its peak can be low then, never high).
 
 Resident memory counts file-backed pages too: transformers memory-maps safetensors weights, so the first forward
-pass of a freshly loaded model pages in the weights (about 0.5 GB for SmolLM2-135M in float32) and a tracker
+pass of a freshly loaded model pages in the weights (RSS grows by about their size) and a tracker
 around it reports that as a peak. Run one short forward first when you measure the cache
 (``benchmarks/memory_peak.py`` does). glibc also keeps freed blocks resident; ``MALLOC_MMAP_THRESHOLD_=131072``
 returns large ones to the system, so that RSS follows the memory in use.

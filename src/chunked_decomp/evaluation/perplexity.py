@@ -4,7 +4,9 @@ Three protocols, each run the same way for every :class:`~chunked_decomp.evaluat
 
 * :func:`continuation_perplexity` — "context + continuation": the context is prefilled and compressed by the
   method, then the next tokens are scored teacher-forced in one forward that attends to the compressed context
-  and exactly to themselves. The first scored token is predicted by the prefill's last logits.
+  and exactly to themselves. The first scored token is predicted by the prefill's last logits. The scoring on
+  top of a prefilled cache is :func:`continuation_logits`, which every caller of the protocol goes through
+  (:func:`continuation_nll` for per-token losses, used by the `PerformanceEvaluator` and the benchmarks).
 * :func:`streaming_perplexity` — the whole text goes through one cache in blocks, each block attending to the
   (compressed) past, as in decoding.
 * :func:`recall_perplexity` — "recall": context = a passage + other text; the continuation repeats the start of
@@ -104,6 +106,33 @@ def _result(
 
 
 @torch.no_grad()
+def continuation_logits(
+    model: torch.nn.Module, cache: Any, last_logits: torch.Tensor, continuation: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Logits ``(batch, n, vocab)`` predicting each token of ``continuation`` ``(batch, n)``, n ≥ 1, on top of
+    ``cache`` holding ``start`` context tokens: the first from ``last_logits`` ``(batch, vocab)`` (the prefill's
+    last position), the others from one teacher-forced forward of ``continuation[:, :-1]`` at positions
+    ``start ..``, attending to the cache and exactly to themselves. The cache grows by n − 1 tokens."""
+    target = continuation.to(_device(model))
+    logits = last_logits.unsqueeze(1)  # (batch, 1, vocab)
+    if target.shape[1] > 1:
+        rest = forward_with_cache(model, cache, target[:, :-1], start)
+        logits = torch.cat([logits, rest], dim=1)
+    return logits
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: torch.nn.Module, cache: Any, last_logits: torch.Tensor, continuation: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Per-token negative log-likelihood ``(batch, n)`` float32 (nats) of ``continuation`` ``(batch, n)``,
+    scored by :func:`continuation_logits` on top of ``cache`` holding ``start`` context tokens."""
+    logits = continuation_logits(model, cache, last_logits, continuation, start)
+    target = continuation.to(_device(model))
+    return F.cross_entropy(logits.transpose(1, 2).float(), target, reduction="none")
+
+
+@torch.no_grad()
 def score_after_context(
     model: torch.nn.Module,
     method: KVMethod,
@@ -118,12 +147,12 @@ def score_after_context(
     """
     device = _device(model)
     prefilled = method.prefill(model, context.to(device).unsqueeze(0))
-    target = continuation.to(device)
-    logits = prefilled.last_logits  # (1, vocab)
-    if target.numel() > 1:
-        rest = forward_with_cache(model, prefilled.cache, target[:-1].unsqueeze(0), prefilled.context_length)
-        logits = torch.cat([logits, rest[0]], dim=0)
-    nll_sum = F.cross_entropy(logits.float(), target, reduction="sum").item()
+    logits = continuation_logits(
+        model, prefilled.cache, prefilled.last_logits, continuation.unsqueeze(0), prefilled.context_length
+    )[0]  # (n, vocab)
+    # Summed over (token, vocab) rows in one call: the numbers this protocol has always reported (a sum of
+    # per-token losses differs in the last bits).
+    nll_sum = F.cross_entropy(logits.float(), continuation.to(device), reduction="sum").item()
     return nll_sum, prefilled.storage
 
 
@@ -197,8 +226,8 @@ def recall_perplexity(
     """Protocol "recall": perplexity of repeating the first ``repeat_len`` tokens of a passage that lies
     ``filler_len`` tokens back in the (compressed) context. See :func:`recall_layout` for the layout.
 
-    An uncompressed model copies almost perfectly (SmolLM2-135M: perplexity ≈ 1.17), so the increase measures
-    what the compression lost of the distant passage.
+    An uncompressed model copies almost perfectly (perplexity near 1), so the increase measures what the
+    compression lost of the distant passage.
     """
     context, continuation = recall_layout(token_ids, passage_len, filler_len, repeat_len, start, filler_start)
     t0 = time.perf_counter()

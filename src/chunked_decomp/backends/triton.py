@@ -98,18 +98,19 @@ def _layout(key_packed, value_packed) -> dict:
             at += run["length"]
     index = {s: i for i, s in enumerate(starts)}
     pairs = torch.full((value_packed.heads, len(starts), 2), -1, dtype=torch.int32)
-    for role, packed in enumerate((key_packed, value_packed)):
-        for f, row in enumerate(packed._meta.tolist()):
+    kmeta, vmeta = key_packed.triton_table(), value_packed.triton_table()
+    for role, meta in enumerate((kmeta, vmeta)):
+        for f, row in enumerate(meta.tolist()):
             pairs[row[7], index[row[6]], role] = f
     device = value_packed.token.codes.device
-    ranks = torch.cat([key_packed._meta[:, 4], value_packed._meta[:, 4]])
+    ranks = torch.cat([kmeta[:, 4], vmeta[:, 4]])
     layout = dict(
         pairs=pairs.to(device),
         cstart=torch.tensor(starts, dtype=torch.int32, device=device),
         clen=torch.tensor(lengths, dtype=torch.int32, device=device),
         # Offsets in 32 bits (cheaper address arithmetic, which bounds the kernel) unless a buffer is too large.
-        kmeta=key_packed._meta.to(device, _index_dtype(key_packed, value_packed)),
-        vmeta=value_packed._meta.to(device, _index_dtype(key_packed, value_packed)),
+        kmeta=kmeta.to(device, _index_dtype(key_packed, value_packed)),
+        vmeta=vmeta.to(device, _index_dtype(key_packed, value_packed)),
         chunks=len(starts),
         wp=_pow2(int(ranks.max()) if ranks.numel() else 1),
         tp=_pow2(max(lengths)),

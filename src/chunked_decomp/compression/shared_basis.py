@@ -37,9 +37,9 @@ class SharedBasis:
     """The shared rows of one layer, for the kinds in ``kinds`` ("k", "v").
 
     bases: per kind, one encoded basis per group, (rows, columns), cut to the rank the first span keeps;
-    drafts: between factoring and allocating that first span, each group's full basis, encoded, not yet paid;
-    frames: per kind, (q, mix) of the stored rows, each (groups, columns, columns) float32, zero past the rows
-    kept.
+    drafts: between factoring and allocating that first span, each group's full basis, encoded, not yet paid, and
+    its (q, mix) (``frames``). Once the basis is cut, (q, mix) are derived from the stored rows at each step that
+    needs them rather than held: float32 frames would cost more than the 4-bit rows they describe.
     """
 
     def __init__(self, kinds: frozenset[str], corrections: bool):
@@ -63,8 +63,11 @@ class SharedBasis:
     def frames_for(
         self, kind: str, xg: torch.Tensor, codec: FactorCodec
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(q, mix)`` of ``kind`` for projecting chunks xg: (n, batch, groups, T, columns) (see the module
-        docstring). On first use the basis is computed from xg and held as a draft until the allocation cuts it."""
+        """``(q, mix)`` of ``kind`` for projecting chunks xg: (n, batch, groups, T, columns), each (groups, columns,
+        columns) float32, zero past the rows stored (see the module docstring). On first use the basis is computed
+        from xg and held as a draft until the allocation cuts it."""
+        if kind in self.bases:
+            return self._stored_frames(kind, xg.shape[-1], xg.device)
         if kind not in self.frames:
             g, cols = xg.shape[2], xg.shape[-1]
             gram = torch.einsum("nbgtc,nbgtd->gcd", xg.double(), xg.double())
@@ -149,16 +152,32 @@ class SharedBasis:
                     self._to_stored_rows(kind, f, ranks[lo : lo + f.groups])
 
     def _cut(self, kind: str, kept: list[int], job) -> None:
-        """Store the draft of ``kind`` cut to ``kept`` rows per group, and cut its frames alike."""
+        """Store the draft of ``kind`` cut to ``kept`` rows per group (its frames are no longer needed: the job's
+        coefficients were taken on them, and later steps derive the frames of the stored rows)."""
         drafts = self.drafts.pop(kind)
+        self.frames.pop(kind)
         self.bases[kind] = [take_rank(d, r) for d, r in zip(drafts, kept)]
         job.basis_bytes += sum(factor_nbytes(b) for b in self.bases[kind])
-        # The frames of the rows kept: q's first r rows, mix's leading r × r block.
-        q, mix = self.frames[kind]
-        r = torch.tensor(kept, device=q.device)
-        idx = torch.arange(q.shape[-1], device=q.device)
-        rows = idx[None, :] < r[:, None]  # (groups, cols)
-        self.frames[kind] = (q * rows[:, :, None], mix * (rows[:, :, None] & rows[:, None, :]))
+
+    def _stored_frames(self, kind: str, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, mix) of the stored rows of ``kind``: per group, its r rows B decoded, Bᵀ = QR with R's diagonal
+        positive, q = Qᵀ (r × cols) and mix = R⁻¹ (r × r), zero-padded to (cols, cols). Gram-Schmidt keeps
+        prefixes, so these are the first span's frames cut to the rows kept."""
+        groups = self.bases[kind]
+        q = torch.zeros(len(groups), cols, cols, device=device)
+        mix = torch.zeros(len(groups), cols, cols, device=device)
+        for g, rows in enumerate(groups):
+            r = 0 if rows is None else rows.shape[-2]
+            if r == 0:
+                continue
+            decoded = SharedRows(rows, r).decode(torch.float64)  # (r, cols)
+            q_, r_ = torch.linalg.qr(decoded.transpose(-1, -2))
+            sign = torch.where(torch.diagonal(r_) < 0, -1.0, 1.0).to(torch.float64)
+            q_, r_ = q_ * sign[None, :], r_ * sign[:, None]
+            eye = torch.eye(r, dtype=torch.float64, device=device)
+            q[g, :r] = q_.transpose(-1, -2).float()
+            mix[g, :r, :r] = torch.linalg.solve_triangular(r_, eye, upper=True).float()
+        return q, mix
 
     def _to_stored_rows(self, kind: str, f, ranks: list[int]) -> None:
         """Set the chunks' channel factors to the stored rows, and their coefficients on the orthonormal rows,

@@ -123,11 +123,16 @@ class LayerStore:
                 kept.append(c)
             elif c.start < length:
                 kept.append(c.crop(length - c.start))
+        if len(kept) < len(self.chunks) or (kept and kept[-1] is not self.chunks[len(kept) - 1]):
+            # Kept factors may be views of buffers (a compression step's, a packed rebuild's) that also hold the
+            # dropped ones: copied, they hold only their own bytes.
+            kept = [c.copied() for c in kept]
         self.chunks = kept
         self._packed = None
         if length < self.sink_length:
-            self.sink_keys = self.sink_keys[..., :length, :]
-            self.sink_values = self.sink_values[..., :length, :]
+            # Copies: a slice would keep the whole sink buffer alive.
+            self.sink_keys = self.sink_keys[..., :length, :].clone()
+            self.sink_values = self.sink_values[..., :length, :].clone()
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Rows ``index`` of the batch (beam reordering, batch selection, repeat-interleave): factors are
@@ -142,6 +147,11 @@ class LayerStore:
     def token_bytes(self, element_size: int) -> int:
         """Bytes of one token (keys + values, whole batch) in an uncompressed cache of that element size."""
         return self.batch * self.heads * (self.head_dim + self.v_head_dim) * element_size
+
+    def overhead_nbytes(self) -> int:
+        """Bytes held besides the aged tokens' own: the tables of the packed factors, when built."""
+        packed = self._packed or ()
+        return sum(p.overhead_nbytes for p in packed)
 
     def aged_nbytes(self) -> int:
         """Bytes held: the exact sinks, the shared basis and every chunk's factors."""

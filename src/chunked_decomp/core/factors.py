@@ -273,6 +273,15 @@ class FactorSet:
         pairs = [(_map(t, cut_t, cut_q), c) for t, c in self.pairs]
         return FactorSet(pairs, self.batch, length, self.heads, self.head_dim, self.joined)
 
+    def copied(self) -> FactorSet:
+        """The same factors in storage of their own (a factor may be a view of a buffer shared with others)."""
+
+        def copy_q(q: QuantizedTensor) -> QuantizedTensor:
+            return q.narrow_prefix(-2, q.shape[-2])
+
+        pairs = [(_map(t, torch.clone, copy_q), _map(c, torch.clone, copy_q)) for t, c in self.pairs]
+        return FactorSet(pairs, self.batch, self.length, self.heads, self.head_dim, self.joined)
+
     def select_batch(self, index: torch.Tensor) -> FactorSet:
         """Rows ``index`` of the batch (beam reordering, batch selection, repeat-interleave)."""
 
@@ -310,6 +319,12 @@ class CompressedChunk:
             self.values.crop(length),
             self.keys_pre_rope,
             self.info,
+        )
+
+    def copied(self) -> CompressedChunk:
+        """This chunk with its factors in storage of their own."""
+        return CompressedChunk(
+            self.start, self.length, self.keys.copied(), self.values.copied(), self.keys_pre_rope, self.info
         )
 
     def select_batch(self, index: torch.Tensor) -> CompressedChunk:

@@ -123,7 +123,7 @@ class PackedFactors:
                     channels.append(c)
                     slots.append((ci, h))
         self.token = _FlatRole(tokens) if tokens else None
-        self._basis_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._empty_device = self._device(sets)
         extra_of = self._pack_channels(channels, slots)
         if self.token is not None and not self.token.quantized:
             # Plain tensors cannot be re-pointed in place: put the views into the pairs.
@@ -133,9 +133,10 @@ class PackedFactors:
                     cviews[i] = SharedRows(cviews[i].basis, cviews[i].rank, ev)
             for (ci, h), tv, cv in zip(slots, self.token.views, cviews):
                 sets[ci].pairs[h] = (tv, cv)
-        basis_at = self._pack_basis_copy()
-        self._meta = self._kernel_table(sets, slots, tokens, basis_at)
-        self.runs = self._runs(sets, dict(extra_of))
+        self.basis_role: _FlatRole | None = None  # built when the Triton kernel asks (`triton_table`)
+        self._table = self._factor_table(sets, slots, tokens)
+        self._extra_rank = dict(extra_of)
+        self.runs = self._runs(sets)
 
     def _pack_channels(self, channels: list, slots: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Pack the channel factors (``self.channel``), or, on a basis shared by the layer, note each head's
@@ -157,31 +158,11 @@ class PackedFactors:
         self.channel = _FlatRole(channels) if channels else None
         return extra_of
 
-    def _pack_basis_copy(self) -> dict[int, tuple[int, int]]:
-        """A quantised shared basis without correction rows, for the Triton kernel, which reads a channel factor per
-        factor: a copy of each head's rows in one flat buffer (``self.basis_role``; the layer keeps the originals,
-        a few KB), every factor of a head pointing at them, every batch row at the same rows (`channel_shared`).
-        Returns where each head's rows start in it."""
-        self.basis_role: _FlatRole | None = None
-        if not (
-            self.shared is not None
-            and self.extra is None
-            and all(r is None or isinstance(r.basis, QuantizedTensor) for r in self.shared)
-            and any(r is not None and r.basis is not None for r in self.shared)
-        ):
-            return {}
-        heads = [h for h, r in enumerate(self.shared) if r is not None and r.basis is not None]
-        self.basis_role = _FlatRole([self.shared[h].basis for h in heads], repoint=False)
-        return {h: self.basis_role.offsets[i] for i, h in enumerate(heads)}
-
-    def _kernel_table(self, sets, slots, tokens, basis_at) -> torch.Tensor | None:
-        """Per factor, for the fused kernels (`chunked_decomp.backends.cpu_kernel`, `chunked_decomp.backends.triton`):
-        token code and group offsets, channel code and group offsets, rank, length, first compressed position,
-        head; (factors, 8) int64, or None unless token and channel factors are all quantised."""
-        channel = self.kernel_channel
-        if not (
-            self.token is not None and self.token.quantized and channel is not None and channel.quantized
-        ):
+    def _factor_table(self, sets, slots, tokens) -> torch.Tensor | None:
+        """Per factor: token code and group offsets, channel code and group offsets (0 on a shared basis), rank,
+        length, first compressed position, head; (factors, 8) int32, the only per-factor state held besides the
+        factors (8 words a factor: the rows each rebuild writes are derived from it)."""
+        if self.token is None:
             return None
         starts = [0]
         for s in sets:
@@ -189,7 +170,7 @@ class PackedFactors:
         rows = [
             (
                 *self.token.offsets[i],
-                *(self.channel.offsets[i] if self.channel is not None else basis_at[h]),
+                *(self.channel.offsets[i] if self.channel is not None else (0, 0)),
                 t.shape[-2],
                 sets[ci].length,
                 starts[ci],
@@ -197,64 +178,89 @@ class PackedFactors:
             )
             for i, ((ci, h), t) in enumerate(zip(slots, tokens))
         ]
-        return torch.tensor(rows, dtype=torch.int64).view(-1, 8)
+        return torch.tensor(rows, dtype=torch.int32).view(-1, 8)
 
-    def _runs(self, sets: list[FactorSet], extra_rank: dict[int, int]) -> list[dict]:
-        """Runs of consecutive chunks of equal length, each rebuilt by one padded batched product: per run, where
-        each factor's rows go in the run's (batch, head, chunk, width) buffer, the rows no factor writes, and
-        which factors (and correction rows) it covers."""
-        device = self._device(sets)
+    def _runs(self, sets: list[FactorSet]) -> list[dict]:
+        """Runs of consecutive chunks of equal length, each rebuilt by one padded batched product: per run, its
+        chunks, their length, the widest rank, its first compressed position, and which factors (and correction
+        rows) it covers (plain ints: the rows each factor fills are derived when a rebuild needs them)."""
         runs = []
-        factor_idx = extra_idx = 0
+        factor_idx = extra_idx = position = 0
         i = 0
         while i < len(sets):
             j = i
             while j < len(sets) and sets[j].length == sets[i].length:
                 j += 1
-            ranks = [sets[c].ranks for c in range(i, j)]
-            width = max([max(r) for r in ranks] + [1])
-            dest, extra_dest = [], []
-            n_factors = n_extras = 0
-            for cl, rs in enumerate(ranks):
-                for h, r in enumerate(rs):
-                    if r == 0:
-                        continue
-                    shared_rank = extra_rank.get(factor_idx + n_factors)
-                    n_factors += 1
-                    if shared_rank is not None:
-                        n_extras += 1
-                    for b in range(self.batch):
-                        # Products ordered (batch, head, chunk): the result is (batch, heads, tokens, d) as is.
-                        base = ((b * self.heads + h) * (j - i) + cl) * width
-                        dest.extend(range(base, base + r))
-                        if shared_rank is not None:  # correction rows follow the shared ones
-                            extra_dest.extend(range(base + shared_rank, base + r))
-            # Rows no factor writes (ranks below the run's width, heads of rank 0): zeroed at each rebuild,
-            # the others are written whole, so the buffers need no zeroing pass.
-            unused = torch.ones((j - i) * self.batch * self.heads * width, dtype=torch.bool)
-            unused[dest] = False
+            ranks = [r for c in range(i, j) for r in sets[c].ranks]
+            n_factors = sum(1 for r in ranks if r)
+            n_extras = sum(1 for f in range(factor_idx, factor_idx + n_factors) if f in self._extra_rank)
             runs.append(
                 dict(
                     chunks=j - i,
                     length=sets[i].length,
-                    width=width,
-                    dest=torch.tensor(dest, dtype=torch.int64, device=device),
-                    pad=unused.nonzero().flatten().to(device),
+                    width=max(ranks + [1]),
+                    start=position,
                     factors=(factor_idx, factor_idx + n_factors),
-                    extra_dest=torch.tensor(extra_dest, dtype=torch.int64, device=device),
                     extras=(extra_idx, extra_idx + n_extras),
                 )
             )
             factor_idx += n_factors
             extra_idx += n_extras
+            position += (j - i) * sets[i].length
             i = j
         return runs
+
+    def _rows_of(self, run: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the rows of a run's factors go in its (batch, head, chunk, width) buffer, in the order they are
+        stored (factor, batch row, component), and where their correction rows go (after the shared rows each
+        keeps); both int64. Products ordered (batch, head, chunk) give (batch, heads, tokens, d) as is."""
+        f0, f1 = run["factors"]
+        table = self._table[f0:f1].to(torch.int64)
+        rank, head = table[:, 4], table[:, 7]
+        chunk = (table[:, 6] - run["start"]) // run["length"]
+        batch = torch.arange(self.batch)
+        base = ((batch[None, :] * self.heads + head[:, None]) * run["chunks"] + chunk[:, None]) * run["width"]
+        dest = _expand(base.flatten(), rank.repeat_interleave(self.batch))
+        kept = [self._extra_rank[f] for f in range(f0, f1) if f in self._extra_rank]
+        if not kept:
+            return dest.to(device), dest.new_empty(0).to(device)
+        has = torch.tensor([f in self._extra_rank for f in range(f0, f1)])
+        shared = torch.tensor(kept, dtype=torch.int64)
+        extra_base = (base[has] + shared[:, None]).flatten()
+        extra = _expand(extra_base, (rank[has] - shared).repeat_interleave(self.batch))
+        return dest.to(device), extra.to(device)
 
     @property
     def quantized(self) -> bool:
         """Whether token and channel factors are all quantised (the layout the fused kernels read); a shared basis
         counts when it is quantised and no chunk has correction rows."""
-        return self._meta is not None
+        if self.token is None or not self.token.quantized:
+            return False
+        if self.channel is not None:
+            return self.channel.quantized
+        return (
+            self.shared is not None
+            and self.extra is None
+            and all(r is None or isinstance(r.basis, QuantizedTensor) for r in self.shared)
+            and any(r is not None and r.basis is not None for r in self.shared)
+        )
+
+    @property
+    def overhead_nbytes(self) -> int:
+        """Bytes held besides the factors themselves: the per-factor table, and the Triton kernel's copy of a
+        shared basis and its layout once built."""
+        extra = [self._table]
+        if self.basis_role is not None:
+            extra += [
+                self.basis_role.codes,
+                self.basis_role.scale,
+                self.basis_role.minimum,
+                self._triton_table,
+            ]
+        layout = getattr(self, "_triton_layout", None)
+        if layout is not None:
+            extra += [v for v in layout[1].values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in extra if t is not None)
 
     @property
     def channel_shared(self) -> bool:
@@ -263,8 +269,27 @@ class PackedFactors:
 
     @property
     def kernel_channel(self) -> _FlatRole | None:
-        """The channel role the fused kernels read: the chunks' own factors, or a shared basis's copy."""
-        return self.channel if self.channel is not None else self.basis_role
+        """The channel role the fused kernels read: the chunks' own factors, or a shared basis's copy (built now)."""
+        if self.channel is not None:
+            return self.channel
+        self.triton_table()
+        return self.basis_role
+
+    def triton_table(self) -> torch.Tensor:
+        """The per-factor table with the channel offsets of what the kernels read: the chunks' own channel factors,
+        or, on a quantised shared basis, a copy of each head's rows in one flat buffer (built on first use; the
+        layer keeps the originals), every factor of a head pointing at them and every batch row at the same rows
+        (`channel_shared`). (factors, 8) int64."""
+        if self.channel is not None or not self.quantized:
+            return self._table.to(torch.int64)
+        if self.basis_role is None:
+            heads = [h for h, r in enumerate(self.shared) if r is not None and r.basis is not None]
+            self.basis_role = _FlatRole([self.shared[h].basis for h in heads], repoint=False)
+            at = {h: self.basis_role.offsets[i] for i, h in enumerate(heads)}
+            table = self._table.to(torch.int64)
+            table[:, 2:4] = torch.tensor([at[int(h)] for h in table[:, 7]], dtype=torch.int64).view(-1, 2)
+            self._triton_table = table
+        return self._triton_table
 
     @property
     def fusable(self) -> bool:
@@ -280,24 +305,23 @@ class PackedFactors:
         return (
             t.codes, t.scale, t.minimum,
             c.codes, c.scale, c.minimum,
-            self._meta, t.bits, t.group_size, c.bits, c.group_size,
+            self._table.to(torch.int64), t.bits, t.group_size, c.bits, c.group_size,
         )  # fmt: skip
 
     def _basis(self, width: int, device: torch.device) -> torch.Tensor:
         """The shared basis rows of every head, decoded and zero-padded or cut to ``width``: (heads, width, d).
+        Decoded at each use, not kept: held, it would be a float32 copy of bytes the cache stores at 4 bits."""
+        out = torch.zeros(self.heads, width, self.head_dim, device=device)
+        for h, rows in enumerate(self.shared):
+            if rows is not None and rows.rank > 0:
+                r = min(rows.rank, width)
+                out[h, :r] = SharedRows(rows.basis, r).decode(torch.float32)
+        return out
 
-        Decoded once per width and kept (heads · width · d float32: at most 49 KB a layer for SmolLM2-135M's 3
-        heads of 64 channels): the basis never changes while this object lives (the layer builds a new one whenever its
-        chunks change), and decoding it at every step was a sixth of the factored decoding time at 4k tokens."""
-        key = (width, str(device))
-        if key not in self._basis_cache:
-            out = torch.zeros(self.heads, width, self.head_dim, device=device)
-            for h, rows in enumerate(self.shared):
-                if rows is not None and rows.rank > 0:
-                    r = min(rows.rank, width)
-                    out[h, :r] = SharedRows(rows.basis, r).decode(torch.float32)
-            self._basis_cache[key] = out
-        return self._basis_cache[key]
+    def _device_of(self) -> torch.device:
+        if self.token is None:
+            return self._empty_device
+        return self.token.codes.device if self.token.quantized else self.token.data.device
 
     @staticmethod
     def _device(sets: list[FactorSet]) -> torch.device:
@@ -351,21 +375,22 @@ class PackedFactors:
         ``(token, channel)`` with token (batch, heads, n_chunks, w, T) and channel (batch, heads, n_chunks, w, d),
         float32, so that chunk c of head h is ``token[b, h, c].T @ channel[b, h, c]``: (T, d). ``dequant_into``: see
         ``_FlatRole.rows_into``."""
-        device = self.runs[0]["dest"].device
+        device = self._device_of()
         out = []
         for run in self.runs:
             n, t, w = run["chunks"], run["length"], run["width"]
             p = n * self.batch * self.heads
             first, last = run["factors"]
+            # Rows no factor writes (ranks below the run's width, heads of rank 0) stay zero.
+            u = torch.zeros(p * w, t, device=device)
             if first == last:
-                u = torch.zeros(p * w, t, device=device)
                 v = torch.zeros(p * w, self.head_dim, device=device)
             else:
-                u = torch.empty(p * w, t, device=device).index_fill_(0, run["pad"], 0.0)
-                self.token.rows_into(u, run["dest"], first, last, t, dequant_into)
+                dest, extra_dest = self._rows_of(run, device)
+                self.token.rows_into(u, dest, first, last, t, dequant_into)
                 if self.shared is None:
-                    v = torch.empty(p * w, self.head_dim, device=device).index_fill_(0, run["pad"], 0.0)
-                    self.channel.rows_into(v, run["dest"], first, last, self.head_dim, dequant_into)
+                    v = torch.zeros(p * w, self.head_dim, device=device)
+                    self.channel.rows_into(v, dest, first, last, self.head_dim, dequant_into)
                 else:
                     v = torch.empty(p * w, self.head_dim, device=device)
                     # Every chunk of a head uses its basis rows (token rows past a chunk's rank are zero).
@@ -375,7 +400,7 @@ class PackedFactors:
                     e0, e1 = run["extras"]
                     if e0 != e1:
                         # Chunks with their own rows: those follow the shared rows they keep.
-                        self.extra.rows_into(v, run["extra_dest"], e0, e1, self.head_dim, dequant_into)
+                        self.extra.rows_into(v, extra_dest, e0, e1, self.head_dim, dequant_into)
             out.append(
                 (u.view(self.batch, self.heads, n, w, t), v.view(self.batch, self.heads, n, w, self.head_dim))
             )
@@ -385,8 +410,7 @@ class PackedFactors:
         """Every chunk of this kind rebuilt: (batch, heads, total length, head_dim), float32 (``dequant_into``:
         see ``_FlatRole.rows_into``)."""
         if self.token is None:
-            device = self.runs[0]["dest"].device
-            return torch.zeros(self.batch, self.heads, self.length, self.head_dim, device=device)
+            return torch.zeros(self.batch, self.heads, self.length, self.head_dim, device=self._device_of())
         outs = []
         for u, v in self.factors(dequant_into):
             b, h, n, w, t = u.shape
@@ -394,3 +418,10 @@ class PackedFactors:
             x = torch.bmm(u.view(-1, w, t).transpose(1, 2), v.view(-1, w, self.head_dim))
             outs.append(x.view(b, h, n * t, self.head_dim))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def _expand(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``cat([arange(s, s + c) for s, c in zip(starts, counts)])`` without a loop: int64."""
+    total = int(counts.sum())
+    offsets = torch.cumsum(counts, 0) - counts
+    return starts.repeat_interleave(counts) + torch.arange(total) - offsets.repeat_interleave(counts)

@@ -135,7 +135,9 @@ class ChunkedSVDCache(Cache):
     def memory_stats(self) -> CacheMemoryStats:
         """Bytes held vs. an uncompressed cache, per layer and in total (sliding layers count as exact)."""
         self.flush()
-        stats = CacheMemoryStats()
+        # The rotary frequencies: one tensor for every layer, counted once.
+        shared = {id(f): f for i in self._svd_layers if (f := self.layers[i].store.inv_freq) is not None}
+        stats = CacheMemoryStats(shared_bytes=sum(nbytes(t) for t in shared.values()))
         for i, layer in enumerate(self.layers):
             if isinstance(layer, ChunkedSVDLayer):
                 stats.per_layer.append(layer.memory_stats())

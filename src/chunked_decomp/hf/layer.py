@@ -94,6 +94,7 @@ class ChunkedSVDLayer(DynamicLayer):
         seq = self.get_seq_length()
         elem = torch.empty((), dtype=self.dtype).element_size()
         aged_stored = store.aged_nbytes()
+        overhead = store.overhead_nbytes()
         k_ranks = [sum(c.keys.ranks) / max(len(c.keys.ranks), 1) for c in self.chunks]
         v_ranks = [sum(c.values.ranks) / max(len(c.values.ranks), 1) for c in self.chunks]
         return LayerMemoryStats(
@@ -101,7 +102,7 @@ class ChunkedSVDLayer(DynamicLayer):
             seq_length=seq,
             exact_tokens=self.sink_length + self.tail_length,
             compressed_tokens=self.compressed_length,
-            stored_bytes=aged_stored + nbytes(self.keys) + nbytes(self.values),
+            stored_bytes=aged_stored + overhead + nbytes(self.keys) + nbytes(self.values),
             aged_stored_bytes=aged_stored,
             uncompressed_bytes=seq * store.token_bytes(elem),
             aged_uncompressed_bytes=aged_tokens * store.token_bytes(elem),
@@ -109,6 +110,7 @@ class ChunkedSVDLayer(DynamicLayer):
             aged_reference_bytes=aged_tokens * store.token_bytes(store.reference_element_size),
             mean_key_rank=sum(k_ranks) / len(k_ranks) if k_ranks else 0.0,
             mean_value_rank=sum(v_ranks) / len(v_ranks) if v_ranks else 0.0,
+            overhead_bytes=overhead,
         )
 
     # ---- the transformers layer interface ----------------------------------------------------------------
@@ -188,13 +190,12 @@ class ChunkedSVDLayer(DynamicLayer):
             return
         new_len = max(self.get_seq_length() + tokens_to_remove, 0)
         tail_start = self.sink_length + self.compressed_length
-        if new_len >= tail_start:
-            self.keys = self.keys[..., : new_len - tail_start, :]
-            self.values = self.values[..., : new_len - tail_start, :]
-            return
-        self.keys = self.keys[..., :0, :]
-        self.values = self.values[..., :0, :]
-        self.store.crop(new_len)
+        # Copies: a slice would keep the whole window buffer alive behind the tokens it shows.
+        kept = max(new_len - tail_start, 0)
+        self.keys = self.keys[..., :kept, :].clone()
+        self.values = self.values[..., :kept, :].clone()
+        if new_len < tail_start:
+            self.store.crop(new_len)
 
     def _select_batch(self, index: torch.Tensor) -> None:
         if not self.is_initialized:

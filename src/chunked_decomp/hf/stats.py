@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LayerMemoryStats:
-    """Bytes and tokens of one layer. ``aged`` = sinks + compressed chunks (what the budget governs)."""
+    """Bytes and tokens of one layer. ``aged`` = sinks + compressed chunks (what the budget governs);
+    ``overhead_bytes``: what the layer holds besides them and its window (the tables of its packed factors),
+    included in ``stored_bytes``."""
 
     layer_idx: int
     seq_length: int
@@ -21,20 +23,25 @@ class LayerMemoryStats:
     aged_reference_bytes: int
     mean_key_rank: float = 0.0
     mean_value_rank: float = 0.0
+    overhead_bytes: int = 0
 
 
 @dataclass
 class CacheMemoryStats:
-    """Totals over layers; ratios are ``stored / uncompressed`` (cache dtype) and ``stored / reference``."""
+    """Totals over layers; ratios are ``stored / uncompressed`` (cache dtype) and ``stored / reference``.
+    ``shared_bytes``: tensors the cache holds once for all its layers (the rotary frequencies), counted in
+    ``stored_bytes``."""
 
     per_layer: list[LayerMemoryStats] = field(default_factory=list)
+    shared_bytes: int = 0
 
     def _sum(self, name: str) -> int:
         return sum(getattr(s, name) for s in self.per_layer)
 
     @property
     def stored_bytes(self) -> int:
-        return self._sum("stored_bytes")
+        """Every byte the cache holds."""
+        return self._sum("stored_bytes") + self.shared_bytes
 
     @property
     def uncompressed_bytes(self) -> int:
@@ -83,5 +90,6 @@ class CacheMemoryStats:
             "aged_ratio": self.aged_ratio,
             "compressed_tokens": self.compressed_tokens,
             "exact_tokens": self.exact_tokens,
+            "shared_bytes": self.shared_bytes,
             "per_layer": [vars(s) for s in self.per_layer],
         }

@@ -12,6 +12,7 @@ from chunked_decomp.backends import cpu_kernel as kernels
 from chunked_decomp.core.factors import FactorCodec, FactorSet, SharedRows, take_rank
 from chunked_decomp.core.packed import PackedFactors
 from chunked_decomp.core.quantization import unpack_codes
+from chunked_decomp.core.rotary import rotate
 from chunked_decomp.hf.models import cache_kwarg_name
 from tests.helpers.models import make_tiny_model, random_ids
 
@@ -194,7 +195,19 @@ def test_cache_uses_the_packed_path_and_it_survives_crop_and_reorder() -> None:
             assert layer.store._packed, "expected the packed path for per-head quantised chunks"
             slow_v = torch.cat([c.values.reconstruct(torch.float32) for c in layer.chunks], dim=-2)
             torch.testing.assert_close(values, slow_v, rtol=1e-5, atol=1e-5)
-            assert keys.shape == slow_v.shape[:-1] + (layer.store.head_dim,)
+            # Keys chunk by chunk, each rotated to its own positions (not through the batched rotation).
+            slow_k = torch.cat(
+                [
+                    rotate(
+                        c.keys.reconstruct(torch.float32),
+                        torch.arange(c.start, c.start + c.length),
+                        layer.store.inv_freq,
+                    )
+                    for c in layer.chunks
+                ],
+                dim=-2,
+            )
+            torch.testing.assert_close(keys, slow_k, rtol=1e-5, atol=1e-5)
 
     check()
     cache.crop(-13)

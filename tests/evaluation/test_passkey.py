@@ -88,9 +88,17 @@ def test_passkey_protocol_runs(model, tokenizer, spec):
         trials_per_cell=2,
         max_new_tokens=6,
     )
-    assert result.n_trials == 12
-    assert 0.0 <= result.accuracy <= 1.0
-    assert set(result.by_length) == {300, 400} and set(result.by_depth) == {0.0, 0.5, 1.0}
+    assert result.n_trials == len(result.trials) == 12
+    # The scores are what the trials say: each trial's answer is the passkey or not, and the accuracies are the
+    # fractions of correct trials overall, per length and per depth.
+    assert all(t["correct"] == (extract_passkey(t["output"]) == t["passkey"]) for t in result.trials)
+    assert result.accuracy == sum(t["correct"] for t in result.trials) / 12
+    for n in (300, 400):
+        rows = [t for t in result.trials if t["length"] == n]
+        assert result.by_length[n] == sum(t["correct"] for t in rows) / len(rows)
+    for d in (0.0, 0.5, 1.0):
+        rows = [t for t in result.trials if t["depth"] == d]
+        assert result.by_depth[d] == sum(t["correct"] for t in rows) / len(rows)
     again = passkey_accuracy(
         model,
         tokenizer,

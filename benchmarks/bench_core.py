@@ -1,4 +1,4 @@
-"""Core benchmark: bytes, perplexity, generation fidelity and compression time on the default model.
+"""Core benchmark: bytes, perplexity, generation fidelity and compression time (``--model_name``, ``--dataset``).
 
 Protocol (docs/results.md, "How it is measured"): SmolLM2-135M (float32, CPU), Wikipedia text; a 1,024-token context is prefilled and
 compressed, then the next 512 tokens are scored teacher-forced against it. One window is a noisy measure (at
@@ -38,7 +38,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from common import add_overrides_option, load_model_and_text, overrides_from, timed, write_results
+from common import (
+    add_model_options,
+    add_overrides_option,
+    load_model_and_text,
+    overrides_from,
+    timed,
+    write_results,
+)
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig
 from chunked_decomp.config.head_weights import resolve_head_weights
@@ -90,6 +97,8 @@ class Layout:
     new_tokens: int
     starts: list[int]
     recall_starts: list[int]
+    model: str = "smollm2-135m"
+    dataset: str = "wikipedia"
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Layout:
@@ -99,7 +108,10 @@ class Layout:
         if args.context_len is not None:
             context_len = args.context_len
         starts = window_starts(1 if args.quick else args.windows, args.first_window)
-        return cls(context_len, cont_len, prompt_len, new_tokens, starts, starts[: args.recall_windows])
+        recall = starts[: args.recall_windows]
+        return cls(
+            context_len, cont_len, prompt_len, new_tokens, starts, recall, args.model_name, args.dataset
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timing_runs", type=int, default=5, help="prefill timings per budget (median reported)"
     )
+    add_model_options(parser)
     add_overrides_option(parser, "the preset at every budget")
     parser.add_argument(
         "--calibrate",
@@ -280,7 +293,8 @@ def budget_row(
 def print_table(rows: list[dict], layout: Layout, base: dict, skip_generation: bool) -> None:
     starts, new_tokens = layout.starts, layout.new_tokens
     print(
-        f"\nSmolLM2-135M float32 CPU, context {layout.context_len}, continuation {layout.cont_len}, "
+        f"\n{layout.model} on {layout.dataset}, float32 CPU, context {layout.context_len}, "
+        f"continuation {layout.cont_len}, "
         f"{len(starts)} window(s) from token {starts[0]}"
     )
     print(f"baseline perplexity {base['windows'][0].perplexity:.3f} (first window)")
@@ -316,7 +330,7 @@ def main() -> None:
     layout = Layout.of(args)
     context_len, cont_len = layout.context_len, layout.cont_len
 
-    model, _, ids = load_model_and_text()
+    model, _, ids = load_model_and_text(args.model_name, args.dataset)
     base = {
         "windows": [
             continuation_perplexity(model, FullCache(), ids, context_len, cont_len, start=s)
@@ -343,6 +357,8 @@ def main() -> None:
     print_table(rows, layout, base, args.skip_generation)
     summary = {
         "benchmark": "core_budget",
+        "model": args.model_name,
+        "dataset": args.dataset,
         "context_len": context_len,
         "continuation_len": cont_len,
         "baseline_perplexity": base["windows"][0].perplexity,

@@ -160,6 +160,24 @@ def timed(device: torch.device | str | None = None) -> Iterator[Timing]:
 
 
 # ---- the --set option ---------------------------------------------------------------------------------------
+def add_model_options(parser: argparse.ArgumentParser, dataset: bool = True) -> None:
+    """``--model_name`` (also ``--model``) and, with ``dataset``, ``--dataset``: what a script measures on."""
+    parser.add_argument(
+        "--model_name",
+        "--model",
+        dest="model_name",
+        default=DEFAULT_MODEL,
+        help=f"model: the embedded {DEFAULT_MODEL!r} (default), the offline 'qwen2.5-coder-0.5b', a local folder "
+        "or a hub id",
+    )
+    if dataset:
+        parser.add_argument(
+            "--dataset",
+            default=DEFAULT_TEXT,
+            help=f"text: {DEFAULT_TEXT!r} (default), 'python' (standard-library code), 'pydoc'",
+        )
+
+
 def add_overrides_option(parser: argparse.ArgumentParser, what: str) -> None:
     """The repeatable ``--set KEY=VALUE`` flag (into ``args.overrides``, for :func:`overrides_from`); ``what``
     says which configs it overrides."""

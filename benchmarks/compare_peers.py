@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_overrides_option, load_model_and_text, run_metadata, timed
+from common import add_model_options, add_overrides_option, load_model_and_text, run_metadata, timed
 
 from chunked_decomp.config import CompressionConfig, parse_overrides
 from chunked_decomp.evaluation.methods import (
@@ -185,10 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="budget 0.25 only, 3 presses, short passkeys")
-    parser.add_argument(
-        "--model", default="smollm2-135m", help="model name or path (default: the embedded one)"
-    )
-    parser.add_argument("--dataset", default="wikipedia", help="text for the perplexity protocols")
+    add_model_options(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--preset", default="balanced", help="ChunkedDecomp preset run at every budget")
@@ -290,7 +287,7 @@ def run_rows(
 def run_meta(args: argparse.Namespace, seconds: float) -> dict[str, Any]:
     """The JSON file's ``meta``: what ran, on which versions, and each protocol's settings."""
     return {
-        "model": args.model,
+        "model": args.model_name,
         "dataset": args.dataset,
         "device": args.device,
         "dtype": args.dtype,
@@ -339,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     model, tokenizer, token_ids = load_model_and_text(
-        args.model, args.dataset, dtype=args.dtype, device=args.device
+        args.model_name, args.dataset, dtype=args.dtype, device=args.device
     )
     methods = build_methods(args)
     with_overrides(methods, model, token_ids, args)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from common import (
     RESULTS,
+    add_model_options,
     add_overrides_option,
     load_model_and_text,
     overrides_from,
@@ -101,6 +102,7 @@ def time_decode(model, prompt: torch.Tensor, steps: int) -> dict:
 def parse_args() -> tuple[argparse.Namespace, dict[str, Any], dict[str, CompressionConfig]]:
     """The flags, the ``--set`` overrides and the config of each mode; a bad value exits with status 2."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_options(parser)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
@@ -192,17 +194,22 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def main() -> None:
     args, overrides, configs = parse_args()
     output = (
-        Path(args.output) if args.output else RESULTS / "decode_speed" / f"decode_speed{'_quick' if args.quick else ''}.json"
+        Path(args.output)
+        if args.output
+        else RESULTS / "decode_speed" / f"decode_speed{'_quick' if args.quick else ''}.json"
     )
     torch.set_num_threads(args.threads)
 
-    model, _, ids = load_model_and_text(min_tokens=args.batch * max(args.contexts) + 1)
+    model, _, ids = load_model_and_text(
+        args.model_name, args.dataset, min_tokens=args.batch * max(args.contexts) + 1
+    )
     results = run_rounds(model, ids, args, configs)
     rows = table_rows(results, args)
     print_table(rows, args)
     summary = {
         "benchmark": "decode_speed",
-        "model": "smollm2-135m",
+        "model": args.model_name,
+        "dataset": args.dataset,
         "dtype": "float32",
         "preset": args.preset,
         "overrides": overrides,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from common import (
     RESULTS,
+    add_model_options,
     add_overrides_option,
     load_model_and_text,
     overrides_from,
@@ -53,13 +54,16 @@ def _scores(ctx, query: torch.Tensor) -> torch.Tensor:
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace, dict[str, Any], CompressionConfig]:
     """The parser (later checks refuse through it too), the flags, the ``--set`` overrides and the config."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_options(parser)
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=9)
     add_overrides_option(parser, "the preset")
     parser.add_argument(
-        "--output", default=None, help="JSON path (default benchmarks/results/decode_speed/kernel_speed_*.json)"
+        "--output",
+        default=None,
+        help="JSON path (default benchmarks/results/decode_speed/kernel_speed_*.json)",
     )
     args = parser.parse_args()
     if args.context < 512:
@@ -139,10 +143,14 @@ def table_rows(times: dict[str, dict[int, list[float]]], first: int, keys: str) 
 
 def main() -> None:
     parser, args, overrides, config = parse_args()
-    output = Path(args.output) if args.output else RESULTS / "decode_speed" / f"kernel_speed_{args.preset}_{args.context}.json"
+    output = (
+        Path(args.output)
+        if args.output
+        else RESULTS / "decode_speed" / f"kernel_speed_{args.preset}_{args.context}.json"
+    )
 
     torch.set_num_threads(args.threads[0])
-    model, _, ids = load_model_and_text(min_tokens=args.context + 1)
+    model, _, ids = load_model_and_text(args.model_name, args.dataset, min_tokens=args.context + 1)
     contexts = layer_contexts(model, ids, config, args.context)
     if any(c.value_packed is None or (c.key_packed is None and c.keys_rope is None) for c in contexts):
         parser.error(
@@ -161,7 +169,8 @@ def main() -> None:
         print(f"{r['function']:>12} {r['threads']:>8} {r['ms_per_step']:>8.2f} {r['speedup']:>8.2f}x")
     summary = {
         "benchmark": "kernel_speed",
-        "model": "smollm2-135m",
+        "model": args.model_name,
+        "dataset": args.dataset,
         "preset": args.preset,
         "overrides": overrides,
         "context": args.context,

@@ -60,7 +60,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, library_info, load_model, load_model_and_text, run_metadata, timed, write_results
+from common import (
+    RESULTS,
+    add_model_options,
+    library_info,
+    load_model,
+    load_model_and_text,
+    run_metadata,
+    timed,
+    write_results,
+)
 
 from chunked_decomp import ChunkedDecomp, CompressionConfig, MemoryTracker, load_presets
 from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
@@ -155,7 +164,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import DynamicCache
 
     torch.set_num_threads(spec["threads"])
-    model, _ = load_model()  # float32, CPU, eval mode
+    model, _ = load_model(spec.get("model_name", "smollm2-135m"))  # float32, CPU, eval mode
     prompt = torch.tensor(json.loads(Path(spec["ids_file"]).read_text())[: spec["context"]]).unsqueeze(0)
     if prompt.shape[1] != spec["context"]:
         raise ValueError(f"the token stream holds {prompt.shape[1]} tokens, fewer than {spec['context']}")
@@ -430,6 +439,7 @@ def _add_estimate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", default=None, help="JSON path (default benchmarks/results/memory/memory_peak.json)"
     )
+    add_model_options(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker_output", default=None, help=argparse.SUPPRESS)
 
@@ -472,7 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_stream(args: argparse.Namespace) -> tuple[torch.Tensor, int]:
     """The Wikipedia token stream from ``--offset`` (at least the longest context) and the model's positions;
     the model is loaded only for them (each run loads its own)."""
-    model, _, ids = load_model_and_text(min_tokens=args.offset + max(args.contexts))
+    model, _, ids = load_model_and_text(
+        args.model_name, args.dataset, min_tokens=args.offset + max(args.contexts)
+    )
     max_positions = model.config.max_position_embeddings
     del model
     return ids[args.offset :].clone(), max_positions
@@ -582,7 +594,7 @@ def measure(args: argparse.Namespace, stream: torch.Tensor, max_positions: int) 
         ids_file = Path(tmp) / "ids.json"
         atomic_write_json(ids_file, stream.tolist())
         base = {"ids_file": str(ids_file), "new_tokens": args.new_tokens, "prefill_chunk": args.prefill_chunk}
-        base.update(threads=args.threads, warmup=not args.cold)
+        base.update(threads=args.threads, warmup=not args.cold, model_name=args.model_name)
         runs = run_rounds(args, base, Path(tmp))
         rows = summarise(runs, args)
         same_tokens = tokens_agree(runs)
@@ -608,7 +620,9 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_json(args.worker_output, worker(json.loads(args.worker)), indent=None)
         return
     output = (
-        Path(args.output) if args.output else RESULTS / "memory" / f"memory_peak{'_quick' if args.quick else ''}.json"
+        Path(args.output)
+        if args.output
+        else RESULTS / "memory" / f"memory_peak{'_quick' if args.quick else ''}.json"
     )
     t_start = time.perf_counter()
     library = library_info()

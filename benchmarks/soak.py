@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, load_model, run_metadata, text_token_ids, timed
+from common import RESULTS, add_model_options, load_model, run_metadata, text_token_ids, timed
 
 from chunked_decomp import ChunkedDecomp
 from chunked_decomp.evaluation.memory import cache_nbytes, current_rss_bytes
@@ -304,8 +304,8 @@ def fixed_context_cycles(model, cd: ChunkedDecomp, prompt: torch.Tensor, cycles:
 # ---- one run per process ------------------------------------------------------------------------------------
 
 
-def _prompt(tokenizer, length: int) -> torch.Tensor:
-    ids = text_token_ids(tokenizer, num_samples=3, min_tokens=length)
+def _prompt(tokenizer, length: int, dataset: str = "wikipedia") -> torch.Tensor:
+    ids = text_token_ids(tokenizer, dataset, num_samples=3, min_tokens=length)
     return ids[:length].unsqueeze(0)
 
 
@@ -313,15 +313,17 @@ def worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """One run in this process: ``"compressed"``, ``"uncompressed"`` (DynamicCache), ``"repeat"`` or ``"cycles"``."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model()  # float32, CPU
+    model, tokenizer = load_model(args.model_name)  # float32, CPU
     cd = ChunkedDecomp.from_preset(args.preset)
     if kind == "cycles":
         cd.compress_model(model)
-        return fixed_context_cycles(model, cd, _prompt(tokenizer, args.cycle_context), args.cycles)
+        return fixed_context_cycles(
+            model, cd, _prompt(tokenizer, args.cycle_context, args.dataset), args.cycles
+        )
     if kind == "repeat":
         cd.compress_model(model)
         result = seeded_repeat(
-            model, _prompt(tokenizer, args.repeat_prompt_tokens), args.repeat_tokens, args.seed
+            model, _prompt(tokenizer, args.repeat_prompt_tokens, args.dataset), args.repeat_tokens, args.seed
         )
         stats = cd.last_cache.memory_stats()
         result["compressed_tokens_in_cache"] = stats.compressed_tokens
@@ -333,7 +335,7 @@ def worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     sample_seed = args.seed if args.sample else None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     run = decode_loop(
-        model, _prompt(tokenizer, args.prompt_tokens), steps, sample_seed=sample_seed, gc_every=args.gc_every,
+        model, _prompt(tokenizer, args.prompt_tokens, args.dataset), steps, sample_seed=sample_seed, gc_every=args.gc_every,
         label=kind,
     )  # fmt: skip
     run["load_average"] = [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
@@ -359,6 +361,7 @@ def _spawn(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "--repeat_prompt_tokens", str(args.repeat_prompt_tokens), "--seed", str(args.seed),
         "--gc_every", str(args.gc_every), "--threads", str(args.threads), *(["--sample"] if args.sample else []),
         "--cycles", str(args.cycles), "--cycle_context", str(args.cycle_context),
+        "--model_name", args.model_name, "--dataset", args.dataset,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     subprocess.run([sys.executable, str(Path(__file__).resolve()), *flags], check=True, env=env)
@@ -523,11 +526,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample", action="store_true", help="seeded sampling in the soak instead of greedy")
     parser.add_argument("--gc_every", type=int, default=256, help="steps between gc object counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/soak/soak.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default: benchmarks/results/soak/soak.json)"
+    )
     parser.add_argument(
         "--worker", choices=["compressed", "uncompressed", "repeat", "cycles"], help=argparse.SUPPRESS
     )
     parser.add_argument("--worker_output", help=argparse.SUPPRESS)
+    add_model_options(parser)
     args = parser.parse_args(argv)
     if args.tokens is None:
         args.tokens = 1024 if args.quick else 8192
@@ -609,7 +615,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_json(args.worker_output, worker(args.worker, args), indent=None)
         return {}
     output = (
-        Path(args.output) if args.output else RESULTS / "soak" / ("soak_quick.json" if args.quick else "soak.json")
+        Path(args.output)
+        if args.output
+        else RESULTS / "soak" / ("soak_quick.json" if args.quick else "soak.json")
     )
     if args.prompt_tokens + args.tokens > 8192:
         print(

@@ -35,7 +35,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def test_datasets_lists_offline_and_hub_names() -> None:
-    assert DATASETS[:2] == ("wikipedia", "pydoc")
+    assert DATASETS[:3] == ("wikipedia", "python", "pydoc")
     assert {"wikitext", "wikitext-2-raw-v1"} <= set(DATASETS)
 
 
@@ -214,3 +214,18 @@ def test_token_ids_reject_bad_texts(texts: object) -> None:
 def test_min_tokens_must_be_positive_int(min_tokens: object) -> None:
     with pytest.raises(ValueError, match="min_tokens must be a positive int"):
         load_token_ids(tiny_tokenizer(), ["the cat"], min_tokens=min_tokens)  # type: ignore[arg-type]
+
+
+def test_python_text_is_the_listed_packages_sources_without_tests() -> None:
+    import json
+    import os
+
+    from chunked_decomp.evaluation.data import PYTHON_PACKAGES
+
+    samples = load_texts("python", min_chars=0)
+    json_dir = os.path.dirname(json.__file__)
+    first = sorted(f for f in os.listdir(json_dir) if f.endswith(".py"))[0]
+    with open(os.path.join(json_dir, first), encoding="utf-8") as fh:
+        assert samples[0] == fh.read().strip()  # the first package's first file, as written
+    assert PYTHON_PACKAGES[0] == "json" and len(samples) > 100
+    assert not any("import unittest.mock" in s and "class Test" in s for s in samples[:5])

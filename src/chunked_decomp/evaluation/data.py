@@ -6,6 +6,9 @@ The offline sources are real text, not synthetic filler:
   (``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``, about 2016, CC BY-SA 3.0).
   Its pages are parsed with gensim's MediaWiki tools and reduced to prose paragraphs, one sample per
   article (Anarchism, Autism, Aristotle, Apollo 11, Albert Einstein, ...).
+* ``"python"``: code, the sources of a fixed list of standard-library packages (:data:`PYTHON_PACKAGES`, one
+  sample per file, in path order, tests left out): real code with names defined far above their use. It follows
+  the installed Python, so its windows are comparable on one Python version.
 * ``"pydoc"``: the Python language reference prose in the standard library's ``pydoc_data.topics``,
   one sample per topic, code blocks and heading underlines removed.
 * ``text_file=``: any UTF-8 file, one sample per blank-line separated block.
@@ -39,7 +42,13 @@ __all__ = [
 ]
 
 #: Datasets that need nothing but installed packages.
-OFFLINE_DATASETS: tuple[str, ...] = ("wikipedia", "pydoc")
+OFFLINE_DATASETS: tuple[str, ...] = ("wikipedia", "python", "pydoc")
+#: The standard-library packages whose sources make the ``"python"`` text, in this order.
+PYTHON_PACKAGES: tuple[str, ...] = (
+    "json", "email", "http", "logging", "importlib", "asyncio", "concurrent", "xml", "urllib", "collections",
+    "multiprocessing", "wsgiref", "tomllib", "unittest", "html", "ctypes", "zoneinfo", "re", "lib2to3", "tkinter",
+    "dbm", "sqlite3",
+)  # fmt: skip
 #: Hub datasets: accepted name -> (``datasets`` repository id, configuration). The test split is used.
 HUB_DATASETS: dict[str, tuple[str, str]] = {
     "wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
@@ -51,7 +60,7 @@ DATASETS: tuple[str, ...] = OFFLINE_DATASETS + tuple(HUB_DATASETS)
 
 _WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _OFFLINE_HINT = (
-    "use an offline source instead: dataset_name='wikipedia' or 'pydoc', or text_file=<path> (--text_file)"
+    "use an offline source instead: dataset_name='wikipedia', 'python' or 'pydoc', or text_file=<path> (--text_file)"
 )
 
 # A prose paragraph of the cleaned dump has at least this many words and ends like a sentence; shorter
@@ -117,6 +126,8 @@ def load_texts(
             samples = list(_wikipedia_articles())
         elif name == "pydoc":
             samples = _pydoc_topics()
+        elif name == "python":
+            samples = list(_python_sources())
         elif name in HUB_DATASETS:
             samples = _hub_texts(name)
         else:
@@ -247,6 +258,23 @@ def _clean_wiki_text(text: str) -> str:
         if len(line.split()) >= _MIN_PARAGRAPH_WORDS and _SENTENCE_END.search(line):
             paragraphs.append(line)
     return "\n\n".join(paragraphs)
+
+
+@functools.lru_cache(maxsize=1)
+def _python_sources() -> tuple[str, ...]:
+    """The ``.py`` files of :data:`PYTHON_PACKAGES` in the running Python's standard library (tests left out)."""
+    import os
+
+    root = Path(os.__file__).resolve().parent
+    samples = []
+    for package in PYTHON_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            if any(part.startswith("test") for part in path.relative_to(root).parts):
+                continue
+            samples.append(path.read_text(encoding="utf-8", errors="replace").strip())
+    if not samples:
+        raise FileNotFoundError(f"no standard-library sources under {root} for dataset_name='python'")
+    return tuple(s for s in samples if s)
 
 
 def _pydoc_topics() -> list[str]:

@@ -103,3 +103,38 @@ def test_an_argument_the_factored_attention_cannot_honour_is_refused() -> None:
         assert out.shape == (1, 1, 4, 16)
     finally:
         restore_attention(model)
+
+
+EXPECTED_ROTARY = {
+    "gemma2_softcap": "full layers",
+    "gemma3_like": "full layers",
+    "deepseek_v3_value_head": None,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_the_rotary_embedding_is_found_per_layer_and_checked(arch, caplog) -> None:
+    """Each compressed layer gets the frequencies of its layer type, checked on the model itself (keys at
+    positions 7-10 are those at 0-3 rotated by 7); a rotation the library cannot follow (DeepSeek's latent keys)
+    leaves the keys post-rotary, with a warning."""
+    model = model_named(arch)
+    with caplog.at_level("WARNING", logger="chunked_decomp"):
+        cache = ChunkedSVDCache.from_model(model, CompressionConfig(**BASE))
+    layers = [layer for layer in cache.layers if isinstance(layer, ChunkedSVDLayer)]
+    found = [layer.store.inv_freq is not None for layer in layers]
+    if EXPECTED_ROTARY.get(arch, "all") is None:
+        assert not any(found) and "compressed after the rotary embedding" in caplog.text
+    else:
+        assert all(found) and "rotary" not in caplog.text
+    if arch == "gemma3_like":  # the full layers use the full layers' frequencies, not the sliding ones
+        rotary = model.model.rotary_emb
+        assert torch.equal(layers[0].store.inv_freq, rotary.full_attention_original_inv_freq.float())
+
+
+def test_a_rotation_at_other_frequencies_is_not_taken_for_the_model_s() -> None:
+    from chunked_decomp.hf.models import rotary_inv_freq, rotary_matches
+
+    model = ARCHITECTURES["llama_mqa"]()
+    inv = rotary_inv_freq(model)
+    assert rotary_matches(model, 0, inv)
+    assert not rotary_matches(model, 1, inv * 1.5)

@@ -32,7 +32,7 @@ class ChunkedSVDCache(Cache):
         self,
         config: CompressionConfig | None = None,
         num_layers: int | None = None,
-        inv_freq: torch.Tensor | None = None,
+        inv_freq: torch.Tensor | list[torch.Tensor | None] | None = None,
         layer_types: list[str] | None = None,
         sliding_windows: list[int | None] | None = None,
     ):
@@ -51,10 +51,15 @@ class ChunkedSVDCache(Cache):
                 f"head_weights gives {len(weights)} layers, the model has {len(layer_types)} decoder layers"
             )
         factored = self.compression_config.decode_attention == "factored"
+        inv_freqs = inv_freq if isinstance(inv_freq, (list, tuple)) else [inv_freq] * len(layer_types)
+        if len(inv_freqs) != len(layer_types):
+            raise ValueError(
+                f"inv_freq gives {len(inv_freqs)} layers' frequencies, the cache has {len(layer_types)}"
+            )
         layers = []
         for i, (kind, window) in enumerate(zip(layer_types, sliding_windows)):
             if kind == "full_attention":
-                layers.append(ChunkedSVDLayer(plan, i, inv_freq, factored))
+                layers.append(ChunkedSVDLayer(plan, i, inv_freqs[i], factored))
             elif kind in ("sliding_attention", "chunked_attention") and window is not None:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:
@@ -100,7 +105,7 @@ class ChunkedSVDCache(Cache):
         (SDPA for everything but this cache's factored layers); ``ChunkedDecomp.restore`` or
         :func:`~chunked_decomp.hf.attention.restore_attention` switches it back.
         """
-        from chunked_decomp.hf.models import decoder_layout, rotary_inv_freq
+        from chunked_decomp.hf.models import decoder_layout, layer_inv_freqs
 
         if config is not None and isinstance(config.head_weights, str):
             from chunked_decomp.config.head_weights import resolve_head_weights
@@ -112,7 +117,10 @@ class ChunkedSVDCache(Cache):
         if config is not None and config.decode_attention == "factored":
             use_factored_attention(model)
         layer_types, windows = decoder_layout(model)
-        return cls(config, inv_freq=rotary_inv_freq(model), layer_types=layer_types, sliding_windows=windows)
+        inv_freqs = (
+            layer_inv_freqs(model, layer_types) if config is None or config.compress_keys_pre_rope else None
+        )
+        return cls(config, inv_freq=inv_freqs, layer_types=layer_types, sliding_windows=windows)
 
     def compress_all(self) -> None:
         """Compress every exact token of every layer except the sinks (e.g. right after a prefill), batched

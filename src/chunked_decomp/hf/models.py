@@ -9,8 +9,12 @@ library speaks both (:func:`cache_kwarg_name`, :func:`output_cache`).
 from __future__ import annotations
 
 import inspect
+import logging
+import weakref
 
 import torch
+
+logger = logging.getLogger("chunked_decomp")
 
 
 def text_config(model: torch.nn.Module):
@@ -78,15 +82,88 @@ def decoder_layout(model: torch.nn.Module) -> tuple[list[str], list[int | None]]
     return types, windows
 
 
-def rotary_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
-    """Inverse frequencies of the model's (global) rotary embedding, or ``None`` without one (GPT-2)."""
+def rotary_inv_freq(model: torch.nn.Module, layer_type: str = "full_attention") -> torch.Tensor | None:
+    """Inverse frequencies of the model's rotary embedding for layers of ``layer_type`` (per-layer-type
+    frequencies, as Gemma-3 keeps them, else the model's one set), float32 on the CPU; ``None`` without a rotary
+    embedding (GPT-2). The frequencies before any dynamic rescaling are taken (``original_inv_freq``): the ones
+    the keys of the first positions were rotated with."""
     for name, module in model.named_modules():
-        if name.endswith("rotary_emb") and hasattr(module, "inv_freq"):
-            inv = getattr(module, "original_inv_freq", None)
-            if inv is None:
-                inv = module.inv_freq
-            return inv.detach().to(torch.float32).cpu().clone()
+        if not name.endswith("rotary_emb"):
+            continue
+        for attr in (
+            f"{layer_type}_original_inv_freq",
+            f"{layer_type}_inv_freq",
+            "original_inv_freq",
+            "inv_freq",
+        ):
+            inv = getattr(module, attr, None)
+            if isinstance(inv, torch.Tensor):
+                return inv.detach().to(torch.float32).cpu().clone()
     return None
+
+
+def has_rotary_embedding(model: torch.nn.Module) -> bool:
+    """Whether the model has a module that looks like a rotary embedding (found or not)."""
+    return any("rotary" in name.lower() for name, _ in model.named_modules())
+
+
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def rotary_matches(model: torch.nn.Module, layer_idx: int, inv_freq: torch.Tensor) -> bool:
+    """Whether the keys layer ``layer_idx`` caches are rotated as the library rotates them (the "rotate half"
+    layout over the first ``2 * len(inv_freq)`` channels, at these frequencies): the same four tokens are run at
+    positions 0-3 and 7-10, and the second keys must be the first rotated by 7 positions. Checked once per model
+    and layer (two forward passes of four tokens)."""
+    from transformers import DynamicCache
+
+    from chunked_decomp.core.rotary import rotate
+
+    seen = _VERIFIED.setdefault(model, {})
+    if layer_idx in seen:
+        return seen[layer_idx]
+    device = next(model.parameters()).device
+    ids = torch.tensor([[5, 6, 7, 8]], device=device) % max(
+        int(getattr(text_config(model), "vocab_size", 9)), 9
+    )
+    keys = []
+    for offset in (0, 7):
+        cache = DynamicCache(config=model.config)
+        positions = torch.arange(offset, offset + 4, device=device)[None]
+        model(input_ids=ids, position_ids=positions, **{cache_kwarg_name(model): cache}, use_cache=True)
+        keys.append(cache.layers[layer_idx].keys.float())
+    moved = rotate(keys[0], torch.full((4,), 7, device=device), inv_freq)
+    error = float((moved - keys[1]).norm() / keys[1].norm().clamp_min(1e-30))
+    seen[layer_idx] = error < 1e-2
+    return seen[layer_idx]
+
+
+def layer_inv_freqs(model: torch.nn.Module, layer_types: list[str]) -> list[torch.Tensor | None]:
+    """The rotary frequencies of each decoder layer, each checked against the model (:func:`rotary_matches`) on
+    the first layer of its type. A rotary embedding the library cannot follow (another layout, keys changed
+    after the rotation) gives ``None`` with a warning: those layers' keys are factored as the model caches them
+    (after the rotary embedding) instead of silently being turned the wrong way."""
+    out: list[torch.Tensor | None] = []
+    checked: dict[str, torch.Tensor | None] = {}
+    for i, kind in enumerate(layer_types):
+        if kind not in checked:
+            inv = rotary_inv_freq(model, kind)
+            if inv is None and has_rotary_embedding(model):
+                logger.warning(
+                    "%s: no rotary frequencies found for %s layers; their keys are compressed after the rotary "
+                    "embedding", type(model).__name__, kind,
+                )  # fmt: skip
+            elif inv is not None and not rotary_matches(model, i, inv):
+                logger.warning(
+                    "%s: the keys of %s layers are not rotated as the library expects (rotate-half layout at "
+                    "the model's frequencies); they are compressed after the rotary embedding",
+                    type(model).__name__, kind,
+                )  # fmt: skip
+                inv = None
+            checked[kind] = inv
+        out.append(checked[kind])
+    return out
 
 
 def cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:

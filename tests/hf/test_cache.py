@@ -63,6 +63,14 @@ CONTRACT_CONFIGS: dict[str, dict] = {
     },
     "shared_key_basis_pooled": {"basis_sharing": "keys", "rank_allocation": "pooled"},
     "shared_key_basis_8bit": {"basis_sharing": "keys", "shared_basis_bits": 8},
+    # Channel formats chosen per layer and kind from the data (a basis shared by the layer then at 8 bits).
+    "auto_basis": {"basis_bits": "auto"},
+    "auto_basis_shared_keys": {"basis_bits": "auto", "basis_sharing": "keys"},
+    "auto_basis_pooled_factored": {
+        "basis_bits": "auto",
+        "rank_allocation": "pooled",
+        "decode_attention": "factored",
+    },
 }
 # Settings whose stored bytes the budget governs (the others fix a rank or keep full rank).
 BUDGETED = [

@@ -52,6 +52,12 @@ VARIANTS = {
     "factored": {"decode_attention": "factored"},
     "factored_post_rope": {"decode_attention": "factored", "compress_keys_pre_rope": False},
     "factored_shared_keys": {"decode_attention": "factored", "basis_sharing": "keys"},
+    "auto_basis": {"basis_bits": "auto"},
+    "auto_basis_shared_keys_pooled": {
+        "basis_bits": "auto",
+        "basis_sharing": "keys",
+        "rank_allocation": "pooled",
+    },
 }
 INV_FREQ = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
 # Channel scales fall off so chunks have a skewed spectrum, like real keys.

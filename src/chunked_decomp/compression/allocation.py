@@ -61,7 +61,7 @@ def chunk_units(
     caps = [k] * len(kinds)
     floors = [min(c, math.ceil(store.plan.min_rank_ratio * k)) for c in caps]
     scores = shares * store.unit_weights(key_groups, value_groups)[:, None]
-    per_rank = [store.rank_cost(length, c) for c in cols]
+    per_rank = [store.rank_cost(length, c, kind=kd) for c, kd in zip(cols, kinds)]
     return Units(shares, scores, kinds, per_rank, caps, floors)
 
 
@@ -97,8 +97,9 @@ def allocate_pooled(jobs: list) -> None:
             k = e.shape[-1]
             weights = store.unit_weights(fk.groups, fv.groups)
             cols = [fk.columns] * fk.groups + [fv.columns] * fv.groups
+            kinds = ["k"] * fk.groups + ["v"] * fv.groups
             rows += list(e * (weights * s)[:, None])
-            costs += [store.rank_cost(s, c) for c in cols]
+            costs += [store.rank_cost(s, c, kind=kd) for c, kd in zip(cols, kinds)]
             floors += [min(k, math.ceil(store.plan.min_rank_ratio * k))] * len(cols)
             owners.append((n, len(cols)))
     budget = spendable(allowance, balance)

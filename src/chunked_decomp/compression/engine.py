@@ -24,6 +24,7 @@ import torch
 
 from chunked_decomp.compression.allocation import allocate, allocate_pooled
 from chunked_decomp.compression.assembly import build_chunks
+from chunked_decomp.compression.codec_choice import choose_codecs
 from chunked_decomp.compression.factorizer import encode, factor_chunks
 from chunked_decomp.core.decomposition import relative_error, single_thread_lapack
 from chunked_decomp.core.rotary import rotate_range
@@ -176,6 +177,9 @@ def compress(requests: list[Request]) -> None:
         for length in job.by_length:
             groups.setdefault(job.store.signature(length), []).append((job, length))
     stacked = {sig: _factor_group(members) for sig, members in groups.items()}
+    for job in jobs:
+        if job.store.chooses_codecs:
+            choose_codecs(job)
     if jobs[0].store.plan.pooled:
         allocate_pooled(jobs)
     else:
@@ -216,13 +220,24 @@ def _encode_group(members: list[tuple[Job, int]], stacked: tuple) -> None:
     encoded one by one, so a prefix of a longer encoding equals a shorter one)."""
     fk, fv, at = stacked
     g = fk.groups
+    codecs = {(job.store.codec("k"), job.store.codec("v")) for job, _ in members}
+    if len(codecs) > 1 or (fk is fv and len({c for pair in codecs for c in pair}) > 1):
+        # Layers that chose their formats in this very step (``basis_bits="auto"``) may differ: each member's
+        # part of the stacks is encoded in its own formats (later steps group layers by format).
+        for job, length in members:
+            part_k, part_v = job.factored[length]
+            idxs = job.by_length[length]
+            ek = encode(part_k, max(max(job.ranks[i][:g]) for i in idxs), job.store.codec("k"))
+            ev = encode(part_v, max(max(job.ranks[i][g:]) for i in idxs), job.store.codec("v"))
+            job.encoded[length] = ((*ek, 0), (*ev, 0))
+        return
+    codec_k, codec_v = next(iter(codecs))
     top_k = max(max(job.ranks[i][:g]) for job, length in members for i in job.by_length[length])
     top_v = max(max(job.ranks[i][g:]) for job, length in members for i in job.by_length[length])
-    codec = members[0][0].store.plan.codec
     if fk is fv:
-        ek = ev = encode(fk, max(top_k, top_v), codec)
+        ek = ev = encode(fk, max(top_k, top_v), codec_k)
     else:
-        ek, ev = encode(fk, top_k, codec), encode(fv, top_v, codec)
+        ek, ev = encode(fk, top_k, codec_k), encode(fv, top_v, codec_v)
     for (job, length), (k_at, v_at) in zip(members, at):
         job.encoded[length] = ((*ek, k_at), (*ev, v_at))
 

@@ -7,6 +7,7 @@ after the plan is built.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class CompressionPlan:
     sink_tokens: int
     reference_dtype: torch.dtype | None
     codec: FactorCodec
+    codec_choices: tuple[FactorCodec, ...]
     policy: RankPolicy
     pooled: bool
     weights: UnitWeights
@@ -71,14 +73,8 @@ class CompressionPlan:
             chunking=Chunking(cfg.chunk_size, cfg.residual_length, cfg.dynamic_chunking),
             sink_tokens=cfg.num_sink_tokens,
             reference_dtype=None if cfg.reference_dtype is None else DTYPES[cfg.reference_dtype],
-            codec=FactorCodec(
-                quantize=cfg.use_quantization,
-                token_bits=cfg.quantization_bits,
-                channel_bits=cfg.basis_bits,
-                shared_bits=cfg.shared_basis_bits,
-                group_size=cfg.quant_group_size,
-                factor_dtype=DTYPES[cfg.factor_dtype],
-            ),
+            codec=_codec(cfg),
+            codec_choices=_codec_choices(cfg),
             policy=_policy(cfg),
             pooled=cfg.rank_allocation == "pooled",
             weights=UnitWeights(cfg.key_weight, cfg.head_weights, cfg.head_weights_power),
@@ -93,6 +89,34 @@ class CompressionPlan:
             batched=cfg.parallel_processing,
             debug=cfg.debug,
         )
+
+
+def _codec(cfg: CompressionConfig) -> FactorCodec:
+    auto = cfg.basis_bits == "auto"
+    shared = cfg.shared_basis_bits if cfg.shared_basis_bits is not None or not auto else 8
+    return FactorCodec(
+        quantize=cfg.use_quantization,
+        token_bits=cfg.quantization_bits,
+        channel_bits=4 if auto else cfg.basis_bits,
+        shared_bits=shared,
+        group_size=cfg.quant_group_size,
+        channel_group_size=cfg.basis_group_size,
+        factor_dtype=DTYPES[cfg.factor_dtype],
+    )
+
+
+def _codec_choices(cfg: CompressionConfig) -> tuple[FactorCodec, ...]:
+    """The channel-factor formats a layer chooses among with ``basis_bits="auto"`` (none otherwise): 4 bits in
+    groups of ``basis_group_size``, 4 bits in groups of 16, 8 bits."""
+    if cfg.basis_bits != "auto" or not cfg.use_quantization:
+        return ()
+    base = _codec(cfg)
+    options = [
+        base,
+        dataclasses.replace(base, channel_group_size=16),
+        dataclasses.replace(base, channel_bits=8),
+    ]
+    return tuple(dict.fromkeys(options))
 
 
 def _policy(cfg: CompressionConfig) -> RankPolicy:

@@ -120,7 +120,7 @@ class SharedBasis:
                 rows = [f0.columns] * f0.groups
                 if kind in self.bases:
                     rows = [0 if b is None else b.shape[-2] for b in self.bases[kind]]
-                cost = sum(store.rank_cost(s, f0.columns, True) for s in job.sizes)
+                cost = sum(store.rank_cost(s, f0.columns, True, kind) for s in job.sizes)
                 if kind in self.drafts:
                     cost += store.plan.codec.basis_row_cost(f0.columns)
                 for g in range(f0.groups):
@@ -130,7 +130,7 @@ class SharedBasis:
                 energy = f.energy.double().cpu().numpy()  # (n, groups, k)
                 for j, i in enumerate(job.by_length[s]):
                     for g in range(f.groups):
-                        cost = store.rank_cost(s, f.columns)
+                        cost = store.rank_cost(s, f.columns, kind=kind)
                         add(kind, energy[j, g], energy.shape[-1], cost, (i, lo + g), s)
         return Units(np.stack(shares), np.stack(scores), kinds, per_rank, caps, floors), owners
 
@@ -208,7 +208,9 @@ class SharedBasis:
         """
         slack = self._slack(job, built, store)
         fk, fv = next(iter(job.factored.values()))
-        cheapest = min(store.rank_cost(s, f.columns) for s in job.sizes for f in (fk, fv))
+        cheapest = min(
+            store.rank_cost(s, f.columns, kind=k) for s in job.sizes for k, f in (("k", fk), ("v", fv))
+        )
         if slack < cheapest:
             return
         units, rows, costs = self._residuals(job, store)
@@ -220,7 +222,7 @@ class SharedBasis:
             n, g = token_t.shape[:2]
             ranks = np.asarray(extra[at : at + n * g]).reshape(n, g)
             at += n * g
-            self._attach(job, built, s, kind, token_t, channel, ranks, store.plan.codec)
+            self._attach(job, built, s, kind, token_t, channel, ranks, store.codec(kind))
 
     def _slack(self, job, built: dict[int, CompressedChunk], store) -> float:
         """The bytes the corrections may spend: the allocation's budget less what the job stored, its basis
@@ -266,7 +268,7 @@ class SharedBasis:
                 lo = 0 if kind == "k" else fk.groups
                 w = weights[lo : lo + g]
                 rows += list((share * torch.as_tensor(w * s)[None, :, None]).reshape(n * g, k).numpy())
-                costs += [store.rank_cost(s, cols)] * (n * g)
+                costs += [store.rank_cost(s, cols, kind=kind)] * (n * g)
                 token_t = fac.token_factor.reshape(n, b, g, s, k).permute(0, 2, 1, 4, 3)
                 channel = fac.channel_factor.reshape(n, b, g, k, cols).permute(0, 2, 1, 3, 4)
                 units.append((s, kind, token_t, channel))

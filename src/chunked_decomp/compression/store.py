@@ -18,7 +18,7 @@ import torch
 from chunked_decomp.compression.budget import spendable
 from chunked_decomp.compression.plan import CompressionPlan
 from chunked_decomp.compression.shared_basis import SharedBasis
-from chunked_decomp.core.factors import CompressedChunk
+from chunked_decomp.core.factors import CompressedChunk, FactorCodec
 from chunked_decomp.core.packed import PackedFactors
 from chunked_decomp.core.rotary import rotate, rotate_range
 
@@ -54,6 +54,8 @@ class LayerStore:
         self.sink_values: torch.Tensor | None = None
         self._packed: tuple | bool | None = None  # None = to build, False = layout not packable
         self._rank_costs: dict[tuple, int] = {}
+        # Per kind ("k", "v"): the channel-factor format the layer chose (``basis_bits="auto"``); else the plan's.
+        self.codecs: dict[str, FactorCodec] = {}
         if self.basis is not None:
             self.basis.reset()
 
@@ -174,19 +176,44 @@ class LayerStore:
     def unit_weights(self, key_groups: int, value_groups: int) -> np.ndarray:
         return self.plan.weights.of(self.layer_idx, key_groups, value_groups)
 
-    def rank_cost(self, length: int, columns: int, shared: bool = False) -> int:
-        """Bytes one component of a (batch, length, columns) unit costs (a token row only when ``shared``: its
-        basis row is the layer's)."""
-        key = (self.batch, length, columns, shared)
+    def codec(self, kind: str) -> FactorCodec:
+        """How the factors of ``kind`` ("k", "v") are stored: the format the layer chose, else the plan's."""
+        return self.codecs.get(kind, self.plan.codec)
+
+    @property
+    def chooses_codecs(self) -> bool:
+        """Whether the next compression step chooses the channel formats (``basis_bits="auto"``, first step)."""
+        return bool(self.plan.codec_choices) and not self.codecs
+
+    def rank_cost(self, length: int, columns: int, shared: bool = False, kind: str = "k") -> int:
+        """Bytes one component of a (batch, length, columns) unit of ``kind`` costs (a token row only when
+        ``shared``: its basis row is the layer's)."""
+        codec = self.codec(kind)
+        key = (self.batch, length, columns, shared, codec)
         if key not in self._rank_costs:
-            self._rank_costs[key] = self.plan.codec.rank_cost(self.batch, length, columns, shared)
+            self._rank_costs[key] = codec.rank_cost(self.batch, length, columns, shared)
         return self._rank_costs[key]
+
+    def codec_cost(self, length: int, columns: int, codec: FactorCodec) -> int:
+        """Bytes one component of a (batch, length, columns) unit costs stored in ``codec``."""
+        return codec.rank_cost(self.batch, length, columns)
 
     def signature(self, length: int) -> tuple:
         """Chunks of stores with equal signatures are factored and encoded in one call. A basis shared across a
         layer's chunks belongs to that layer, so those never join another layer's."""
         own = self.layer_idx if self.basis is not None else None
-        return (length, self.batch, self.heads, self.head_dim, self.v_head_dim, self.device, self.joint, own)
+        codecs = (self.codecs.get("k"), self.codecs.get("v"))
+        return (
+            length,
+            self.batch,
+            self.heads,
+            self.head_dim,
+            self.v_head_dim,
+            self.device,
+            self.joint,
+            own,
+            codecs,
+        )
 
     # ---- rebuilding ---------------------------------------------------------------------------------------
     def packed(self) -> tuple[PackedFactors, PackedFactors] | None:

@@ -113,10 +113,17 @@ class CompressionConfig:
             slower than matrix products) else ``"exact"``.
         use_quantization: store factors as packed integers with per-group min/max scales.
         quantization_bits: bits of the token coefficients (2, 4 or 8).
-        basis_bits: bits of the basis vectors (2, 4 or 8).
+        basis_bits: bits of the basis vectors (2, 4 or 8), or ``"auto"``: each layer chooses, for keys and for
+            values, at its first compression, among 4 bits in groups of ``basis_group_size``, 4 bits in groups of
+            16 and 8 bits, the format whose measured quantisation error leaves the most weighted energy within the
+            budget (a basis with a few large channels needs finer steps; one without spends the bytes on rank);
+            a basis shared by the layer is then stored at 8 bits (it is stored once).
         shared_basis_bits: bits of a basis shared by a layer's chunks (``basis_sharing``), which is stored once
             per layer rather than once per chunk; ``None`` = ``basis_bits``.
         quant_group_size: values per quantisation group (≥ 8).
+        basis_group_size: values per quantisation group of the basis vectors (channel factors and shared bases;
+            ≥ 8); ``None`` = ``quant_group_size``. Smaller groups give a basis row with a few large channels
+            (outliers) its own scales where they are, instead of stretching one scale over the whole row.
         factor_dtype: dtype of unquantised factors and of quantisation scales.
 
     Execution
@@ -152,9 +159,10 @@ class CompressionConfig:
     factorizer: str | None = None
     use_quantization: bool = True
     quantization_bits: int = 4
-    basis_bits: int = 4
+    basis_bits: int | str = 4
     shared_basis_bits: int | None = None
     quant_group_size: int = 64
+    basis_group_size: int | None = None
     factor_dtype: str = "float16"
     parallel_processing: bool = True
     enable_gradient_checkpointing: bool = False
@@ -199,11 +207,14 @@ class CompressionConfig:
         choice("factorizer", self.factorizer, _FACTORIZERS, optional=True)
         for name in ("quantization_bits", "basis_bits", "shared_basis_bits"):
             value = getattr(self, name)
-            if name == "shared_basis_bits" and value is None:
+            if (name == "shared_basis_bits" and value is None) or (name == "basis_bits" and value == "auto"):
                 continue
             if value not in _QUANT_BITS or isinstance(value, bool):
-                raise ValueError(f"{name} must be one of {_QUANT_BITS}, got {value!r}")
+                allowed = f"one of {_QUANT_BITS}" + (" or 'auto'" if name == "basis_bits" else "")
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
         integer("quant_group_size", self.quant_group_size, minimum=8)
+        if self.basis_group_size is not None:
+            integer("basis_group_size", self.basis_group_size, minimum=8)
         choice("factor_dtype", self.factor_dtype, _DTYPES)
 
     def _check_combinations(self) -> None:

@@ -63,7 +63,7 @@ class SharedRows:
 Factor = torch.Tensor | QuantizedTensor | SharedRows | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class FactorCodec:
     """How factors are stored: quantised (bits, group size) or cast to ``factor_dtype``.
 
@@ -78,6 +78,12 @@ class FactorCodec:
     group_size: int
     factor_dtype: torch.dtype
     shared_bits: int | None = None
+    channel_group_size: int | None = None
+
+    @property
+    def channel_group(self) -> int:
+        """Values per quantisation group of channel factors and shared bases (``group_size`` by default)."""
+        return self.group_size if self.channel_group_size is None else self.channel_group_size
 
     @property
     def basis_bits(self) -> int:
@@ -93,7 +99,12 @@ class FactorCodec:
         if not self.quantize:
             return token_t.to(self.factor_dtype), channel.to(self.factor_dtype)
         t, bits, gs = token_t.shape[-1], self.token_bits, self.group_size
-        if bits == self.channel_bits and t * bits % 8 == 0 and token_t.shape[:-1] == channel.shape[:-1]:
+        if (
+            bits == self.channel_bits
+            and self.channel_group == gs
+            and t * bits % 8 == 0
+            and token_t.shape[:-1] == channel.shape[:-1]
+        ):
             # One quantisation of each component's token row and channel row side by side, split afterwards,
             # gives the same codes and scales as two (half the small-tensor calls): the token row is padded to
             # whole groups with its last value, as quantize pads, so no group spans both. Views of one buffer.
@@ -119,7 +130,7 @@ class FactorCodec:
         return (
             quantize(token_t, self.token_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype),
             quantize(
-                channel, self.channel_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype
+                channel, self.channel_bits, self.channel_group, group_dim=-1, scale_dtype=self.factor_dtype
             ),
         )
 
@@ -141,7 +152,7 @@ class FactorCodec:
         return quantized_nbytes(
             (batch, 1, m), self.token_bits, self.group_size, -1, scale_bytes
         ) + channel_rows * (
-            quantized_nbytes((batch, 1, n), self.channel_bits, self.group_size, -1, scale_bytes)
+            quantized_nbytes((batch, 1, n), self.channel_bits, self.channel_group, -1, scale_bytes)
         )
 
     def encode_basis(self, rows: torch.Tensor) -> Factor:
@@ -150,14 +161,16 @@ class FactorCodec:
         is the encoding of that prefix."""
         if not self.quantize:
             return rows.to(self.factor_dtype)
-        return quantize(rows, self.basis_bits, self.group_size, group_dim=-1, scale_dtype=self.factor_dtype)
+        return quantize(
+            rows, self.basis_bits, self.channel_group, group_dim=-1, scale_dtype=self.factor_dtype
+        )
 
     def basis_row_cost(self, n: int) -> int:
         """Bytes of one row of a shared basis over ``n`` columns (see :meth:`encode_basis`)."""
         scale_bytes = torch.empty((), dtype=self.factor_dtype).element_size()
         if not self.quantize:
             return n * scale_bytes
-        return quantized_nbytes((1, n), self.basis_bits, self.group_size, -1, scale_bytes)
+        return quantized_nbytes((1, n), self.basis_bits, self.channel_group, -1, scale_bytes)
 
     def cost(self, batch: int, m: int, n: int) -> Callable[[int], int]:
         """bytes(r) stored for a (batch, m, n) matrix at rank r."""

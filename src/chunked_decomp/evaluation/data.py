@@ -59,9 +59,7 @@ HUB_DATASETS: dict[str, tuple[str, str]] = {
 DATASETS: tuple[str, ...] = OFFLINE_DATASETS + tuple(HUB_DATASETS)
 
 _WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-_OFFLINE_HINT = (
-    "use an offline source instead: dataset_name='wikipedia', 'python' or 'pydoc', or text_file=<path> (--text_file)"
-)
+_OFFLINE_HINT = "use an offline source instead: dataset_name='wikipedia', 'python' or 'pydoc', or text_file=<path> (--text_file)"
 
 # A prose paragraph of the cleaned dump has at least this many words and ends like a sentence; shorter
 # lines are image captions, infobox residue and list fragments that filter_wiki leaves behind.

@@ -35,10 +35,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # ---- loading ------------------------------------------------------------------------------------------------
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of ``name`` in eval mode (:func:`chunked_decomp.hf.loading.load_model_and_tokenizer`)."""
+    """``(model, tokenizer)`` of ``name`` in eval mode (:func:`chunked_decomp.hf.loading.load_model_and_tokenizer`),
+    with the head weights ``head_weights="auto"`` uses measured where no shipped file covers the model, as
+    ``compress_model(model, tokenizer)`` does for a user."""
+    from chunked_decomp.hf.calibration import ensure_head_weights
     from chunked_decomp.hf.loading import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(name, dtype=dtype, device=device)
+    model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, device=device)
+    ensure_head_weights(model, tokenizer)
+    return model, tokenizer
 
 
 def text_token_ids(

@@ -133,6 +133,7 @@ def open_run(run: RunOptions, model: ModelOptions, text: TextOptions, tokens_nee
     # A user's file is read first: a missing one is refused before the model loads.
     texts = load_texts(text) if text.text_file else None
     loaded, tokenizer, device = load_model(model, run.progress)
+    calibrate_heads(loaded, tokenizer, run.progress)
     if texts is None:
         log(f"loading text {text.dataset_name!r} ...", run.progress)
         texts = load_texts(text)
@@ -152,3 +153,18 @@ def open_run(run: RunOptions, model: ModelOptions, text: TextOptions, tokens_nee
         arguments=arguments,
         show_progress=run.progress,
     )
+
+
+def calibrate_heads(model: Any, tokenizer: Any, show: bool) -> None:
+    """Measure the head weights ``head_weights="auto"`` uses for a model no shipped file covers (seconds)."""
+    import time
+
+    from chunked_decomp.config.head_weights import shipped_weights_for
+    from chunked_decomp.hf.calibration import ensure_head_weights
+
+    if shipped_weights_for(model.config) is not None:
+        return
+    log("calibrating head weights on the Python language reference ...", show)
+    started = time.perf_counter()
+    ensure_head_weights(model, tokenizer)
+    log(f"head weights calibrated in {time.perf_counter() - started:.1f} s", show)

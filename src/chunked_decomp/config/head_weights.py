@@ -35,6 +35,7 @@ __all__ = [
     "model_fingerprint",
     "resolve_head_weights",
     "shipped_head_weights_files",
+    "shipped_weights_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,12 +152,24 @@ def shipped_head_weights_files() -> list[HeadWeightsFile]:
     return [load_head_weights_file(p) for p in paths]
 
 
-def resolve_head_weights(value: Any, model_config: Any) -> list[list[list[float]]] | None:
+def shipped_weights_for(model_config: Any) -> list[list[list[float]]] | None:
+    """The shipped head weights whose fingerprint matches a model with this config, or ``None``."""
+    fingerprint = model_fingerprint(model_config)
+    for shipped in shipped_head_weights_files():
+        if shipped.matches(fingerprint):
+            return shipped.weights
+    return None
+
+
+def resolve_head_weights(
+    value: Any, model_config: Any, calibrated: list[list[list[float]]] | None = None
+) -> list[list[list[float]]] | None:
     """The explicit weights ``value`` stands for, for a model with this (transformers) config.
 
     value: ``CompressionConfig.head_weights`` — ``None`` or a list is returned as is; ``"auto"`` gives the shipped
-    weights whose fingerprint matches (:func:`model_fingerprint`), else ``None`` (uniform) with a warning logged
-    once per fingerprint; any other string is a file path, whose fingerprint must match the model's
+    weights whose fingerprint matches (:func:`model_fingerprint`), else ``calibrated`` (the weights measured for
+    this model when it was wired, :mod:`chunked_decomp.hf.calibration`), else ``None`` (uniform) with a warning
+    logged once per fingerprint; any other string is a file path, whose fingerprint must match the model's
     architecture (``ValueError`` naming ``head_weights`` otherwise; a different name is only logged).
     Returns ``[[key_weights, value_weights], ...]``, one pair per decoder layer, or ``None``.
     """
@@ -164,15 +177,18 @@ def resolve_head_weights(value: Any, model_config: Any) -> list[list[list[float]
         return value
     fingerprint = model_fingerprint(model_config)
     if value == AUTO:
-        for shipped in shipped_head_weights_files():
-            if shipped.matches(fingerprint):
-                return shipped.weights
+        shipped = shipped_weights_for(model_config)
+        if shipped is not None:
+            return shipped
+        if calibrated is not None:
+            return calibrated
         key = tuple(sorted(fingerprint.items()))
         if key not in _warned:
             _warned.add(key)
             logger.warning(
                 "head_weights='auto': no calibrated head weights ship for this model (%s); using uniform "
-                "weights. Measure them with `chunked-decomp calibrate` and pass head_weights=<file>.",
+                "weights. Pass the tokenizer to compress_model(model, tokenizer) to measure them in a few seconds, or "
+                "calibrate a file with `chunked-decomp calibrate` and pass head_weights=<file>.",
                 ", ".join(f"{k}={v}" for k, v in fingerprint.items()),
             )
         return None

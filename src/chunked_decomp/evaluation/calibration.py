@@ -1,4 +1,5 @@
-"""Per-head weights for the rank allocation, measured from how much a model's loss reacts to each head's error.
+"""Head-weight files: :func:`calibrate` records :func:`~chunked_decomp.hf.calibration.head_sensitivity` of a
+model with where and how it was measured, for ``chunked-decomp calibrate``.
 
 The adaptive allocation ranks components by their share of their unit's energy, which treats a relative error in
 any head of any layer as equally harmful. It is not: :func:`head_sensitivity` measures, on calibration text, the
@@ -16,89 +17,15 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from chunked_decomp.hf.calibration import head_sensitivity
+
+__all__ = ["DEFAULT_NUM_WINDOWS", "DEFAULT_STRIDE", "calibrate", "default_starts", "head_sensitivity"]
 
 #: Calibration windows of ``chunked-decomp calibrate`` by default: 8 windows 10,000 tokens apart, the last
 #: ending within the text's last 1,000 tokens (see :func:`default_starts`).
 DEFAULT_NUM_WINDOWS = 8
 DEFAULT_STRIDE = 10_000
-
-
-def head_sensitivity(
-    model: torch.nn.Module,
-    token_ids: torch.Tensor,
-    starts: Sequence[int] = (1000, 3000),
-    context_len: int = 1024,
-    continuation_len: int = 512,
-    num_sink_tokens: int = 4,
-    power: float = 0.5,
-    progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
-) -> list[list[list[float]]]:
-    """``head_weights`` for ``model``: ``[[key_weights, value_weights], ...]``, one pair per decoder layer.
-
-    token_ids: (n,) calibration text, n ≥ ``max(starts) + context_len + continuation_len``. For each start, the
-    context ``token_ids[start : start + context_len]`` is prefilled into a `DynamicCache`, then the next
-    ``continuation_len`` tokens are scored teacher-forced and the summed loss is differentiated with respect to
-    the cached keys and values (batch 1, ``(1, kv_heads, context_len, head_dim)`` per layer; the first
-    ``num_sink_tokens``, kept exact by the cache, are left out). A head's sensitivity ``Σ_t ‖g_t‖² ‖x_t‖²`` is
-    summed over the starts, divided by the mean over all heads of its kind (keys and values apart, so that
-    ``key_weight`` keeps its meaning) and raised to ``power`` (< 1 damps the noise of a few calibration windows).
-
-    The model's weights and their ``.grad`` are left untouched (gradients are taken with respect to the cache).
-    ``progress`` wraps the starts (e.g. ``tqdm``) to show one step per window.
-    """
-    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
-    need = max(starts) + context_len + continuation_len
-    if ids.numel() < need:
-        raise ValueError(f"head_sensitivity needs {need} tokens for these starts, the text has {ids.numel()}")
-    if not power > 0:
-        raise ValueError(f"power must be > 0, got {power}")
-    device = next(model.parameters()).device
-    totals: list[list[torch.Tensor]] | None = None
-    for start in progress(starts) if progress is not None else starts:
-        window = ids[start : start + context_len + continuation_len].to(device).unsqueeze(0)
-        pairs = _window_sensitivity(model, window, context_len, num_sink_tokens)
-        totals = pairs if totals is None else [[a + b for a, b in zip(p, q)] for p, q in zip(totals, pairs)]
-    keys = torch.stack([k for k, _ in totals])
-    values = torch.stack([v for _, v in totals])
-    # A head with no measurable effect still gets a positive weight (head_weights must be > 0).
-    keys = (keys / keys.mean()).clamp_min(1e-6) ** power
-    values = (values / values.mean()).clamp_min(1e-6) ** power
-    return [[k.tolist(), v.tolist()] for k, v in zip(keys, values)]
-
-
-def _window_sensitivity(
-    model: torch.nn.Module, window: torch.Tensor, context_len: int, num_sink_tokens: int
-) -> list[list[torch.Tensor]]:
-    """``[[keys, values], ...]`` per layer, each ``(kv_heads,)`` float64 on the CPU: ``Σ_t ‖g_t‖² ‖x_t‖²`` over the
-    context's tokens after the sinks, for one window ``(1, context_len + continuation_len)`` on ``model``'s
-    device (its context prefilled into a `DynamicCache`, its continuation's summed loss differentiated with
-    respect to the cached keys and values)."""
-    from transformers import DynamicCache
-
-    from chunked_decomp.hf.models import cache_kwarg_name
-
-    kw = cache_kwarg_name(model)
-    cache = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=window[:, :context_len], use_cache=True, **{kw: cache})
-    leaves = []
-    for layer in cache.layers:
-        layer.keys = layer.keys.detach().float().requires_grad_(True)
-        layer.values = layer.values.detach().float().requires_grad_(True)
-        leaves += [layer.keys, layer.values]
-    with torch.enable_grad():
-        logits = model(input_ids=window[:, context_len:-1], use_cache=True, **{kw: cache}).logits[0]
-        loss = F.cross_entropy(logits.float(), window[0, context_len + 1 :], reduction="sum")
-        grads = torch.autograd.grad(loss, leaves)
-    per_leaf = [
-        (g[:, :, num_sink_tokens:].pow(2).sum(-1) * x.detach()[:, :, num_sink_tokens:].pow(2).sum(-1))
-        .sum((0, 2))
-        .double()
-        .cpu()
-        for x, g in zip(leaves, grads)
-    ]  # each (kv_heads,)
-    return [per_leaf[i : i + 2] for i in range(0, len(per_leaf), 2)]
 
 
 def default_starts(
@@ -185,7 +112,7 @@ def calibrate(
         "format_version": FORMAT_VERSION,
         "model": {**fingerprint, "names": all_names},
         "calibration": {
-            "method": "chunked_decomp.evaluation.calibration.head_sensitivity",
+            "method": "chunked_decomp.hf.calibration.head_sensitivity",
             "power": power,
             "starts": list(starts),
             "context_len": context_len,

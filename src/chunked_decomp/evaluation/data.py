@@ -276,25 +276,10 @@ def _python_sources() -> tuple[str, ...]:
 
 
 def _pydoc_topics() -> list[str]:
-    """Prose of each ``pydoc_data.topics`` entry: headings, underlines and indented code blocks dropped."""
-    from pydoc_data.topics import topics
+    """Prose of each ``pydoc_data.topics`` entry (the text the automatic head calibration reads)."""
+    from chunked_decomp.hf.calibration import pydoc_topics
 
-    samples = []
-    for key in sorted(topics):
-        paragraphs = []
-        for block in re.split(r"\n[ \t]*\n", topics[key]):
-            lines = block.splitlines()
-            if not lines or lines[0][:1].isspace():
-                continue  # indented: grammar or code example
-            # A heading is its title line followed by a line of '*', '=' or '-'.
-            if len(lines) >= 2 and set(lines[1].strip()) <= set("*=-") and lines[1].strip():
-                lines = lines[2:]
-            prose = " ".join(line.strip() for line in lines).strip()
-            if prose:
-                paragraphs.append(prose)
-        if paragraphs:
-            samples.append("\n\n".join(paragraphs))
-    return samples
+    return pydoc_topics()
 
 
 def _hub_texts(name: str) -> list[str]:

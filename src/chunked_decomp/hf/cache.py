@@ -112,8 +112,11 @@ class ChunkedSVDCache(Cache):
 
             # "auto" or a file, read against this model; the caller's config keeps the string. Joined heads
             # have no per-head units to weigh ("auto" only; a file with joined heads is refused by the config).
+            from chunked_decomp.hf.calibration import calibrated_weights
+
             weights = None if config.head_mode != "per_head" else config.head_weights
-            config = replace(config, head_weights=resolve_head_weights(weights, model.config))
+            measured = calibrated_weights(model)
+            config = replace(config, head_weights=resolve_head_weights(weights, model.config, measured))
         if config is not None and config.decode_attention == "factored":
             use_factored_attention(model)
         layer_types, windows = decoder_layout(model)

@@ -94,16 +94,22 @@ class ChunkedDecomp:
         return cache
 
     # ---- wiring -------------------------------------------------------------------------------------------
-    def compress_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def compress_model(self, model: torch.nn.Module, tokenizer: Any = None) -> torch.nn.Module:
         """Make ``model.forward(use_cache=True)`` and ``model.generate()`` use the compressed cache.
 
         Returns the same model object; no weight or parameter changes. Undo with :meth:`restore`.
+
+        tokenizer: the model's. With ``head_weights="auto"`` and no head-weight file shipped for the model, the
+        per-head weights are measured on the Python language reference (:mod:`chunked_decomp.hf.calibration`,
+        seconds on a CPU). Without a tokenizer, the one saved beside a locally loaded model is used; if there
+        is none, heads are weighted uniformly (with a warning).
         """
         self.validate_for(model)
         if _MARK in model.__dict__:
             raise ValueError(
                 "this model is already wired to a ChunkedDecomp cache; call restore(model) first"
             )
+        self.calibrate_heads(model, tokenizer)
         name = cache_kwarg_name(model)
         forward = model.forward
         generate = model.generate
@@ -140,6 +146,18 @@ class ChunkedDecomp:
         logger.info("ChunkedDecomp wired into %s: %s", type(model).__name__, self.config)
         return model
 
+    def calibrate_heads(self, model: torch.nn.Module, tokenizer: Any = None) -> bool:
+        """Measure ``model``'s head weights if ``head_weights="auto"`` needs them (no shipped file matches,
+        none measured yet; :func:`chunked_decomp.hf.calibration.ensure_head_weights`). True when caches made
+        for this model will use calibrated weights."""
+        from chunked_decomp.config.head_weights import AUTO
+        from chunked_decomp.hf.calibration import ensure_head_weights
+
+        cfg = self.config
+        if cfg.head_weights != AUTO or cfg.head_mode != "per_head" or not cfg.adaptive_rank:
+            return False
+        return ensure_head_weights(model, tokenizer)
+
     def restore(self, model: torch.nn.Module) -> torch.nn.Module:
         """Undo :meth:`compress_model`: the model's own forward/generate (and uncompressed cache) come back."""
         for attr in ("forward", "generate", _MARK):
@@ -167,7 +185,7 @@ class ChunkedDecomp:
         from chunked_decomp.hf.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(name, **load_kwargs)
-        return self.compress_model(model), tokenizer
+        return self.compress_model(model, tokenizer), tokenizer
 
     # ---- reporting ----------------------------------------------------------------------------------------
     def memory_report(self, cache: ChunkedSVDCache | None = None) -> dict:

@@ -156,6 +156,8 @@ if triton is not None:
             return tl.dot(a.to(tl.float16), b.to(tl.float16))
         return tl.dot(a, b)
 
+    # One function on purpose (150 lines): a Triton program is one kernel, and its tiles live in registers that a
+    # call boundary would spill; the helpers above (_mm and the dequantisers) are inlined by the compiler anyway.
     @triton.jit
     def _partials_kernel(
         Q, BIAS, INV_FREQ, PAIRS, CSTART, CLEN,

@@ -166,9 +166,10 @@ class ChunkedDecomp:
         return model
 
     @contextmanager
-    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Context manager: the model uses the compressed cache inside the block, and not after it."""
-        self.compress_model(model)
+    def applied(self, model: torch.nn.Module, tokenizer: Any = None) -> Iterator[torch.nn.Module]:
+        """Context manager: the model uses the compressed cache inside the block, and not after it
+        (``tokenizer`` as for :meth:`compress_model`)."""
+        self.compress_model(model, tokenizer)
         try:
             yield model
         finally:

@@ -158,24 +158,48 @@ def test_the_presets_tables_quote_the_result_files() -> None:
     speeds = {"`balanced`": [decode("balanced", "rebuild"), decode("balanced", "factored")],
               "`fast`": [decode("fast", "factored_post_rope")]}  # fmt: skip
     measured = set()
-    for preset, _, rho, cont, recall, speed in table(README, "| preset | what it is for |"):
+    for preset, _, rho, smol, qwen, speed in table(README, "| preset | what it is for |"):
         name = preset.strip("`")
-        if not (RESULTS / "quality" / f"{name}.json").exists():
-            assert not (cont or recall or speed), (
+        rows = [_across(study).get(name) for study in ("smollm2_wikipedia", "qwen_python")]
+        if rows[0] is None:
+            assert not (smol or qwen or speed), (
                 f"README quotes figures for {preset}, which has no result file"
             )
             continue
         measured.add(name)
-        row = _quality(name)
-        assert_quotes(rho, row["budget_16bit"], f"README {preset} budget")
-        assert_quotes(cont, row["pooled_perplexity_increase_pct"], f"README {preset} continuation")
-        if recall:
-            assert_quotes(recall, row["mean_recall_increase_pct"], f"README {preset} recall")
+        assert_quotes(rho, rows[0]["budget"], f"README {preset} budget")
+        for cell, row, model in zip((smol, qwen), rows, ("SmolLM2", "Qwen")):
+            cont, recall = cell.split(" / ")
+            assert_quotes(cont, row["continuation_pooled_pct"], f"README {preset} {model} continuation")
+            assert_quotes(recall, row["recall_mean_pct"], f"README {preset} {model} recall")
         written = re.findall(r"[0-9.]+×", speed)
         assert len(written) == len(speeds.get(preset, [])), f"README {preset} decoding: {speed!r}"
         for text, value in zip(written, speeds.get(preset, [])):
             assert_quotes(text, value, f"README {preset} decoding")
     assert measured == {"conservative", "balanced", "long_context", "fast", "aggressive", "extreme"}
+
+
+ACROSS = ("smollm2_wikipedia", "smollm2_wikipedia_no_head_file", "qwen_wikipedia", "qwen_python")
+
+
+def _across(study: str) -> dict[str, dict]:
+    data = json.loads((RESULTS / "across_models" / f"{study}.json").read_text())
+    return {row["preset"]: row for row in data["rows"]}
+
+
+def test_the_across_models_table_quotes_its_files() -> None:
+    """docs/results.md's table of the presets on both models: each cell "pooled / worst / recall" is its file's."""
+    studies = [_across(study) for study in ACROSS]
+    rows = table(RESULTS_MD, "| preset | ρ16 | SmolLM2-135M, Wikipedia |")
+    assert {row[0].strip("`") for row in rows} == set(studies[0])
+    for preset, rho, *cells in rows:
+        name = preset.strip("`")
+        assert_quotes(rho, max(study[name]["rho16"] for study in studies), f"{preset} ρ16")
+        for cell, study, label in zip(cells, studies, ACROSS):
+            pooled, worst, recall = cell.split(" / ")
+            assert_quotes(pooled, study[name]["continuation_pooled_pct"], f"{preset} {label} pooled")
+            assert_quotes(worst, study[name]["continuation_worst_pct"], f"{preset} {label} worst")
+            assert_quotes(recall, study[name]["recall_mean_pct"], f"{preset} {label} recall")
 
 
 def test_every_figure_is_written_as_a_png(plots, tmp_path) -> None:

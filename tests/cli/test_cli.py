@@ -608,7 +608,9 @@ def test_default_job_on_the_real_model(tmp_path):
     # 256 context tokens x 30 layers x 3 KV heads x 64 dims x (keys + values) x 2 bytes = 5.62 MB
     assert float(match.group(1)) == pytest.approx(256 * 30 * 3 * 64 * 2 * 2 / 2**20, abs=0.01)
     assert 23.0 < float(match.group(3)) <= 26.0  # the balanced budget, 25% of a 16-bit cache
-    assert 10 < float(match.group(4)) < 40 and abs(float(match.group(6))) < 25
+    # The uncompressed perplexity of the test-mode window (21.30) is fixed by the model and text; compressed, the
+    # 64 scored tokens moved by -1.0% when this was written, and a broken cache moves them by tens of percent.
+    assert 20.5 < float(match.group(4)) < 22.0 and abs(float(match.group(6))) < 5
     for name in (
         "compress_results.json",
         "compress_results.csv",

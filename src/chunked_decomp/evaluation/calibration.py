@@ -1,14 +1,8 @@
 """Head-weight files: :func:`calibrate` records :func:`~chunked_decomp.hf.calibration.head_sensitivity` of a
 model with where and how it was measured, for ``chunked-decomp calibrate``.
 
-The adaptive allocation ranks components by their share of their unit's energy, which treats a relative error in
-any head of any layer as equally harmful. It is not: :func:`head_sensitivity` measures, on calibration text, the
-gradient of the continuation loss with respect to the cached keys and values of the context, and turns it into
-``CompressionConfig.head_weights``. For a truncation that removes the share ε of a head's energy, spread over its
-tokens in proportion to their norms and in no preferred direction, a second-order (Fisher) estimate of the loss
-increase is ``ε / (2d) · Σ_t ‖g_t‖² ‖x_t‖²`` (x_t the token's key or value, g_t the loss gradient there, d the
-head size); that sum is the head's sensitivity (the diagonal Fisher approximation used to weight compression
-error in e.g. Kim et al. 2024, "SqueezeLLM").
+What the sensitivity is and why it weighs the heads: :mod:`chunked_decomp.hf.calibration`. A file is the
+refinement of the automatic calibration there: more windows, a text of the user's choosing.
 """
 
 from __future__ import annotations

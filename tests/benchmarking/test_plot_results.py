@@ -240,3 +240,22 @@ def test_a_missing_input_skips_its_figure_and_a_broken_one_names_the_file(
     first.parent.mkdir(parents=True)
     first.write_text(json.dumps({"rows": []}))
     assert plots.peer_points() == {}
+
+
+def test_the_qwen_peers_table_quotes_its_file() -> None:
+    """docs/results.md's comparison on Qwen2.5-Coder-0.5B: each row is its method's row of the result file."""
+    path = RESULTS / "peers" / "compare_peers_qwen_python-transformers5.25.0.json"
+    by_method = {row["method"]: row for row in json.loads(path.read_text())["rows"]}
+    labels = {"uncompressed": "full", **PEER_LABELS}
+    rows = table(RESULTS_MD, "| method, Qwen code | ρ16 |")
+    assert [labels[row[0]] for row in rows] == ["full", "chunked:balanced@0.25", "chunked:aggressive@0.125",
+                                                 "quanto4", "quanto2"]  # fmt: skip
+    for label, rho, cont, recall in rows:
+        row = by_method[labels[label]]
+        assert_quotes(rho, row["rho"], f"Qwen {label} ρ16")
+        if label == "uncompressed":
+            assert_quotes(cont, row["continuation_ppl"], "Qwen uncompressed continuation")
+            assert_quotes(recall, row["recall_ppl"], "Qwen uncompressed recall")
+        else:
+            assert_quotes(cont, row["continuation_increase_pct"], f"Qwen {label} continuation")
+            assert_quotes(recall, row["recall_increase_pct"], f"Qwen {label} recall")

@@ -119,3 +119,17 @@ def test_the_window_fits_a_short_context() -> None:
     assert context + continuation <= 300 and context > continuation > 0
     model.config.max_position_embeddings = 4096
     assert calibration.calibration_window(model) == (1000, 1024, 512)
+
+
+def test_a_model_loaded_from_a_folder_finds_its_own_tokenizer(tokenizer, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    cd = ChunkedDecomp(**AUTO)
+    cd.compress_model(model)  # no tokenizer given: the one saved beside the model is used
+    kept = calibration.calibrated_weights(model)
+    assert kept is not None
+    twin = AutoModelForCausalLM.from_pretrained(tmp_path)  # same weights, measured with the tokenizer given
+    assert kept == calibration.calibrate_model(twin, tokenizer)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from chunked_decomp.hf.calibration import calibrate_model
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model_name)
+    model, tokenizer = load_model(args.model_name, calibrate_heads=True)
     started = time.perf_counter()
     weights = calibrate_model(model, tokenizer) if args.no_head_file else None
     calibration_seconds = time.perf_counter() - started if args.no_head_file else None

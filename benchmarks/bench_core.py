@@ -330,7 +330,7 @@ def main() -> None:
     layout = Layout.of(args)
     context_len, cont_len = layout.context_len, layout.cont_len
 
-    model, _, ids = load_model_and_text(args.model_name, args.dataset)
+    model, _, ids = load_model_and_text(args.model_name, args.dataset, calibrate_heads=True)
     base = {
         "windows": [
             continuation_perplexity(model, FullCache(), ids, context_len, cont_len, start=s)

@@ -34,15 +34,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
-def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of ``name`` in eval mode (:func:`chunked_decomp.hf.loading.load_model_and_tokenizer`),
-    with the head weights ``head_weights="auto"`` uses measured where no shipped file covers the model, as
-    ``compress_model(model, tokenizer)`` does for a user."""
-    from chunked_decomp.hf.calibration import ensure_head_weights
+def load_model(
+    name: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu", calibrate_heads: bool = False
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``name`` in eval mode (:func:`chunked_decomp.hf.loading.load_model_and_tokenizer`).
+
+    calibrate_heads: measure the head weights ``head_weights="auto"`` uses where no shipped file covers the model,
+    as ``compress_model(model, tokenizer)`` does for a user (the quality benchmarks). Off by default: the
+    measurement's backward pass would raise the process's peak memory, which the memory benchmarks report.
+    """
     from chunked_decomp.hf.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, device=device)
-    ensure_head_weights(model, tokenizer)
+    if calibrate_heads:
+        from chunked_decomp.hf.calibration import ensure_head_weights
+
+        ensure_head_weights(model, tokenizer)
     return model, tokenizer
 
 
@@ -67,9 +74,10 @@ def load_model_and_text(
     min_tokens: int | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    calibrate_heads: bool = False,
 ) -> tuple[Any, Any, torch.Tensor]:
     """``(model, tokenizer, token_ids (n,))``: :func:`load_model`, then :func:`text_token_ids` of ``dataset``."""
-    model, tokenizer = load_model(name, dtype=dtype, device=device)
+    model, tokenizer = load_model(name, dtype=dtype, device=device, calibrate_heads=calibrate_heads)
     return model, tokenizer, text_token_ids(tokenizer, dataset, min_tokens=min_tokens)
 
 

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     model, tokenizer, token_ids = load_model_and_text(
-        args.model_name, args.dataset, dtype=args.dtype, device=args.device
+        args.model_name, args.dataset, dtype=args.dtype, device=args.device, calibrate_heads=True
     )
     methods = build_methods(args)
     with_overrides(methods, model, token_ids, args)

@@ -201,7 +201,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, _, ids = load_model_and_text(
-        args.model_name, args.dataset, min_tokens=args.batch * max(args.contexts) + 1
+        args.model_name, args.dataset, min_tokens=args.batch * max(args.contexts) + 1, calibrate_heads=True
     )
     results = run_rounds(model, ids, args, configs)
     rows = table_rows(results, args)

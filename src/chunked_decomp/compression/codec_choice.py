@@ -48,13 +48,13 @@ def _value(job, store, codecs: dict[str, FactorCodec], errors: dict) -> float:
             share = f.energy.double().cpu().numpy()  # (n, g, k)
             if kind in codecs:
                 share = share * np.clip(1.0 - errors[s, kind, codecs[kind]], 0.0, None)
+            k = share.shape[-1]
+            cost = codecs.get(kind, store.plan.codec).rank_cost(store.batch, s, f.columns, False)
             for j in range(share.shape[0]):
                 for g in range(f.groups):
                     rows.append(share[j, g] * weights[lo + g] * s)
-                    costs.append(store.codec_cost(s, f.columns, codecs.get(kind, store.plan.codec)))
-                    floors.append(
-                        min(share.shape[-1], math.ceil(store.plan.min_rank_ratio * share.shape[-1]))
-                    )
+            costs += [cost] * (share.shape[0] * f.groups)
+            floors += [min(k, math.ceil(store.plan.min_rank_ratio * k))] * (share.shape[0] * f.groups)
     scores = pad_rows(rows)
     ranks = choose_ranks_linear(scores, costs, store.chunk_budget(sum(job.sizes)), floors)
     return float(sum(np.nansum(np.where(np.isfinite(r[:n]), r[:n], 0.0)) for r, n in zip(scores, ranks)))

@@ -194,10 +194,6 @@ class LayerStore:
             self._rank_costs[key] = codec.rank_cost(self.batch, length, columns, shared)
         return self._rank_costs[key]
 
-    def codec_cost(self, length: int, columns: int, codec: FactorCodec) -> int:
-        """Bytes one component of a (batch, length, columns) unit costs stored in ``codec``."""
-        return codec.rank_cost(self.batch, length, columns)
-
     def signature(self, length: int) -> tuple:
         """Chunks of stores with equal signatures are factored and encoded in one call. A basis shared across a
         layer's chunks belongs to that layer, so those never join another layer's."""

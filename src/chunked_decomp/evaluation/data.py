@@ -123,7 +123,9 @@ def load_texts(
         if name == "wikipedia":
             samples = list(_wikipedia_articles())
         elif name == "pydoc":
-            samples = _pydoc_topics()
+            from chunked_decomp.hf.calibration import pydoc_topics
+
+            samples = pydoc_topics()
         elif name == "python":
             samples = list(_python_sources())
         elif name in HUB_DATASETS:
@@ -273,13 +275,6 @@ def _python_sources() -> tuple[str, ...]:
     if not samples:
         raise FileNotFoundError(f"no standard-library sources under {root} for dataset_name='python'")
     return tuple(s for s in samples if s)
-
-
-def _pydoc_topics() -> list[str]:
-    """Prose of each ``pydoc_data.topics`` entry (the text the automatic head calibration reads)."""
-    from chunked_decomp.hf.calibration import pydoc_topics
-
-    return pydoc_topics()
 
 
 def _hub_texts(name: str) -> list[str]:

@@ -474,7 +474,10 @@ def test_defaults_copied_for_a_light_help_agree_with_the_library():
 @pytest.mark.parametrize(
     ("argv", "expect"),
     [
-        ([sys.executable, "-m", "chunked_decomp.cli", "--help"], "{compress,evaluate,benchmark,calibrate}"),
+        (
+            [sys.executable, "-m", "chunked_decomp.cli", "--help"],
+            "{compress,evaluate,benchmark,calibrate,longctx}",
+        ),
         ([sys.executable, "scripts/run_compression.py", "--help"], "--chunk_size C [C ...]"),
         ([sys.executable, "scripts/evaluate_model.py", "--help"], "--comparison_study"),
         ([sys.executable, "scripts/benchmark_memory.py", "--help"], "--save_timeline"),

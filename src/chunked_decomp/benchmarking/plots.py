@@ -15,6 +15,7 @@ from chunked_decomp.io import atomic_open
 __all__ = [
     "plot_comparison",
     "plot_compression_summary",
+    "plot_long_context",
     "plot_quality",
     "plot_ranks",
     "plot_scaling",
@@ -286,4 +287,40 @@ def plot_comparison(frame: Any, path: str | Path) -> Path:
     ax.set_ylabel("perplexity increase (%" + (", symmetric log scale)" if wide else ")"))
     ax.set_title("Methods at their stored bytes (continuation protocol)")
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_long_context(rows: list[dict[str, Any]], task: str, path: str | Path) -> Path:
+    """Score against bytes held (ρ) for every method on ``task``, one panel per context length, from the rows of
+    :func:`chunked_decomp.evaluation.longctx.summarize`; the dashed line is the uncompressed score."""
+    rows = [r for r in rows if r["task"] == task]
+    lengths = sorted({r["context_length"] for r in rows})
+    fig, axes = _figure(1, max(1, len(lengths)), (5 * max(1, len(lengths)), 4.2))
+    colors = _colors()
+    kinds: dict[str, int] = {}
+    for ax, length in zip(axes[0], lengths):
+        cell = [r for r in rows if r["context_length"] == length]
+        for r in cell:
+            kind = str(r["method"]).split("@")[0]
+            k = kinds.setdefault(kind, len(kinds))
+            ax.scatter(r["ratio"], r["score"], color=colors[k % len(colors)], marker="os^Dvx"[k % 6], s=40)
+            ax.annotate(
+                str(r["method"]),
+                (r["ratio"], r["score"]),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+            )
+        reference = cell[0]["reference_score"] if cell else math.nan
+        if reference == reference:
+            ax.axhline(reference, color="grey", ls="--", lw=0.8)
+        solved = bool(cell and cell[0]["solved_by_reference"])
+        ax.set_title(
+            f"{task}, {length} tokens" + ("" if solved else " (uncompressed < 0.5: not informative)"),
+            fontsize=9,
+        )
+        ax.set_xlabel("ρ: bytes held ÷ uncompressed 16-bit cache")
+        ax.set_ylabel("score (RULER string match)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
     return save_figure(fig, path)

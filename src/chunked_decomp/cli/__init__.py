@@ -1,4 +1,4 @@
-"""The ``chunked-decomp`` command line: ``compress``, ``evaluate``, ``benchmark`` and ``calibrate``.
+"""The ``chunked-decomp`` command line: ``compress``, ``evaluate``, ``benchmark``, ``calibrate`` and ``longctx``.
 
 Each command checks its input before any work (a bad flag gets one ``error: ...`` line naming it and exit code 2;
 ``--debug`` shows the traceback instead), writes JSON, CSV and PNG files into ``--output_dir`` atomically, keeps
@@ -13,13 +13,14 @@ Examples::
     chunked-decomp evaluate --compression_ratio 0.5 0.25 0.125 --metrics perplexity bleu rouge --comparison_study
     chunked-decomp benchmark --sequence_lengths 512 1024 --batch_sizes 1 4 --profile_compression --save_timeline
     chunked-decomp calibrate --output head_weights.json            # then: --head_weights head_weights.json
+    chunked-decomp longctx --context_lengths 4096 8192 --num_samples 5    # RULER-style tasks per method
 
 ``calibrate`` writes one JSON file (refusing to replace one without ``--overwrite``) instead of a results folder.
 
 The modules, from the edge inward: ``parser`` builds the parsers from ``args`` (argument types and shared flags);
 ``options`` turns the parsed flags into typed dataclasses, the only values the commands receive; ``context`` sets
 up a measuring run (output folder, model and text through ``loading``, tracker, result store); one module per
-command (``compress``, ``evaluate``, ``benchmark``, ``calibrate``, with ``sweep`` shared by the first two);
+command (``compress``, ``evaluate``, ``benchmark``, ``calibrate``, ``longctx``, with ``sweep`` shared by the first two);
 ``tables`` formats what they print. Heavy libraries (torch, transformers, pandas, matplotlib) are imported only
 when a command runs; wandb only with ``--wandb``.
 """
@@ -30,7 +31,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from chunked_decomp.cli import benchmark, calibrate, compress, evaluate
+from chunked_decomp.cli import benchmark, calibrate, compress, evaluate, longctx
 from chunked_decomp.cli.args import UsageError
 from chunked_decomp.cli.options import from_namespace
 from chunked_decomp.cli.parser import build_parser
@@ -42,6 +43,7 @@ _RUNNERS = {
     "evaluate": evaluate.run,
     "benchmark": benchmark.run,
     "calibrate": calibrate.run,
+    "longctx": longctx.run,
 }
 
 

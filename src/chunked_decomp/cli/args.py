@@ -18,6 +18,8 @@ __all__ = [
     "DEFAULT_DATASET",
     "DEFAULT_MODEL",
     "DTYPES",
+    "LONGCTX_DEFAULT_TASKS",
+    "LONGCTX_TASKS",
     "METRICS",
     "PROTOCOL_DEFAULTS",
     "UsageError",
@@ -39,6 +41,12 @@ __all__ = [
 DEFAULT_MODEL = "smollm2-135m"  # chunked_decomp.hf.loading.DEFAULT_MODEL, without importing transformers
 DEFAULT_DATASET = "wikipedia"
 DTYPES = ["float32", "float16", "bfloat16"]
+# chunked_decomp.evaluation.ruler.TASKS / DEFAULT_TASKS, without importing torch
+LONGCTX_TASKS = (
+    "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+    "niah_multivalue", "niah_multiquery", "vt", "cwe", "passkey",
+)  # fmt: skip
+LONGCTX_DEFAULT_TASKS = ("niah_single_2", "niah_multikey_1", "niah_multivalue", "vt", "cwe", "passkey")
 METRICS = ("perplexity", "bleu", "rouge", "semantic")
 # chunked_decomp.evaluation.calibration.DEFAULT_NUM_WINDOWS / DEFAULT_STRIDE, without importing torch
 CALIBRATION_WINDOWS = 8
@@ -82,6 +90,15 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
         "decode_tokens": (4, 16),
         "timeline_context": (192, 1024),
         "timeline_tokens": (24, 128),
+    },
+    # --quick: one short context, two samples, the default preset at 0.25 against the uncompressed cache
+    "longctx": {
+        "context_lengths": ([1024], [4096, 8192]),
+        "num_samples": (2, 10),
+        "methods": (
+            ["full", "chunked:balanced@0.25"],
+            ["full", "chunked:balanced@0.25", "chunked:aggressive@0.125", "quanto4", "quanto2"],
+        ),
     },
 }
 

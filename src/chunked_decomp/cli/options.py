@@ -23,6 +23,7 @@ __all__ = [
     "CompressOptions",
     "CompressionChoice",
     "EvaluateOptions",
+    "LongctxOptions",
     "ModelOptions",
     "Protocol",
     "RunOptions",
@@ -227,18 +228,39 @@ class CalibrateOptions:
     arguments: dict[str, Any]
 
 
-CommandOptions = CompressOptions | EvaluateOptions | BenchmarkOptions | CalibrateOptions
+@dataclass(frozen=True)
+class LongctxOptions:
+    """``longctx``: RULER-style tasks per (context length, task, sample, method); ``max_new_tokens`` ``None`` takes
+    each task's RULER budget."""
+
+    model: ModelOptions
+    output_dir: str
+    context_lengths: list[int]
+    tasks: list[str]
+    methods: list[str]
+    num_samples: int
+    seed: int
+    max_new_tokens: int | None
+    skip_unsolved: bool
+    save_plots: bool
+    threads: int | None
+    progress: bool
+    arguments: dict[str, Any]
+
+
+CommandOptions = CompressOptions | EvaluateOptions | BenchmarkOptions | CalibrateOptions | LongctxOptions
 
 
 def from_namespace(namespace: argparse.Namespace) -> CommandOptions:
     """The options of ``namespace.command``, with unset flags filled in for ``--test_mode`` or a full run."""
     values = dict(vars(namespace))
     command = values["command"]
+    quick_run = values.get("test_mode", values.get("quick", False))
     for name, (quick, full) in PROTOCOL_DEFAULTS.get(command, {}).items():
-        if name == "num_samples" and values["text_file"]:
+        if name == "num_samples" and values.get("text_file"):
             continue  # a user's file is used whole unless --num_samples says otherwise
         if values.get(name) is None:
-            values[name] = quick if values["test_mode"] else full
+            values[name] = quick if quick_run else full
     return _BUILDERS[command](values)
 
 
@@ -343,4 +365,28 @@ def _calibrate(v: dict[str, Any]) -> CalibrateOptions:
     )
 
 
-_BUILDERS = {"compress": _compress, "evaluate": _evaluate, "benchmark": _benchmark, "calibrate": _calibrate}
+def _longctx(v: dict[str, Any]) -> LongctxOptions:
+    return LongctxOptions(
+        model=_model({**v, "device_map": None}),
+        output_dir=v["output_dir"],
+        context_lengths=v["context_lengths"],
+        tasks=list(dict.fromkeys(v["tasks"])),
+        methods=list(dict.fromkeys(v["methods"])),
+        num_samples=v["num_samples"],
+        seed=v["seed"],
+        max_new_tokens=v["max_new_tokens"],
+        skip_unsolved=v["skip_unsolved"],
+        save_plots=v["save_plots"],
+        threads=v["threads"],
+        progress=not v["no_progress"],
+        arguments={k: x for k, x in v.items() if k not in ("no_progress", "debug")},
+    )
+
+
+_BUILDERS = {
+    "compress": _compress,
+    "evaluate": _evaluate,
+    "benchmark": _benchmark,
+    "calibrate": _calibrate,
+    "longctx": _longctx,
+}

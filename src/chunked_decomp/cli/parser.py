@@ -7,8 +7,12 @@ import argparse
 from chunked_decomp.cli.args import (
     CALIBRATION_STRIDE,
     CALIBRATION_WINDOWS,
+    DEFAULT_MODEL,
     DTYPES,
+    LONGCTX_DEFAULT_TASKS,
+    LONGCTX_TASKS,
     METRICS,
+    PROTOCOL_DEFAULTS,
     add_common,
     add_model_and_text,
     add_protocol,
@@ -195,6 +199,79 @@ def _add_calibration_windows(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _configure_longctx(p: argparse.ArgumentParser) -> None:
+    quick, full = PROTOCOL_DEFAULTS["longctx"]["methods"]
+    p.add_argument(
+        "--model_name",
+        default=DEFAULT_MODEL,
+        help=f"model: {DEFAULT_MODEL!r} (embedded, offline), a save_pretrained folder, or a hub id (default: %(default)s)",
+    )
+    p.add_argument(
+        "--context_lengths",
+        type=int_at_least(256),
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="prompt + answer tokens per sample, as RULER counts them (default: 4096 8192; 1024 with --quick)",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=LONGCTX_TASKS,
+        default=list(LONGCTX_DEFAULT_TASKS),
+        metavar="TASK",
+        help=f"RULER-style tasks, from {', '.join(LONGCTX_TASKS)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="'full', 'chunked[:PRESET][@RATIO]', 'quanto4', 'quanto2', 'hqq:BITS', 'kvpress:PRESS@RATIO' (kvpress "
+        f"in the peers environment); the uncompressed cache always runs (default: {' '.join(full)}; "
+        f"{' '.join(quick)} with --quick)",
+    )
+    p.add_argument(
+        "--num_samples",
+        type=int_at_least(1),
+        default=None,
+        help="samples per task and length (default: 10; 2 with --quick)",
+    )
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="the samples' seed (default: %(default)s)")
+    p.add_argument(
+        "--max_new_tokens",
+        type=int_at_least(1),
+        default=None,
+        help="greedy tokens per answer, also reserved in the context length (default: RULER's per task: "
+        "128 for needles, 30 variable tracking, 120 common words; 16 passkey)",
+    )
+    p.add_argument(
+        "--skip_unsolved",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip the other methods where the uncompressed score is < 0.5 (default: on)",
+    )
+    p.add_argument(
+        "--save_plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write PNG plots (default: on)",
+    )
+    p.add_argument("--quick", action="store_true", help="one short context and two samples (a smoke run)")
+    p.add_argument("--output_dir", default="results/longctx", help="where results go (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="where the embedded model is converted once (default: ~/.cache/chunked_decomp)",
+    )
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for torch")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(command="longctx")
+
+
 COMMANDS = {
     "compress": (
         _configure_compress,
@@ -211,6 +288,10 @@ COMMANDS = {
     "calibrate": (
         _configure_calibrate,
         "measure per-head weights of the rank allocation (head_weights) for a model; writes a JSON file",
+    ),
+    "longctx": (
+        _configure_longctx,
+        "RULER-style long-context tasks (needles, variable tracking, common words, passkey) per method",
     ),
 }
 

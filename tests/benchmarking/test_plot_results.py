@@ -158,7 +158,10 @@ def test_the_presets_tables_quote_the_result_files() -> None:
     speeds = {"`balanced`": [decode("balanced", "rebuild"), decode("balanced", "factored")],
               "`fast`": [decode("fast", "factored_post_rope")]}  # fmt: skip
     measured = set()
-    for preset, _, rho, smol, qwen, speed in table(README, "| preset | what it is for |"):
+    for preset, _, rho, smol, qwen, ruler, speed in table(README, "| preset | what it is for |"):
+        if ruler:
+            for text, study in zip(ruler.split(" / "), ("smollm2_4k", "qwen_4k")):
+                assert_quotes(text, _ruler_delta(study, preset.strip("`")), f"README {preset} RULER {study}")
         name = preset.strip("`")
         rows = [_across(study).get(name) for study in ("smollm2_wikipedia", "qwen_python")]
         if rows[0] is None:
@@ -177,6 +180,14 @@ def test_the_presets_tables_quote_the_result_files() -> None:
         for text, value in zip(written, speeds.get(preset, [])):
             assert_quotes(text, value, f"README {preset} decoding")
     assert measured == {"conservative", "balanced", "long_context", "fast", "aggressive", "extreme"}
+
+
+def _ruler_delta(study: str, preset: str) -> float:
+    """Mean score of ``preset`` over the tasks the uncompressed cache solves, minus the uncompressed mean."""
+    rows = json.loads((RESULTS / "longctx" / study / "summary.json").read_text())
+    mine = [r for r in rows if r["method"].startswith(f"chunked:{preset}@") and r["solved_by_reference"]]
+    assert mine, f"no {preset} rows in longctx/{study}"
+    return sum(r["score_delta"] for r in mine) / len(mine)
 
 
 ACROSS = ("smollm2_wikipedia", "smollm2_wikipedia_no_head_file", "qwen_wikipedia", "qwen_python")

@@ -90,9 +90,7 @@ class RunContext:
     def run_info(self, seconds: float, **extra: Any) -> dict[str, Any]:
         """What ran, on what, how long: the command, its arguments, the model, versions and machine."""
         import torch
-        import transformers
 
-        import chunked_decomp
         from chunked_decomp.hf.loading import model_info
 
         return {
@@ -100,12 +98,7 @@ class RunContext:
             "arguments": dict(self.arguments),
             "model": model_info(self.model),
             "seconds": seconds,
-            "versions": {
-                "chunked_decomp": chunked_decomp.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(),
             "machine": {
                 "platform": platform.platform(),
                 "cpu_count": os.cpu_count(),
@@ -113,6 +106,21 @@ class RunContext:
             },
             **extra,
         }
+
+
+def versions() -> dict[str, str]:
+    """The versions a result depends on: this package, torch, transformers and Python."""
+    import torch
+    import transformers
+
+    import chunked_decomp
+
+    return {
+        "chunked_decomp": chunked_decomp.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def open_run(run: RunOptions, model: ModelOptions, text: TextOptions, tokens_needed: int) -> RunContext:

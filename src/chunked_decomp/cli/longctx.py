@@ -14,7 +14,7 @@ from typing import Any
 
 from chunked_decomp.cli.args import UsageError
 from chunked_decomp.cli.console import log
-from chunked_decomp.cli.context import calibrate_heads
+from chunked_decomp.cli.context import calibrate_heads, versions
 from chunked_decomp.cli.loading import load_model
 from chunked_decomp.cli.options import LongctxOptions
 from chunked_decomp.cli.tables import table
@@ -152,31 +152,14 @@ def _write(options: LongctxOptions, out: Any, records: list[dict]) -> list[dict]
 
 
 def _finish(options: LongctxOptions, out: Any, model: Any, seconds: float) -> None:
-    import platform
-
     import torch
-    import transformers
 
-    import chunked_decomp
     from chunked_decomp.hf.loading import model_info
     from chunked_decomp.io import atomic_write_json
 
-    atomic_write_json(
-        out / "run_info.json",
-        {
-            "command": "longctx",
-            "arguments": dict(options.arguments),
-            "model": model_info(model),
-            "seconds": seconds,
-            "versions": {
-                "chunked_decomp": chunked_decomp.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
-            },
-            "torch_threads": torch.get_num_threads(),
-        },
-    )
+    info = {"command": "longctx", "arguments": dict(options.arguments), "model": model_info(model)}
+    info.update(seconds=seconds, versions=versions(), torch_threads=torch.get_num_threads())
+    atomic_write_json(out / "run_info.json", info)
 
 
 def _table(rows: list[dict]) -> str:

@@ -139,6 +139,13 @@ def _configure_calibrate(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="other names of the model for head_weights='auto' (the model's own name is always recorded)",
     )
+    _add_device_and_output_flags(p)
+    p.set_defaults(command="calibrate", device_map=None)
+
+
+def _add_device_and_output_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --cache_dir, --threads, --no_progress and --debug of the commands without
+    :func:`add_common` (``calibrate``, ``longctx``)."""
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
     p.add_argument(
@@ -149,7 +156,6 @@ def _configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for torch")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    p.set_defaults(command="calibrate", device_map=None)
 
 
 def _add_calibration_windows(p: argparse.ArgumentParser) -> None:
@@ -259,16 +265,7 @@ def _configure_longctx(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quick", action="store_true", help="one short context and two samples (a smoke run)")
     p.add_argument("--output_dir", default="results/longctx", help="where results go (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
-    p.add_argument(
-        "--cache_dir",
-        default=None,
-        help="where the embedded model is converted once (default: ~/.cache/chunked_decomp)",
-    )
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for torch")
-    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_device_and_output_flags(p)
     p.set_defaults(command="longctx")
 
 

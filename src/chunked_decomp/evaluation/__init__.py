@@ -40,6 +40,8 @@ _EXPORTS = {
         "passkey_accuracy",
         "greedy_decode",
     ],
+    "ruler": ["TASKS", "TaskSample", "make_sample", "string_match_all"],
+    "longctx": ["run_sample", "summarize"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -69,10 +69,8 @@ def _methods(options: LongctxOptions) -> list[Any]:
         except (ValueError, ImportError) as err:  # kvpress outside the peers environment: ImportError
             raise UsageError("--methods", str(err)) from err
         methods.append(as_deployed(method))
-    if not any(isinstance(m, FullCache) for m in methods):
-        methods.insert(0, FullCache())  # every score is read against the uncompressed one
-    methods.sort(key=lambda m: not isinstance(m, FullCache))
-    return methods
+    # Every score is read against the uncompressed one, so it runs first, given or not.
+    return [FullCache()] + [m for m in methods if not isinstance(m, FullCache)]
 
 
 def _run_cells(
@@ -86,6 +84,23 @@ def _run_cells(
     records: list[dict] = []
     total = len(options.context_lengths) * len(options.tasks) * options.num_samples * len(methods)
     bar = tqdm(total=total, desc="longctx cells", unit="cell", disable=not options.progress)
+
+    def cell(method: Any, sample: Any) -> dict:
+        params = {
+            "model": options.model.name,
+            "dtype": options.model.dtype,
+            "task": sample.task,
+            "context_length": sample.context_length,
+            "index": sample.index,
+            "seed": options.seed,
+            "max_new_tokens": sample.max_new_tokens,
+            "method": method.name,
+        }
+        bar.set_postfix_str(f"{sample.task}@{sample.context_length} {method.name}")
+        record, _ = store.get_or_compute(params, lambda: run_sample(model, tokenizer, method, sample))
+        bar.update(1)
+        return record
+
     for length in options.context_lengths:
         for task in options.tasks:
             try:
@@ -97,38 +112,14 @@ def _run_cells(
                 ]
             except ValueError as err:
                 raise UsageError("--context_lengths", str(err)) from err
-            reference_scores: list[float] = []
-            for k, method in enumerate(methods):
-                if (
-                    k == 1
-                    and options.skip_unsolved
-                    and sum(reference_scores) < SOLVED * len(reference_scores)
-                ):
-                    bar.update(len(samples) * (len(methods) - 1))
-                    log(
-                        f"{task} at {length} tokens: uncompressed score < {SOLVED}, other methods skipped",
-                        True,
-                    )
-                    break
-                for sample in samples:
-                    params = {
-                        "model": options.model.name,
-                        "dtype": options.model.dtype,
-                        "task": task,
-                        "context_length": length,
-                        "index": sample.index,
-                        "seed": options.seed,
-                        "max_new_tokens": sample.max_new_tokens,
-                        "method": method.name,
-                    }
-                    bar.set_postfix_str(f"{task}@{length} {method.name}")
-                    record, _ = store.get_or_compute(
-                        params, lambda m=method, s=sample: run_sample(model, tokenizer, m, s)
-                    )
-                    records.append(record)
-                    if k == 0:
-                        reference_scores.append(record["score"])
-                    bar.update(1)
+
+            reference = [cell(methods[0], sample) for sample in samples]
+            records += reference
+            if options.skip_unsolved and sum(r["score"] for r in reference) < SOLVED * len(reference):
+                bar.update(len(samples) * (len(methods) - 1))
+                log(f"{task} at {length} tokens: uncompressed score < {SOLVED}, other methods skipped", True)
+                continue
+            records += [cell(method, sample) for method in methods[1:] for sample in samples]
     bar.close()
     return records
 

@@ -2,7 +2,7 @@
 :class:`~chunked_decomp.evaluation.methods.KVMethod`, with the bytes each method holds at that length.
 
 A sample's prompt is prefilled through the method, then answered greedily on top of its cache (the protocol of
-:func:`~chunked_decomp.evaluation.passkey.greedy_decode`). ChunkedDecomp runs as ``generate()`` leaves its cache:
+:func:`~chunked_decomp.evaluation.passkey.continue_greedy`). ChunkedDecomp runs as ``generate()`` leaves its cache:
 nothing is compressed beyond what the cache does by itself, so the exact window, the sinks and the partial chunk
 are held and counted. Decoding stops at the model's end-of-sequence token, at the task's token budget, or once
 every expected answer is in the output (RULER's score cannot change after that).
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from chunked_decomp.evaluation.methods import ChunkedDecompMethod, KVMethod
-from chunked_decomp.evaluation.passkey import Tokenizer, greedy_decode
+from chunked_decomp.evaluation.passkey import Tokenizer, continue_greedy
 from chunked_decomp.evaluation.ruler import TaskSample, string_match_all
 
 __all__ = ["SOLVED", "as_deployed", "eos_token_ids", "run_sample", "summarize"]
@@ -64,16 +64,14 @@ def run_sample(
             return True
         return string_match_all(tokenizer.decode(tokens, skip_special_tokens=True), sample.answers) == 1.0
 
-    ids = torch.tensor(sample.input_ids, dtype=torch.long)
-    stored: dict[str, Any] = {}
-
+    device = next(model.parameters()).device
+    ids = torch.tensor(sample.input_ids, dtype=torch.long, device=device).unsqueeze(0)
     started = time.perf_counter()
-    generated = greedy_decode(
-        model, _Recording(method, stored), ids, max_new_tokens=sample.max_new_tokens, stop=done
-    )
+    prefilled = method.prefill(model, ids)
+    generated = continue_greedy(model, prefilled, sample.max_new_tokens, stop=done)
     seconds = time.perf_counter() - started
     output = tokenizer.decode(generated, skip_special_tokens=True)
-    storage = stored["storage"]
+    storage = prefilled.storage
     return {
         "task": sample.task,
         "context_length": sample.context_length,
@@ -90,21 +88,6 @@ def run_sample(
         "cache_bytes": storage.cache_bytes,
         "seconds": seconds,
     }
-
-
-class _Recording(KVMethod):
-    """``method``, keeping the storage of its prefilled prompt in ``into["storage"]``."""
-
-    def __init__(self, method: KVMethod, into: dict[str, Any]):
-        self.method, self.into, self.name = method, into, method.name
-
-    def new_cache(self, model: torch.nn.Module) -> Any:
-        return self.method.new_cache(model)
-
-    def prefill(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Any = None) -> Any:
-        prefilled = self.method.prefill(model, input_ids, attention_mask)
-        self.into["storage"] = prefilled.storage
-        return prefilled
 
 
 def _mean(values: Iterable[float]) -> float:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from chunked_decomp.evaluation.methods import KVMethod, forward_with_cache
+from chunked_decomp.evaluation.methods import KVMethod, PrefilledContext, forward_with_cache
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -109,12 +109,26 @@ def greedy_decode(
     max_new_tokens: int = 8,
     stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
-    """Greedy tokens after ``input_ids`` ``(seq_len,)``: prefill through ``method``, then one token per step on
-    top of its cache at explicit positions, until ``max_new_tokens`` or ``stop(tokens so far)`` is true."""
+    """Greedy tokens after ``input_ids`` ``(seq_len,)``: prefill through ``method``, then
+    :func:`continue_greedy`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     prefilled = method.prefill(model, input_ids.to(device).unsqueeze(0))
+    return continue_greedy(model, prefilled, max_new_tokens, stop)
+
+
+@torch.no_grad()
+def continue_greedy(
+    model: torch.nn.Module,
+    prefilled: PrefilledContext,
+    max_new_tokens: int = 8,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> list[int]:
+    """Greedy tokens on top of a prefilled context (batch 1), one per step at explicit positions, until
+    ``max_new_tokens`` or ``stop(tokens so far)`` is true."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     token = prefilled.last_logits.argmax(dim=-1)  # (1,)
     out = [int(token)]
     position = prefilled.context_length

@@ -257,15 +257,19 @@ def _by_length(hay: Haystack, length: int) -> int:
     return length
 
 
+def _by_words(hay: Haystack, length: int) -> int:
+    return min(2 * length, len(hay.words))  # an essay word is at least half a token
+
+
 TASKS: dict[str, _Task] = {
     "niah_single_1": _Task(_Niah("repeat"), 128, _by_length),
-    "niah_single_2": _Task(_Niah("essay"), 128, lambda h, n: min(2 * n, len(h.words))),
-    "niah_single_3": _Task(_Niah("essay", type_v="uuids"), 128, lambda h, n: min(2 * n, len(h.words))),
-    "niah_multikey_1": _Task(_Niah("essay", num_k=4), 128, lambda h, n: min(2 * n, len(h.words))),
+    "niah_single_2": _Task(_Niah("essay"), 128, _by_words),
+    "niah_single_3": _Task(_Niah("essay", type_v="uuids"), 128, _by_words),
+    "niah_multikey_1": _Task(_Niah("essay", num_k=4), 128, _by_words),
     "niah_multikey_2": _Task(_Niah("needle"), 128, _by_length),
     "niah_multikey_3": _Task(_Niah("needle", type_k="uuids", type_v="uuids"), 128, _by_length),
-    "niah_multivalue": _Task(_Niah("essay", num_v=4), 128, lambda h, n: min(2 * n, len(h.words))),
-    "niah_multiquery": _Task(_Niah("essay", num_q=4), 128, lambda h, n: min(2 * n, len(h.words))),
+    "niah_multivalue": _Task(_Niah("essay", num_v=4), 128, _by_words),
+    "niah_multiquery": _Task(_Niah("essay", num_q=4), 128, _by_words),
     "vt": _Task(_vt, 30, _by_length),
     "cwe": _Task(None, 120, lambda h, n: min(n, len(h.vocabulary) - 10)),  # generator chosen by length
     "passkey": _Task(None, 16, _by_length),

@@ -81,6 +81,17 @@ def test_longctx_end_to_end_and_resume(assets, tmp_path, capsys):  # noqa: F811
     assert code == 0 and [c.stat().st_mtime_ns for c in cells] == stamps  # nothing recomputed
     assert json.loads((tmp_path / "summary.json").read_text()) == rows
 
+    # Every method of a sample in one shared prefill: the same outputs and bytes, only the timings differ.
+    shared = tmp_path / "shared"
+    argv[argv.index(str(tmp_path))] = str(shared)
+    code, _, err = run([*argv, "--no-skip_unsolved"], capsys)
+    assert code == 0, err
+    timings = ("seconds", "prefill_seconds")
+    untimed = [[{k: v for k, v in s.items() if k not in timings} for s in sorted(
+        json.loads((d / "samples.json").read_text()), key=lambda s: (s["task"], s["index"], s["method"])
+    )] for d in (tmp_path, shared)]  # fmt: skip
+    assert untimed[0] == untimed[1]
+
 
 def test_task_names_copied_for_a_light_help_agree_with_the_library():
     from chunked_decomp.cli import args

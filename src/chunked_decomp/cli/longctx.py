@@ -1,8 +1,9 @@
 """``chunked-decomp longctx``: RULER-style long-context tasks per method, context length and task.
 
-Every sample is one cell under ``--output_dir/cells/longctx`` (a rerun skips finished ones); the uncompressed
-cache runs first on a task's samples, and unless ``--no-skip_unsolved`` the other methods skip a (task, length)
-the uncompressed model scores below 0.5 on, since it tells nothing about compression there. Writes
+Every (sample, method) is one cell under ``--output_dir/cells/longctx`` (a rerun skips finished ones); the
+methods of a sample not yet stored share one prefill forward. Unless ``--no-skip_unsolved``, the uncompressed
+cache runs first on a task's samples and the other methods skip a (task, length) the uncompressed model scores
+below 0.5 on, since it tells nothing about compression there. Writes
 ``samples.json/.csv`` (one row per sample and method), ``summary.json/.csv`` (per task, length and method), a
 score-vs-bytes plot per task, ``run_info.json``, and prints the summary table.
 """
@@ -85,21 +86,31 @@ def _run_cells(
     total = len(options.context_lengths) * len(options.tasks) * options.num_samples * len(methods)
     bar = tqdm(total=total, desc="longctx cells", unit="cell", disable=not options.progress)
 
-    def cell(method: Any, sample: Any) -> dict:
+    def cells(group: list[Any], sample: Any) -> list[dict]:
+        """The records of ``group`` on ``sample``: stored ones read, the missing ones run together."""
         params = {
-            "model": options.model.name,
-            "dtype": options.model.dtype,
-            "task": sample.task,
-            "context_length": sample.context_length,
-            "index": sample.index,
-            "seed": options.seed,
-            "max_new_tokens": sample.max_new_tokens,
-            "method": method.name,
+            m.name: {
+                "model": options.model.name,
+                "dtype": options.model.dtype,
+                "task": sample.task,
+                "context_length": sample.context_length,
+                "index": sample.index,
+                "seed": options.seed,
+                "max_new_tokens": sample.max_new_tokens,
+                "method": m.name,
+            }
+            for m in group
         }
-        bar.set_postfix_str(f"{sample.task}@{sample.context_length} {method.name}")
-        record, _ = store.get_or_compute(params, lambda: run_sample(model, tokenizer, method, sample))
-        bar.update(1)
-        return record
+        found = {name: store.get(p) for name, p in params.items()}
+        missing = [m for m in group if found[m.name] is None]
+        if missing:
+            names = ", ".join(m.name for m in missing)
+            bar.set_postfix_str(f"{sample.task}@{sample.context_length} #{sample.index}: {names}")
+            for record in run_sample(model, tokenizer, missing, sample):
+                store.put(params[record["method"]], record)
+                found[record["method"]] = record
+        bar.update(len(group))
+        return [found[m.name] for m in group]
 
     for length in options.context_lengths:
         for task in options.tasks:
@@ -113,13 +124,16 @@ def _run_cells(
             except ValueError as err:
                 raise UsageError("--context_lengths", str(err)) from err
 
-            reference = [cell(methods[0], sample) for sample in samples]
+            if not options.skip_unsolved:
+                records += [r for sample in samples for r in cells(methods, sample)]
+                continue
+            reference = [cells(methods[:1], sample)[0] for sample in samples]
             records += reference
-            if options.skip_unsolved and sum(r["score"] for r in reference) < SOLVED * len(reference):
+            if sum(r["score"] for r in reference) < SOLVED * len(reference):
                 bar.update(len(samples) * (len(methods) - 1))
                 log(f"{task} at {length} tokens: uncompressed score < {SOLVED}, other methods skipped", True)
                 continue
-            records += [cell(method, sample) for method in methods[1:] for sample in samples]
+            records += [r for sample in samples for r in cells(methods[1:], sample)]
     bar.close()
     return records
 

@@ -1,7 +1,8 @@
 """Long-context evaluation: the RULER-style tasks of :mod:`chunked_decomp.evaluation.ruler` through any
 :class:`~chunked_decomp.evaluation.methods.KVMethod`, with the bytes each method holds at that length.
 
-A sample's prompt is prefilled through the method, then answered greedily on top of its cache (the protocol of
+A sample's prompt is prefilled through each method (one shared forward where the methods' prefill is exact),
+then answered greedily on top of its cache (the protocol of
 :func:`~chunked_decomp.evaluation.passkey.continue_greedy`). ChunkedDecomp runs as ``generate()`` leaves its cache:
 nothing is compressed beyond what the cache does by itself, so the exact window, the sinks and the partial chunk
 are held and counted. Decoding stops at the model's end-of-sequence token, at the task's token budget, or once
@@ -23,6 +24,7 @@ import torch
 from chunked_decomp.evaluation.methods import ChunkedDecompMethod, KVMethod
 from chunked_decomp.evaluation.passkey import Tokenizer, continue_greedy
 from chunked_decomp.evaluation.ruler import TaskSample, string_match_all
+from chunked_decomp.evaluation.shared_prefill import prefill_together
 
 __all__ = ["SOLVED", "as_deployed", "eos_token_ids", "run_sample", "summarize"]
 
@@ -53,10 +55,13 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 
 @torch.no_grad()
 def run_sample(
-    model: torch.nn.Module, tokenizer: Tokenizer, method: KVMethod, sample: TaskSample
-) -> dict[str, Any]:
-    """Score ``sample`` with ``method``'s cache: the greedy output, its RULER score and the bytes held for the
-    prompt (``ratio``: stored bytes ÷ the prompt in an uncompressed 16-bit cache)."""
+    model: torch.nn.Module, tokenizer: Tokenizer, methods: Sequence[KVMethod], sample: TaskSample
+) -> list[dict[str, Any]]:
+    """Score ``sample`` with each of ``methods``' caches: one record per method with the greedy output, its RULER
+    score and the bytes held for the prompt (``ratio``: stored bytes ÷ the prompt in an uncompressed 16-bit
+    cache). The methods whose prefill is exact share one prefill forward
+    (:func:`~chunked_decomp.evaluation.shared_prefill.prefill_together`); ``prefill_seconds`` is that forward's
+    time, ``seconds`` adds the method's own decoding."""
     stop_ids = eos_token_ids(model, tokenizer)
 
     def done(tokens: list[int]) -> bool:
@@ -67,27 +72,36 @@ def run_sample(
     device = next(model.parameters()).device
     ids = torch.tensor(sample.input_ids, dtype=torch.long, device=device).unsqueeze(0)
     started = time.perf_counter()
-    prefilled = method.prefill(model, ids)
-    generated = continue_greedy(model, prefilled, sample.max_new_tokens, stop=done)
-    seconds = time.perf_counter() - started
-    output = tokenizer.decode(generated, skip_special_tokens=True)
-    storage = prefilled.storage
-    return {
-        "task": sample.task,
-        "context_length": sample.context_length,
-        "index": sample.index,
-        "method": method.name,
-        "score": string_match_all(output, sample.answers),
-        "output": output,
-        "answers": list(sample.answers),
-        "prompt_tokens": len(sample.input_ids),
-        "new_tokens": len(generated),
-        "stored_bytes": storage.stored_bytes,
-        "reference_bytes": storage.reference_bytes,
-        "ratio": storage.ratio,
-        "cache_bytes": storage.cache_bytes,
-        "seconds": seconds,
-    }
+    contexts = prefill_together(model, methods, ids)
+    prefill_seconds = time.perf_counter() - started
+    records = []
+    for method, prefilled in zip(methods, contexts):
+        started = time.perf_counter()
+        generated = continue_greedy(model, prefilled, sample.max_new_tokens, stop=done)
+        decode_seconds = time.perf_counter() - started
+        prefilled.cache = None  # free it before the next method decodes
+        output = tokenizer.decode(generated, skip_special_tokens=True)
+        storage = prefilled.storage
+        records.append(
+            {
+                "task": sample.task,
+                "context_length": sample.context_length,
+                "index": sample.index,
+                "method": method.name,
+                "score": string_match_all(output, sample.answers),
+                "output": output,
+                "answers": list(sample.answers),
+                "prompt_tokens": len(sample.input_ids),
+                "new_tokens": len(generated),
+                "stored_bytes": storage.stored_bytes,
+                "reference_bytes": storage.reference_bytes,
+                "ratio": storage.ratio,
+                "cache_bytes": storage.cache_bytes,
+                "prefill_seconds": prefill_seconds,
+                "seconds": prefill_seconds + decode_seconds,
+            }
+        )
+    return records
 
 
 def _mean(values: Iterable[float]) -> float:

@@ -225,6 +225,10 @@ class KVMethod(ABC):
     #: Whether :func:`~chunked_decomp.evaluation.perplexity.streaming_perplexity` can feed text in blocks
     #: through one cache of this method (kvpress compresses only at the first prefill).
     supports_streaming: bool = True
+    #: Whether the prefill forward is the model's own: no :meth:`prefill_context`, and the cache returns the
+    #: states it is given at the first update. Such methods can share one prefill forward
+    #: (:func:`~chunked_decomp.evaluation.shared_prefill.prefill_together`).
+    exact_prefill: bool = False
 
     @abstractmethod
     def new_cache(self, model: torch.nn.Module) -> Cache:
@@ -284,6 +288,7 @@ class FullCache(KVMethod):
     """The uncompressed baseline: transformers' ``DynamicCache`` (ρ = 1)."""
 
     name = "full"
+    exact_prefill = True
 
     def new_cache(self, model: torch.nn.Module) -> Cache:
         return DynamicCache(config=model.config)
@@ -298,6 +303,8 @@ class ChunkedDecompMethod(KVMethod):
     quantisation scales, and the exact sink tokens in the model's dtype, so on a float32 model the sinks count at
     32 bits: conservative against the 16-bit reference). ``compression_ratio`` budgets that same count.
     """
+
+    exact_prefill = True  # chunks are compressed after the first update has returned its states
 
     def __init__(self, config: CompressionConfig, name: str | None = None, compress_all: bool = True):
         self.config = config

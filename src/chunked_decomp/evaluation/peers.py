@@ -42,6 +42,8 @@ class QuantizedCacheMethod(KVMethod):
     with groups of 64 rather than the 0.28 it would cost with 16-bit scales).
     """
 
+    exact_prefill = True  # the first update quantises what it is given and returns it unchanged
+
     def __init__(
         self,
         nbits: int = 4,

@@ -65,10 +65,15 @@ def test_prompt_fills_the_context_and_holds_its_answers(task, length, tokenizer,
     assert sample.max_new_tokens == TASKS[task].max_new_tokens
     assert len(sample.input_ids) <= budget
     assert len(sample.input_ids) >= 0.9 * budget  # the haystack grows until the next unit would not fit
-    text = tokenizer.decode(sample.input_ids)
     assert len(sample.answers) == EXPECTED_ANSWERS.get(task, 1)
+    # kvpress's split: the context holds every answer, the question is the template's last line.
+    context = tokenizer.decode(sample.input_ids[: sample.question_start])
+    question = tokenizer.decode(sample.input_ids[sample.question_start :])
     for answer in sample.answers:
-        assert answer in text
+        assert answer in context
+    asked = question.lstrip("\n")  # a token spanning the line break belongs to the question
+    assert question[0] == "\n" and asked.startswith(("What ", "Question: ")) and "\n" not in asked, question
+    assert len(question) < 400
     again = make_sample(task, tokenizer, length, index=3, seed=1, haystack=haystack)
     assert again == sample
     other = make_sample(task, tokenizer, length, index=4, seed=1, haystack=haystack)

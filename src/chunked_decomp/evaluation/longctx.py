@@ -1,9 +1,11 @@
 """Long-context evaluation: the RULER-style tasks of :mod:`chunked_decomp.evaluation.ruler` through any
 :class:`~chunked_decomp.evaluation.methods.KVMethod`, with the bytes each method holds at that length.
 
-A sample's prompt is prefilled through each method (one shared forward where the methods' prefill is exact),
-then answered greedily on top of its cache (the protocol of
-:func:`~chunked_decomp.evaluation.passkey.continue_greedy`). ChunkedDecomp runs as ``generate()`` leaves its cache:
+A sample's context (the instruction and the haystack) is prefilled through each method (one shared forward where
+the methods' prefill is exact); its question and answer prefix then run on top of the compressed cache, and the
+answer is decoded greedily (:func:`~chunked_decomp.evaluation.passkey.continue_greedy`). This is kvpress's
+protocol (its pipeline compresses the context and not the question, as its RULER leaderboard is measured): an
+eviction press that also scored the question's own tokens would drop parts of the question. ChunkedDecomp runs as ``generate()`` leaves its cache:
 nothing is compressed beyond what the cache does by itself, so the exact window, the sinks and the partial chunk
 are held and counted. Decoding stops at the model's end-of-sequence token, at the task's token budget, or once
 every expected answer is in the output (RULER's score cannot change after that).
@@ -21,7 +23,12 @@ from typing import Any
 
 import torch
 
-from chunked_decomp.evaluation.methods import ChunkedDecompMethod, KVMethod
+from chunked_decomp.evaluation.methods import (
+    ChunkedDecompMethod,
+    KVMethod,
+    PrefilledContext,
+    forward_with_cache,
+)
 from chunked_decomp.evaluation.passkey import Tokenizer, continue_greedy
 from chunked_decomp.evaluation.ruler import TaskSample, string_match_all
 from chunked_decomp.evaluation.shared_prefill import prefill_together
@@ -59,9 +66,12 @@ def run_sample(
 ) -> list[dict[str, Any]]:
     """Score ``sample`` with each of ``methods``' caches: one record per method with the greedy output, its RULER
     score and the bytes held for the prompt (``ratio``: stored bytes ÷ the prompt in an uncompressed 16-bit
-    cache). The methods whose prefill is exact share one prefill forward
-    (:func:`~chunked_decomp.evaluation.shared_prefill.prefill_together`); ``prefill_seconds`` is that forward's
-    time, ``seconds`` adds the method's own decoding."""
+    cache), measured once the question is in the cache.
+
+    The context is prefilled through the method (the methods whose prefill is exact share one forward,
+    :func:`~chunked_decomp.evaluation.shared_prefill.prefill_together`); the question then runs on top of the
+    cache, as kvpress's pipeline does. ``prefill_seconds`` is the context's forward, ``seconds`` adds the
+    method's question and answer."""
     stop_ids = eos_token_ids(model, tokenizer)
 
     def done(tokens: list[int]) -> bool:
@@ -71,17 +81,21 @@ def run_sample(
 
     device = next(model.parameters()).device
     ids = torch.tensor(sample.input_ids, dtype=torch.long, device=device).unsqueeze(0)
+    split, n_tokens = sample.question_start, ids.shape[1]
     started = time.perf_counter()
-    contexts = prefill_together(model, methods, ids)
+    contexts = prefill_together(model, methods, ids[:, :split])
     prefill_seconds = time.perf_counter() - started
     records = []
-    for method, prefilled in zip(methods, contexts):
+    for method, context in zip(methods, contexts):
         started = time.perf_counter()
-        generated = continue_greedy(model, prefilled, sample.max_new_tokens, stop=done)
+        logits = forward_with_cache(model, context.cache, ids[:, split:], split, logits_to_keep=1)
+        storage = method.storage(model, context.cache, n_tokens)
+        prompt = PrefilledContext(context.cache, logits[:, -1], n_tokens, storage)
+        del context
+        generated = continue_greedy(model, prompt, sample.max_new_tokens, stop=done)
         decode_seconds = time.perf_counter() - started
-        prefilled.cache = None  # free it before the next method decodes
+        del prompt  # free this cache before the next method decodes
         output = tokenizer.decode(generated, skip_special_tokens=True)
-        storage = prefilled.storage
         records.append(
             {
                 "task": sample.task,

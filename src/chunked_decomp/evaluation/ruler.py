@@ -99,7 +99,11 @@ def default_haystack() -> Haystack:
 @dataclass(frozen=True)
 class TaskSample:
     """One prompt of a task: ``input_ids`` (ends with RULER's answer prefix), the ``answers`` the output must
-    contain, and the greedy tokens allowed (RULER's ``tokens_to_generate``, also reserved in the length)."""
+    contain, and the greedy tokens allowed (RULER's ``tokens_to_generate``, also reserved in the length).
+
+    ``question_start``: where the question begins in ``input_ids``; the tokens before it are the context (the
+    instruction and the haystack), those from it the question and the answer prefix (kvpress's split of a
+    RULER sample into ``context`` and ``question``)."""
 
     task: str
     context_length: int
@@ -107,6 +111,7 @@ class TaskSample:
     input_ids: tuple[int, ...]
     answers: tuple[str, ...]
     max_new_tokens: int
+    question_start: int
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------
@@ -306,20 +311,20 @@ def make_sample(
     if task == "passkey":
         rng = random.Random(sample_seed)
         prompt = build_passkey_prompt(tokenizer, budget, rng.random(), rng.randint(10000, 99999))
-        return TaskSample(
-            task, context_length, index, tuple(prompt.input_ids.tolist()), (prompt.passkey,), new_tokens
-        )
+        ids = tuple(prompt.input_ids.tolist())
+        return TaskSample(task, context_length, index, ids, (prompt.passkey,), new_tokens, prompt.filler_end)
     hay = haystack or default_haystack()
     make = _cwe(context_length >= 4096) if task == "cwe" else spec.make
     offset = random.Random(sample_seed + ":offset").randrange(max(1, len(hay.words) - 2 * context_length))
 
-    def build(units: int) -> tuple[list[int], list[str]]:
+    def build(units: int) -> tuple[list[int], list[str], str]:
         text, answers = make(random.Random(sample_seed), units, hay, offset)
-        return _encode(tokenizer, text.rstrip()), answers
+        text = text.rstrip()
+        return _encode(tokenizer, text), answers, text
 
     lo = 8  # enough lines for every needle and chain link
     hi = max(lo, spec.max_units(hay, context_length))
-    ids, answers = build(lo)
+    ids, answers, _ = build(lo)
     if len(ids) > budget:
         raise ValueError(
             f"context_length {context_length} is too short for task {task!r}: its smallest prompt has "
@@ -331,5 +336,23 @@ def make_sample(
             lo = mid
         else:
             hi = mid - 1
-    ids, answers = build(lo)
-    return TaskSample(task, context_length, index, tuple(ids), tuple(answers), new_tokens)
+    ids, answers, text = build(lo)
+    return TaskSample(
+        task,
+        context_length,
+        index,
+        tuple(ids),
+        tuple(answers),
+        new_tokens,
+        _question_start(tokenizer, ids, text),
+    )
+
+
+def _question_start(tokenizer: Tokenizer, ids: list[int], text: str) -> int:
+    """The first token of the question: every template puts it after the context's last line break, and a token
+    that spans the break belongs to the question."""
+    context = _encode(tokenizer, text[: text.rindex("\n")])
+    start = 0
+    while start < min(len(context), len(ids)) and context[start] == ids[start]:
+        start += 1
+    return start

@@ -5,9 +5,10 @@ Wikipedia prompt of that many tokens is prefilled, then ``--steps`` single-token
 one forward call each). Caches: ``dynamic`` (uncompressed) and one compressed cache per ``--modes`` entry (the
 ``--preset``, wired in with ``ChunkedDecomp.applied``): ``rebuild`` (compressed chunks rebuilt each step, the
 model's own attention), ``factored`` (attention over the factors: values factored, pre-rotary keys rebuilt) and
-``factored_post_rope`` (keys factored after the rotary embedding, so neither is rebuilt). The factored modes use
-the fused CPU kernel (`chunked_decomp.backends.cpu_kernel`) when it builds; ``rebuild`` is timed without it, as the default
-decoding runs (it never builds the kernel). The caches alternate
+``factored_post_rope`` (keys factored after the rotary embedding, so neither is rebuilt), and ``factored_torch``
+(``factored`` without the fused kernel: a machine without a compiler). ``factored`` is what ``decode_attention="auto"``
+picks on a CPU. The factored modes use the fused CPU kernel (`chunked_decomp.backends.cpu_kernel`) when it builds;
+``rebuild`` and ``factored_torch`` are timed without it (the rebuild never builds it). The caches alternate
 within each of ``--repeats`` rounds, so all see the same machine load; the table gives medians of the per-step
 times, tokens/s and the ratio compressed ÷ dynamic speed (above 1 = faster).
 For each run it also records the cache's stored bytes and the process's peak RSS increase over the decoding steps
@@ -57,7 +58,11 @@ MODES = {
     "rebuild": {},
     "factored": {"decode_attention": "factored"},
     "factored_post_rope": {"decode_attention": "factored", "compress_keys_pre_rope": False},
+    # factored without the fused C++ kernel: what a machine without a compiler (or ninja) gets.
+    "factored_torch": {"decode_attention": "factored"},
 }
+#: The modes timed without the fused kernel (the rebuild as a default user gets it: it never builds the kernel).
+NO_KERNEL = ("rebuild", "factored_torch")
 
 
 @contextmanager
@@ -144,7 +149,10 @@ def run_rounds(
                 if kind in configs:
                     # The rebuild uses the fused kernel's dequantisation only once the factored attention has
                     # built it in the process; time it as a default user gets it, without.
-                    with ChunkedDecomp(config=configs[kind]).applied(model), kernel_switch(kind != "rebuild"):
+                    with (
+                        ChunkedDecomp(config=configs[kind]).applied(model),
+                        kernel_switch(kind not in NO_KERNEL),
+                    ):
                         r = time_decode(model, prompt, args.steps)
                 else:
                     r = time_decode(model, prompt, args.steps)

@@ -96,7 +96,7 @@ def test_attention_implementation_switched_and_restored() -> None:
         assert model.config._attn_implementation == ATTENTION_NAME
     assert model.config._attn_implementation == before
     # The rebuild mode leaves the model's attention alone.
-    with ChunkedDecomp(**BASE).applied(model):
+    with ChunkedDecomp(**BASE, decode_attention="rebuild").applied(model):
         model.generate(random_ids(40, seed=1), max_new_tokens=2, do_sample=False)
         assert model.config._attn_implementation == before
 
@@ -390,9 +390,9 @@ def test_the_kernel_built_without_openmp_gives_the_same_results(monkeypatch) -> 
         torch.set_num_threads(before)
 
 
-def test_the_default_rebuild_never_builds_the_kernel(monkeypatch) -> None:
-    """Only the factored attention (an explicit choice) compiles the extension; the default decoding never waits
-    for a build nor writes one to the user's cache."""
+def test_the_rebuild_never_builds_the_kernel(monkeypatch) -> None:
+    """Only the factored attention compiles the extension; decoding that rebuilds never waits for a build nor
+    writes one to the user's cache."""
     import torch.utils.cpp_extension as cpp
 
     monkeypatch.setattr(kernels, "_TRIED", False)
@@ -401,7 +401,7 @@ def test_the_default_rebuild_never_builds_the_kernel(monkeypatch) -> None:
     monkeypatch.setattr(cpp, "load_inline", lambda **kw: builds.append(kw))
     model = make_tiny_model("llama")
     ids = random_ids(60, seed=8)
-    stepwise_logits(model, CompressionConfig(**BASE), ids, [40] + [1] * 20)
+    stepwise_logits(model, CompressionConfig(**BASE, decode_attention="rebuild"), ids, [40] + [1] * 20)
     assert builds == []
 
 

@@ -299,7 +299,11 @@ def test_sweep_killed_twice_resumes_with_every_cell_once(killed_sweep):
 def test_command_line_writes_nothing_outside_the_output_dir(killed_sweep, assets):
     dirs = killed_sweep["dirs"]
     assert [p.name for p in dirs["cwd"].iterdir()] == ["out"]
-    assert _tree(dirs["home"]) == {} and _tree(dirs["tmp"]) == {}
+    # The fused CPU kernel of the factored attention (the default decoding on a CPU) is compiled once into
+    # torch's extension cache, as torch builds every extension; nothing else is written under the home folder.
+    kernel_cache = ".cache/torch_extensions/"
+    home = {p for p in _tree(dirs["home"]) if not (p.startswith(kernel_cache) and "chunked_decomp" in p)}
+    assert home == set() and _tree(dirs["tmp"]) == {}
     assert _tree(dirs["model_cache"]) == {}  # a local model needs no converted copy
     assert _tree(assets["root"]) == killed_sweep["assets_before"]  # model folder and text untouched
     # matplotlib's font cache is the only thing kept elsewhere, in the MPLCONFIGDIR it was given.

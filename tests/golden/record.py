@@ -143,7 +143,9 @@ def run_case(model_name: str, options: dict) -> dict:
     """The outputs of one case (see the module docstring for what is compared)."""
     torch.set_num_threads(1)
     model = make_model(model_name)
-    config = CompressionConfig.from_dict(options)
+    # The cases were recorded when decoding rebuilt chunks unless told otherwise; "auto" (now the default) picks
+    # the factored attention, which the "factored" cases record.
+    config = CompressionConfig.from_dict({"decode_attention": "rebuild", **options})
     cache = ChunkedSVDCache.from_model(model, config)
     ids = random_ids(PREFILL + EXTEND, batch=2, seed=1)
     logits = [_forward(model, ids[:, :PREFILL], cache)]

@@ -1,16 +1,19 @@
 """The full-rank contract on every attention layout of `tests.helpers.architectures`, rebuilding and attending
 over the factors: a compressed cache at full rank gives the uncompressed model's logits (prefill, single-token
 steps, a multi-token block, a crop), at reduced rank it keeps every token's place; an attention argument the
-factored path cannot honour is refused, never dropped."""
+factored path cannot honour is refused, never dropped; ``decode_attention="auto"`` attends over the factors on
+every layout that allows it."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedSVDCache, CompressionConfig
-from chunked_decomp.hf.attention import restore_attention
+from chunked_decomp.hf.attention import ATTENTION_NAME, restore_attention
 from chunked_decomp.hf.layer import ChunkedSVDLayer
 from chunked_decomp.hf.models import cache_kwarg_name
 from tests.helpers.architectures import ARCHITECTURES
@@ -57,6 +60,31 @@ def test_full_rank_equals_uncompressed(arch, decode) -> None:
         restore_attention(model)
     assert cache.memory_stats().compressed_tokens >= 24
     assert_exact(got, want)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_auto_attends_over_the_factors_where_the_attention_allows_it(arch) -> None:
+    model = model_named(arch)
+    ids = random_ids(sum(STEPS), seed=41)
+    want = stepwise(model, DynamicCache(config=model.config), ids)
+    cache = ChunkedSVDCache.from_model(model, CompressionConfig(**BASE, **FULL))  # decode_attention="auto"
+    factored = arch not in CHANGES_KEYS_AFTER_THE_CACHE
+    try:
+        assert cache.compression_config.decode_attention == ("factored" if factored else "rebuild")
+        assert (model.config._attn_implementation == ATTENTION_NAME) == factored
+        got = stepwise(model, cache, ids)
+    finally:
+        restore_attention(model)
+    assert_exact(got, want)
+
+
+def test_auto_says_once_why_it_rebuilds(caplog) -> None:
+    model = ARCHITECTURES["deepseek_v3_value_head"]()
+    with caplog.at_level(logging.INFO, logger="chunked_decomp"):
+        for _ in range(2):
+            ChunkedSVDCache.from_model(model, CompressionConfig(**BASE))
+    said = [r.getMessage() for r in caplog.records if "decode_attention='auto'" in r.getMessage()]
+    assert len(said) == 1 and "latent attention" in said[0], said
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -31,7 +31,8 @@ BASE = dict(chunk_size=8, residual_length=8, num_sink_tokens=2, quant_group_size
 
 # One entry per compression setting; every contract test runs each of them (like kvpress's default_presses).
 CONTRACT_CONFIGS: dict[str, dict] = {
-    "per_head_quantised_adaptive": {},
+    "per_head_quantised_adaptive": {},  # decode_attention="auto": factored on these models
+    "rebuild": {"decode_attention": "rebuild"},
     "joined_heads": {"head_mode": "joined"},
     "unquantised_fp32": {"use_quantization": False, "factor_dtype": "float32"},
     "unquantised_bf16_factors": {"use_quantization": False, "factor_dtype": "bfloat16"},

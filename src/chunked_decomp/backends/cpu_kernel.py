@@ -49,8 +49,8 @@ def available() -> bool:
 
 def built() -> bool:
     """Whether the kernel is already built in this process (never starts a build). The rebuild path uses it only
-    then, so that the default decoding never waits for, nor writes, a compilation; the factored attention, which
-    asks for :func:`available`, builds it."""
+    then, so that decoding that rebuilds never waits for, nor writes, a compilation; the factored attention (the
+    default on a CPU), which asks for :func:`available`, builds it."""
     return _MODULE is not None and os.environ.get("CHUNKED_DECOMP_KERNELS", "1") != "0"
 
 
@@ -83,6 +83,7 @@ def _load():
         return None
     if not _TRIED:
         _TRIED = True
+        logger.info("loading the fused factored-attention kernel (compiled once per machine: about a minute)")
         for name, openmp in _BUILDS:
             try:
                 _MODULE = _build(name, openmp)

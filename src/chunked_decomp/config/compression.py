@@ -17,7 +17,7 @@ _QUANT_BITS = (2, 4, 8)
 _HEAD_MODES = ("per_head", "joined")
 _FACTORIZERS = ("gram", "randomized", "exact", "subspace")
 _BASIS_SHARING = ("none", "layer", "keys")
-_DECODE_ATTENTION = ("rebuild", "factored")
+_DECODE_ATTENTION = ("auto", "rebuild", "factored")
 _RANK_ALLOCATION = ("per_layer", "pooled")
 _FLAGS = (
     "dynamic_chunking",
@@ -79,7 +79,12 @@ class CompressionConfig:
         decode_attention: ``"rebuild"`` rebuilds a layer's compressed keys and values each step and runs the
             model's own attention; ``"factored"`` attends over the factors without rebuilding them (values always;
             keys when ``compress_keys_pre_rope`` is off, else keys are rebuilt), through the ``"chunked_decomp"``
-            attention function, which the cache switches the model to (SDPA for everything else).
+            attention function, which the cache switches the model to (SDPA for everything else); ``"auto"``
+            (default) is ``"factored"`` for a model on a CPU whose attention can be served that way
+            (:func:`~chunked_decomp.hf.attention.factored_attention_blocker`: not latent attention, not attention
+            sinks) and ``"rebuild"`` elsewhere (on a GPU SDPA over rebuilt chunks is faster than the Triton
+            attention over the factors), decided when the cache meets the model
+            (``ChunkedSVDCache.from_model``; a cache built without the model rebuilds).
         key_budget_share: fraction of a chunk's byte budget given to keys (the rest to values) when
             ``adaptive_rank`` is off; in (0, 1).
         key_weight: with ``adaptive_rank``, the energy share of key components is multiplied by this before
@@ -149,7 +154,7 @@ class CompressionConfig:
     basis_sharing: str = "none"
     basis_corrections: bool = True
     compress_keys_pre_rope: bool = True
-    decode_attention: str = "rebuild"
+    decode_attention: str = "auto"
     key_budget_share: float = 0.5
     key_weight: float = 4.0
     rank_allocation: str = "per_layer"

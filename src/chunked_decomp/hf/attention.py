@@ -5,7 +5,8 @@ A factored cache layer hands the attention, instead of rebuilt keys and values, 
 `~chunked_decomp.backends.context.FactoredContext`; this function attends over it through the path
 `chunked_decomp.backends.dispatch` chooses. For anything else (a prefill without compressed chunks, another
 cache) it is transformers' SDPA attention. Masks come from transformers' SDPA mask function, registered under the
-same name. :func:`use_factored_attention` switches a model to it, :func:`restore_attention` back.
+same name. :func:`use_factored_attention` switches a model to it, :func:`restore_attention` back, and
+:func:`factored_attention_blocker` says, from the model, whether it can serve it (``decode_attention="auto"``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,27 @@ def _eager(module: torch.nn.Module):
             "its modeling file has no eager_attention_forward; use decode_attention='rebuild'"
         )
     return forward
+
+
+def factored_attention_blocker(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s attention cannot run over a factored cache (``decode_attention="auto"`` then rebuilds), or
+    ``None`` when it can. Read from the model, before any forward:
+
+    * no ``set_attn_implementation`` or no config: the attention function cannot be switched;
+    * latent attention (a ``kv_lora_rank`` in the config, DeepSeek-V2/V3): the attention derives its keys from
+      what the cache returns, so stand-ins cannot pass through;
+    * attention sinks (an attention module with a ``sinks`` parameter, gpt-oss): a logit the factored path does
+      not add.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return "the model cannot switch its attention function"
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None):
+        return "latent attention derives its keys from what the cache returns"
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        return "its attention adds learned sink logits"
+    return None
 
 
 def register() -> None:

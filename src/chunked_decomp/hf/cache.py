@@ -6,6 +6,7 @@ the last layer of the forward pass, then the chunks of all layers are compressed
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -15,9 +16,12 @@ from chunked_decomp.compression import engine
 from chunked_decomp.compression.plan import CompressionPlan
 from chunked_decomp.compression.store import nbytes
 from chunked_decomp.config import CompressionConfig
-from chunked_decomp.hf.attention import use_factored_attention
+from chunked_decomp.hf.attention import factored_attention_blocker, use_factored_attention
 from chunked_decomp.hf.layer import ChunkedSVDLayer, age_layers
 from chunked_decomp.hf.stats import CacheMemoryStats, LayerMemoryStats
+
+logger = logging.getLogger("chunked_decomp")
+_SAID = "_chunked_decomp_rebuild_said"
 
 
 class ChunkedSVDCache(Cache):
@@ -101,7 +105,8 @@ class ChunkedSVDCache(Cache):
     def from_model(cls, model: torch.nn.Module, config: CompressionConfig | None = None) -> ChunkedSVDCache:
         """A cache for ``model`` (a transformers causal LM): its layer types and rotary frequencies.
 
-        With ``decode_attention="factored"`` this also switches the model to the ``"chunked_decomp"`` attention
+        ``decode_attention="auto"`` becomes ``"factored"`` where the model's attention allows it, else ``"rebuild"``
+        with one info line saying why. With ``"factored"`` this also switches the model to the ``"chunked_decomp"`` attention
         (SDPA for everything but this cache's factored layers); ``ChunkedDecomp.restore`` or
         :func:`~chunked_decomp.hf.attention.restore_attention` switches it back.
         """
@@ -117,6 +122,8 @@ class ChunkedSVDCache(Cache):
             weights = None if config.head_mode != "per_head" else config.head_weights
             measured = calibrated_weights(model)
             config = replace(config, head_weights=resolve_head_weights(weights, model.config, measured))
+        if config is not None and config.decode_attention == "auto":
+            config = replace(config, decode_attention=_decode_attention_for(model))
         if config is not None and config.decode_attention == "factored":
             use_factored_attention(model)
         layer_types, windows = decoder_layout(model)
@@ -166,3 +173,22 @@ class ChunkedSVDCache(Cache):
     def compression_seconds(self) -> float:
         """Wall time spent compressing (factoring and quantising) so far."""
         return sum(getattr(layer, "compression_seconds", 0.0) for layer in self.layers)
+
+
+def _decode_attention_for(model: torch.nn.Module) -> str:
+    """``decode_attention="auto"`` for ``model``: ``"factored"`` on a CPU where its attention allows it, else
+    ``"rebuild"``, said once per model. On a GPU the Triton attention over the factors is still slower than SDPA
+    over rebuilt states (docs/results.md), so it stays an explicit choice there."""
+    param = next(model.parameters(), None)
+    on_cpu = param is None or param.device.type == "cpu"
+    reason = factored_attention_blocker(model) if on_cpu else "on a GPU, SDPA over rebuilt chunks is faster"
+    if reason is None:
+        return "factored"
+    if not model.__dict__.get(_SAID):
+        model.__dict__[_SAID] = True
+        logger.info(
+            "decode_attention='auto': %s rebuilds compressed chunks each step (%s)",
+            type(model).__name__,
+            reason,
+        )
+    return "rebuild"

@@ -1,6 +1,6 @@
 """Decode speed and memory at long context: the compressed cache against transformers' `DynamicCache`.
 
-On the default model (SmolLM2-135M, float32, CPU, one thread unless ``--threads``), for each context length a
+On a model (``--model_name``, SmolLM2-135M by default; float32, CPU, one thread unless ``--threads``), for each context length a
 Wikipedia prompt of that many tokens is prefilled, then ``--steps`` single-token decoding steps are timed (greedy,
 one forward call each). Caches: ``dynamic`` (uncompressed) and one compressed cache per ``--modes`` entry (the
 ``--preset``, wired in with ``ChunkedDecomp.applied``): ``rebuild`` (compressed chunks rebuilt each step, the
@@ -186,7 +186,7 @@ def table_rows(results: dict[int, dict[str, list[dict]]], args: argparse.Namespa
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     kinds = ["dynamic", *args.modes]
-    print(f"\nSmolLM2-135M float32 CPU, batch {args.batch}, {args.threads} thread(s), preset {args.preset!r}, "
+    print(f"\n{args.model_name} float32 CPU, batch {args.batch}, {args.threads} thread(s), preset {args.preset!r}, "
           f"medians of {args.steps} steps x {args.repeats} round(s); tok/s of all rows (ratio to dynamic)")  # fmt: skip
     print(f"{'context':>7} " + " ".join(f"{k:>26}" for k in kinds) + f" {'cache MiB dyn/compressed':>25}")
     for r in rows:

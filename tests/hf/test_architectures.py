@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from chunked_decomp import ChunkedSVDCache, CompressionConfig
+from chunked_decomp.backends import cpu_kernel
 from chunked_decomp.hf.attention import ATTENTION_NAME, restore_attention
 from chunked_decomp.hf.layer import ChunkedSVDLayer
 from chunked_decomp.hf.models import cache_kwarg_name
@@ -68,7 +69,7 @@ def test_auto_attends_over_the_factors_where_the_attention_allows_it(arch) -> No
     ids = random_ids(sum(STEPS), seed=41)
     want = stepwise(model, DynamicCache(config=model.config), ids)
     cache = ChunkedSVDCache.from_model(model, CompressionConfig(**BASE, **FULL))  # decode_attention="auto"
-    factored = arch not in CHANGES_KEYS_AFTER_THE_CACHE
+    factored = arch not in CHANGES_KEYS_AFTER_THE_CACHE and cpu_kernel.available()
     try:
         assert cache.compression_config.decode_attention == ("factored" if factored else "rebuild")
         assert (model.config._attn_implementation == ATTENTION_NAME) == factored
@@ -76,6 +77,16 @@ def test_auto_attends_over_the_factors_where_the_attention_allows_it(arch) -> No
     finally:
         restore_attention(model)
     assert_exact(got, want)
+
+
+def test_auto_rebuilds_without_the_kernel(monkeypatch) -> None:
+    monkeypatch.setenv(
+        "CHUNKED_DECOMP_KERNELS", "0"
+    )  # the PyTorch factored path is no faster than the rebuild
+    model = model_named("llama_mqa")
+    cache = ChunkedSVDCache.from_model(model, CompressionConfig(**BASE))
+    assert cache.compression_config.decode_attention == "rebuild"
+    assert model.config._attn_implementation != ATTENTION_NAME
 
 
 def test_auto_says_once_why_it_rebuilds(caplog) -> None:

@@ -82,8 +82,8 @@ class CompressionConfig:
             attention function, which the cache switches the model to (SDPA for everything else); ``"auto"``
             (default) is ``"factored"`` for a model on a CPU whose attention can be served that way
             (:func:`~chunked_decomp.hf.attention.factored_attention_blocker`: not latent attention, not attention
-            sinks) and ``"rebuild"`` elsewhere (on a GPU SDPA over rebuilt chunks is faster than the Triton
-            attention over the factors), decided when the cache meets the model
+            sinks) once the fused CPU kernel builds, and ``"rebuild"`` elsewhere (without the kernel, or on a GPU
+            with Triton, attending over the factors is no faster), decided when the cache meets the model
             (``ChunkedSVDCache.from_model``; a cache built without the model rebuilds).
         key_budget_share: fraction of a chunk's byte budget given to keys (the rest to values) when
             ``adaptive_rank`` is off; in (0, 1).

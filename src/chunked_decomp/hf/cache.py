@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
+from chunked_decomp.backends import cpu_kernel
 from chunked_decomp.compression import engine
 from chunked_decomp.compression.plan import CompressionPlan
 from chunked_decomp.compression.store import nbytes
@@ -182,6 +183,8 @@ def _decode_attention_for(model: torch.nn.Module) -> str:
     param = next(model.parameters(), None)
     on_cpu = param is None or param.device.type == "cpu"
     reason = factored_attention_blocker(model) if on_cpu else "on a GPU, SDPA over rebuilt chunks is faster"
+    if reason is None and not cpu_kernel.available():  # builds it once; its PyTorch path is no faster
+        reason = "the fused CPU kernel is unavailable (no compiler or ninja, or CHUNKED_DECOMP_KERNELS=0)"
     if reason is None:
         return "factored"
     if not model.__dict__.get(_SAID):

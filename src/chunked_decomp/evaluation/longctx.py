@@ -5,9 +5,9 @@ A sample's context (the instruction and the haystack) is prefilled through each 
 the methods' prefill is exact); its question and answer prefix then run on top of the compressed cache, and the
 answer is decoded greedily (:func:`~chunked_decomp.evaluation.passkey.continue_greedy`). This is kvpress's
 protocol (its pipeline compresses the context and not the question, as its RULER leaderboard is measured): an
-eviction press that also scored the question's own tokens would drop parts of the question. ChunkedDecomp runs as ``generate()`` leaves its cache:
-nothing is compressed beyond what the cache does by itself, so the exact window, the sinks and the partial chunk
-are held and counted. Decoding stops at the model's end-of-sequence token, at the task's token budget, or once
+eviction press that also scored the question's own tokens would drop parts of the question. ChunkedDecomp runs
+as ``generate()`` leaves its cache: nothing is compressed beyond what the cache does by itself, so the exact
+window, the sinks and the partial chunk are held and counted. Decoding stops at the model's end-of-sequence token, at the task's token budget, or once
 every expected answer is in the output (RULER's score cannot change after that).
 
 :func:`summarize` gives one row per (task, context length, method), the uncompressed score beside each: a task

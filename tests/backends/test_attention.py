@@ -228,12 +228,46 @@ def test_pre_rotary_keys_scored_by_the_kernel_equal_the_pytorch_path(sharing, q_
     query = torch.randn(2, 4, q_len, 16, generator=torch.Generator().manual_seed(6))
     ctx = layer.factored_context()
     assert ctx.keys_rope is not None
+    # On a shared basis the kernel rebuilds the keys from their codes; per-chunk bases are rebuilt first.
+    assert (ctx.key_basis is not None) == (sharing == "keys") and (ctx.keys is None) == (sharing == "keys")
     got = attend(query, ctx, None, 0.25)
     monkeypatch.setattr(kernels, "available", lambda: False)
     plain = layer.factored_context()
     assert plain.keys_rope is None
     torch.testing.assert_close(got, attend(query, plain, None, 0.25), atol=1e-5, rtol=1e-5)
     _assert_sdpa_over_the_rebuilt_states(got, layer, query)
+
+
+@fused
+@pytest.mark.parametrize("bits, basis_bits", [(4, 4), (2, 8), (8, 4)])
+@pytest.mark.parametrize("factor_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("group, tokens", [(8, 71), (12, 70)], ids=["odd_chunk", "group_of_12"])
+def test_basis_kernel_scores_pre_rotary_keys_from_their_codes(
+    bits, basis_bits, factor_dtype, group, tokens
+) -> None:
+    """`basis_rope_scores` rebuilds pre-rotary keys on a shared basis from their codes inside the kernel: its
+    scores are those of rebuilding the keys in PyTorch (dequantised coefficients times the basis), rotating them
+    to their positions and scoring them, at 2, 4 and 8 bits, with float32 and bfloat16 scales, an odd final
+    chunk and groups of 12 (a chunk of 8 is a partial group), a batch of 2, and 8 or 10 query rows.
+    The later chunks keep correction rows of their own (``basis_corrections``), decoded inside the kernel."""
+    config = CompressionConfig(
+        **{**BASE, "quant_group_size": group}, decode_attention="factored", basis_sharing="keys",
+        quantization_bits=bits, basis_bits=basis_bits, factor_dtype=factor_dtype,
+    )  # fmt: skip
+    layer = _prefilled_layer(config, tokens)
+    ctx = layer.factored_context()
+    packed = ctx.key_basis
+    assert packed is not None and packed.token.scale.dtype == getattr(torch, factor_dtype)
+    if (bits, basis_bits, factor_dtype) == (8, 4, "float32"):
+        assert packed.extra is not None  # the later chunks' own rows are read too
+    keys = rotate_range(packed.reconstruct(), layer.store.chunks[0].start, layer.store.inv_freq)
+    for rows in (8, 10):  # 8: rotated and scored in registers; 10: more rows than it keeps there
+        qg = torch.randn(2, 2, rows, 16, generator=torch.Generator().manual_seed(12))
+        got = kernels.basis_rope_scores(qg, packed, *ctx.keys_rope, layer.store.sink_keys, layer.keys)
+        want = qg @ torch.cat([layer.store.sink_keys, keys, layer.keys], dim=-2).transpose(-1, -2)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    # Not the zero-free scores of some other keys: the rebuilt keys are far from zero.
+    assert want.abs().mean() > 0.1
 
 
 @fused
@@ -262,13 +296,15 @@ def test_fused_kernel_reads_every_scale_dtype_and_layout(
 
 
 @fused
-@pytest.mark.parametrize("pre_rope", [False, True])
-def test_fused_kernel_gives_the_same_results_on_several_threads(pre_rope, monkeypatch) -> None:
+@pytest.mark.parametrize("pre_rope, sharing", [(False, "none"), (True, "none"), (True, "keys")])
+def test_fused_kernel_gives_the_same_results_on_several_threads(pre_rope, sharing, monkeypatch) -> None:
     """The kernels split their work over torch's threads (factor and batch row for the scores and value sums,
     keys for the rotated scores, rows for the rebuild's dequantisation): scores and rebuilt rows bit for bit those
     of one thread, value sums (each thread sums its own factors, then the threads' sums are added) to float
     rounding, and the attention through them the same."""
-    config = CompressionConfig(**BASE, compress_keys_pre_rope=pre_rope, decode_attention="factored")
+    config = CompressionConfig(
+        **BASE, compress_keys_pre_rope=pre_rope, decode_attention="factored", basis_sharing=sharing
+    )
     layer = _prefilled_layer(config, 261)  # 33 chunks a head: 66 factors, each over 2 batch rows
     ctx = layer.factored_context()
     query = torch.randn(2, 4, 3, 16, generator=torch.Generator().manual_seed(10))
@@ -281,11 +317,12 @@ def test_fused_kernel_gives_the_same_results_on_several_threads(pre_rope, monkey
     monkeypatch.setattr(kernels, "dequant_into", lambda *a: rebuilds.append(1) or real(*a))
 
     def run() -> tuple[torch.Tensor, ...]:
-        keys = (
-            kernels.rope_scores(qg, ctx.keys, *ctx.keys_rope)
-            if pre_rope
-            else kernels.scores(qg, ctx.key_packed)
-        )
+        if ctx.key_basis is not None:
+            keys = kernels.basis_rope_scores(qg, ctx.key_basis, *ctx.keys_rope)
+        elif pre_rope:
+            keys = kernels.rope_scores(qg, ctx.keys, *ctx.keys_rope)
+        else:
+            keys = kernels.scores(qg, ctx.key_packed)
         rebuilt = torch.cat(layer.full_states(), dim=-1)  # the packed rebuild, through dequant_into
         return keys, kernels.values(probs, ctx.value_packed), rebuilt, attend(query, ctx, None, 0.25)
 
@@ -418,8 +455,8 @@ def test_real_model_generates_the_same_tokens_factored_and_rebuilt(monkeypatch) 
     ids = load_token_ids(tok, load_texts("wikipedia"), min_tokens=2200)[1000:2100][None]
     calls = []
     if kernels.available():
-        real = kernels.rope_scores
-        monkeypatch.setattr(kernels, "rope_scores", lambda *a: calls.append(1) or real(*a))
+        real = kernels.basis_rope_scores
+        monkeypatch.setattr(kernels, "basis_rope_scores", lambda *a: calls.append(1) or real(*a))
     runs = {}
     for mode in ("rebuild", "factored"):
         config = CompressionConfig.from_preset("balanced", decode_attention=mode)

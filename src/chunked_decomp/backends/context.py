@@ -31,6 +31,9 @@ class FactoredContext:
     embedding (rotated on chip), else None. keys_rope: (cos, sin), each (C, rotary_dim), when ``keys`` are
     rebuilt as factored, before the rotary embedding, for the fused kernel to rotate while it scores them
     (`chunked_decomp.backends.cpu_kernel.rope_scores`); None when ``keys`` are in the model's rotary frame.
+    key_basis: pre-rotary keys on a basis shared by the layer, as their quantised `PackedFactors`, scored by the
+    fused kernel from the codes (`chunked_decomp.backends.cpu_kernel.basis_rope_scores`) with ``keys_rope``,
+    instead of ``keys`` rebuilt.
     """
 
     sink_keys: torch.Tensor
@@ -46,14 +49,15 @@ class FactoredContext:
     triton: bool = False
     rope: tuple[torch.Tensor, int] | None = None
     keys_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_basis: Any = None
 
     @property
     def length(self) -> int:
         """Tokens covered: sinks + compressed + tail."""
         if self.keys is not None:
             compressed = self.keys.shape[-2]
-        elif self.key_packed is not None:
-            compressed = self.key_packed.length
+        elif self.key_packed is not None or self.key_basis is not None:
+            compressed = (self.key_packed or self.key_basis).length
         else:
             compressed = sum(u.shape[2] * u.shape[4] for u, _ in self.key_runs)
         return self.sink_keys.shape[-2] + compressed + self.tail_keys.shape[-2]

@@ -70,7 +70,7 @@ def _build(name: str, openmp: tuple[str, ...]):
     return load_inline(
         name=name,
         cpp_sources=_SOURCE,
-        functions=["scores", "values", "dequant_into", "rope_scores"],
+        functions=["scores", "values", "dequant_into", "rope_scores", "basis_rope_scores"],
         extra_cflags=["-O3", "-ffast-math", "-march=native", *openmp],
         extra_ldflags=list(openmp),
         verbose=False,
@@ -141,6 +141,25 @@ def rope_scores(
     d = q.shape[-1]
     return _load().rope_scores(q, _exact(sink_keys, q, d), _exact(tail_keys, q, d), keys.float().contiguous(),
                                cos.float().contiguous(), sin.float().contiguous())  # fmt: skip
+
+
+def basis_rope_scores(
+    query: torch.Tensor,
+    packed,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    sink_keys: torch.Tensor | None = None,
+    tail_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """As :func:`rope_scores`, for pre-rotary keys held as ``packed`` (a `PackedFactors` of quantised token
+    coefficients on a basis shared by the layer, ``basis_fusable``, with any correction rows of their own):
+    rebuilt from the codes a group of tokens at a time inside the kernel, never as a (C, d) tensor."""
+    q = query.contiguous()
+    d = q.shape[-1]
+    return _load().basis_rope_scores(
+        q, _exact(sink_keys, q, d), _exact(tail_keys, q, d), *packed.basis_kernel_inputs(),
+        cos.float().contiguous(), sin.float().contiguous(), packed.length,
+    )  # fmt: skip
 
 
 def dequant_into(

@@ -58,9 +58,13 @@ def layer_context(store, tail_keys: torch.Tensor, tail_values: torch.Tensor) -> 
     else:
         ctx.value_runs = packed[1].factors(_dequant_into())
     if all(pre_rope) and store.device.type == "cpu" and cpu_kernel.available():
-        # Pre-rotary keys rebuilt as factored; the fused kernel rotates them while it scores them.
-        ctx.keys = packed[0].reconstruct(_dequant_into())
-        ctx.keys_rope = range_cos_sin(store.chunks[0].start, ctx.keys.shape[-2], store.inv_freq, store.device)
+        ctx.keys_rope = range_cos_sin(store.chunks[0].start, packed[0].length, store.inv_freq, store.device)
+        if packed[0].basis_fusable:
+            # On a shared basis the fused kernel rebuilds, rotates and scores a group of keys at a time.
+            ctx.key_basis = packed[0]
+        else:
+            # Pre-rotary keys rebuilt as factored; the fused kernel rotates them while it scores them.
+            ctx.keys = packed[0].reconstruct(_dequant_into())
     elif any(pre_rope):
         ctx.keys = store.rotate_back(packed[0].reconstruct(_dequant_into()))
     elif fused and packed[0].fusable:
@@ -105,6 +109,8 @@ def attend(
     # decoding step are small enough that each further call costs more than its arithmetic).
     if ctx.key_packed is not None:
         scores = cpu_kernel.scores(qg, ctx.key_packed, ctx.sink_keys, ctx.tail_keys)
+    elif ctx.key_basis is not None:
+        scores = cpu_kernel.basis_rope_scores(qg, ctx.key_basis, *ctx.keys_rope, ctx.sink_keys, ctx.tail_keys)
     elif ctx.keys_rope is not None:
         scores = cpu_kernel.rope_scores(qg, ctx.keys, *ctx.keys_rope, ctx.sink_keys, ctx.tail_keys)
     else:

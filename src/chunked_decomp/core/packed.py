@@ -297,6 +297,46 @@ class PackedFactors:
         each chunk with its own channel factor."""
         return self.quantized and not self.channel_shared and self.token.codes.device.type == "cpu"
 
+    @property
+    def basis_fusable(self) -> bool:
+        """Whether the fused C++ kernel can score these factors from their codes on their shared basis
+        (`basis_kernel_inputs`): quantised token factors (and correction rows, if any) on the CPU, on a basis
+        shared by the layer."""
+        return (
+            self.shared is not None
+            and self.token is not None
+            and self.token.quantized
+            and (self.extra is None or self.extra.quantized)
+            and self.token.codes.device.type == "cpu"
+        )
+
+    def basis_kernel_inputs(self) -> tuple:
+        """The arguments of `chunked_decomp.backends.cpu_kernel.basis_rope_scores` besides the query and tables:
+        flat token codes, scales and minima as stored, the per-factor table, the token bits and group size; each
+        head's basis rows decoded for this call, (heads, rows kept at most, d) float32, zero past a head's rows
+        (decoded at each use, as `_basis`); the correction rows' codes, scales and minima, a (factors, 3) table
+        of where each factor's start and how many shared rows it keeps (its rank where it has none), and their
+        bits and group size."""
+        t = self.token
+        table = self._table.to(torch.int64)
+        ranks = table[:, 4]
+        extra = torch.zeros(len(ranks), 3, dtype=torch.int64)
+        extra[:, 2] = ranks
+        if self.extra is not None:
+            e0 = 0
+            for f in range(len(ranks)):
+                if f in self._extra_rank:
+                    extra[f, 0], extra[f, 1] = self.extra.offsets[e0]
+                    extra[f, 2] = self._extra_rank[f]
+                    e0 += 1
+            e = self.extra
+            extras = (e.codes, e.scale, e.minimum, extra, e.bits, e.group_size)
+        else:
+            none = t.codes.new_empty(0)
+            extras = (none, t.scale.new_empty(0), t.minimum.new_empty(0), extra, t.bits, t.group_size)
+        basis = self._basis(max(int(extra[:, 2].max()), 1), t.codes.device)
+        return (t.codes, t.scale, t.minimum, table, t.bits, t.group_size, basis, *extras)
+
     def kernel_inputs(self) -> tuple:
         """The arguments of `chunked_decomp.backends.cpu_kernel` after the query: flat token and channel codes with their
         scales and minima as stored (the kernel reads float32, float16 and bfloat16, so no copy is made), the

@@ -149,6 +149,16 @@ static inline vec8 operator*(const vec8& a, const vec8& x) {
     for (int k = 0; k < 8; ++k) y.e[k] = a.e[k] * x.e[k];
     return y;
 }
+static inline vec8 operator+(const vec8& a, const vec8& x) {
+    vec8 y;
+    for (int k = 0; k < 8; ++k) y.e[k] = a.e[k] + x.e[k];
+    return y;
+}
+static inline vec8 operator-(const vec8& a, const vec8& x) {
+    vec8 y;
+    for (int k = 0; k < 8; ++k) y.e[k] = a.e[k] - x.e[k];
+    return y;
+}
 static inline vec8& operator+=(vec8& a, const vec8& x) {
     for (int k = 0; k < 8; ++k) a.e[k] += x.e[k];
     return a;
@@ -489,6 +499,113 @@ torch::Tensor rope_scores(torch::Tensor q, torch::Tensor sk, torch::Tensor tk, t
                 ob[j * N + t] = acc;
             }
         }
+    });
+    return out;
+}
+
+// Scores of query rows over pre-rotary keys stored as quantised token coefficients on a basis each KV head shares
+// across the layer's chunks (``basis_sharing``), rebuilt a group of tokens at a time in a small buffer, rotated
+// and scored there: the keys never reach memory (the rebuild's write and read of (C, D) floats, and the padded
+// coefficient buffer, were half its time). q (B, H, R, D); basis (H, Wb, D) float32 (rows past a head's rank
+// zero); token codes, scales, minima and meta as `scores` reads them (channel columns unused); a factor's own
+// correction rows (``basis_corrections``) follow the shared rows it keeps: emeta (F, 3) its rows' code and group
+// offsets in ec / es / em and the shared rows kept (its rank where it has none), each row D values at ebits in
+// groups of egs, batch row after batch row; cos / sin (C, rd) as `rope_scores` → (B, H, R, S + C + L).
+torch::Tensor basis_rope_scores(torch::Tensor q, torch::Tensor sk, torch::Tensor tk, torch::Tensor tc,
+                                torch::Tensor ts, torch::Tensor tm, torch::Tensor meta, int64_t tbits, int64_t tgs,
+                                torch::Tensor basis, torch::Tensor ec, torch::Tensor es, torch::Tensor em,
+                                torch::Tensor emeta, int64_t ebits, int64_t egs, torch::Tensor cos,
+                                torch::Tensor sin, int64_t C) {
+    const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Dp = pad(D);
+    const int64_t Wb = basis.size(1), rd = cos.size(1), half = rd / 2;
+    const Exact e(sk, tk);
+    const int64_t N = e.S + C + e.L;
+    // Zeros: a head with no factor in a chunk (rank 0) scores 0 there, as its keys rebuilt would.
+    auto out = torch::zeros({B, H, R, N}, q.options());
+    const float *qp = q.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    exact_scores(qp, e, B * H, R, D, N, op);
+    // The basis of each head padded to Dp columns, once per call (Wb x Dp floats a head).
+    std::vector<float> Bp(H * Wb * Dp, 0.f);
+    const float* bp = basis.data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < Wb; ++i)
+            std::copy(bp + (h * Wb + i) * D, bp + (h * Wb + i + 1) * D, Bp.data() + (h * Wb + i) * Dp);
+    const Packed k(tc, ts, tm, tc, ts, tm, meta, tbits, tgs, tbits, tgs);
+    const int64_t* emp = emeta.data_ptr<int64_t>();
+    const uint8_t* ecp = ec.data_ptr<uint8_t>();
+    const Floats esp(es), emn(em);
+    const int64_t We = (D * ebits + 7) / 8, Ge = (D + egs - 1) / egs;
+    k.parallel(k.runs(B, D), [&](int64_t u0, int64_t u1, int64_t) {
+        static thread_local std::vector<float> X, K, kr, Bf;
+        kr.resize(Dp);
+        for (int64_t u = u0; u < u1; ++u)
+            k.one(u / B, u % B, D, [&](int64_t h, int64_t start, int64_t r, int64_t T, int64_t G, int64_t b,
+                                       auto, auto group) {
+                const int64_t* em_f = emp + (u / B) * 3;
+                const int64_t kept = std::min(em_f[2], r);
+                TORCH_CHECK(kept <= Wb, "a factor keeps more shared rows than its basis holds");
+                const float* qb = qp + ((b * H + h) * R) * D;
+                const float* Bh = Bp.data() + h * Wb * Dp;
+                if (kept < r) {
+                    // The shared rows kept, then this factor's own rows (row b * (r - kept) + i of its rows).
+                    Bf.assign(r * Dp, 0.f);
+                    std::copy(Bh, Bh + kept * Dp, Bf.data());
+                    for (int64_t i = 0; i < r - kept; ++i) {
+                        const int64_t row = b * (r - kept) + i;
+                        channel_row(ecp + em_f[0] + row * We, esp + em_f[1] + row * Ge, emn + em_f[1] + row * Ge,
+                                    D, ebits, egs, Bf.data() + (kept + i) * Dp);
+                    }
+                    Bh = Bf.data();
+                }
+                float* ob = op + ((b * H + h) * R) * N + e.S + start;
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t t0 = g * tgs, n = std::min(tgs, T - t0);
+                    // X[i, t]: the group's coefficients, dequantised; K[t, :] = Σ_i X[i, t] basis[i, :].
+                    X.resize(r * n);
+                    for (int64_t i = 0; i < r; ++i) {
+                        const uint8_t* row;
+                        const auto [scale, minimum] = group(i, g, row);
+                        float* x = X.data() + i * n;
+                        decode(row, t0, n, tbits, x);
+                        for (int64_t t = 0; t < n; ++t) x[t] = x[t] * scale + minimum;
+                    }
+                    K.resize(n * Dp);
+                    tiles(n, [&](auto RT, int64_t j0) {
+                        for (int64_t l0 = 0; l0 < Dp; l0 += LANES)
+                            tile<RT>(Bh + l0, Dp, r, X.data() + j0, n, K.data() + j0 * Dp + l0);
+                    });
+                    for (int64_t t = 0; t < n; ++t) {
+                        const float *kt = K.data() + t * Dp, *ct = cp + (start + t0 + t) * rd,
+                                    *st = sp + (start + t0 + t) * rd;
+                        if (rd == D && half % 8 == 0) {
+                            // The common layout (every channel rotated, halves of whole registers): rotate and
+                            // score in registers, one partial sum of 8 lanes per query row.
+                            vec8 acc[TILE_ROWS * 3] = {};
+                            for (int64_t d = 0; d < half; d += 8) {
+                                const vec8 lo = load8(kt + d), hi = load8(kt + d + half);
+                                const vec8 a = lo * load8(ct + d) - hi * load8(st + d);
+                                const vec8 c = hi * load8(ct + d + half) + lo * load8(st + d + half);
+                                for (int64_t j = 0; j < R && j < TILE_ROWS * 3; ++j)
+                                    acc[j] += load8(qb + j * D + d) * a + load8(qb + j * D + d + half) * c;
+                            }
+                            if (R <= TILE_ROWS * 3) {
+                                for (int64_t j = 0; j < R; ++j) ob[j * N + t0 + t] = sum8(acc[j]);
+                                continue;
+                            }
+                        }
+                        for (int64_t d = 0; d < half; ++d) kr[d] = kt[d] * ct[d] - kt[d + half] * st[d];
+                        for (int64_t d = half; d < rd; ++d) kr[d] = kt[d] * ct[d] + kt[d - half] * st[d];
+                        for (int64_t d = rd; d < D; ++d) kr[d] = kt[d];
+                        for (int64_t j = 0; j < R; ++j) {
+                            const float* qj = qb + j * D;
+                            float acc = 0.f;
+                            for (int64_t d = 0; d < D; ++d) acc += qj[d] * kr[d];
+                            ob[j * N + t0 + t] = acc;
+                        }
+                    }
+                }
+            });
     });
     return out;
 }

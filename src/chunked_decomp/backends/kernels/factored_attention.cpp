@@ -467,6 +467,36 @@ torch::Tensor values(torch::Tensor p, torch::Tensor sv, torch::Tensor tv, torch:
     return out;
 }
 
+// One pre-rotary key kt (D floats) rotated to its position (cos / sin rows ct / st of rd channels, Llama's layout;
+// channels past rd not rotated) and scored against the R query rows of qb: out[j * stride] = q_j · R(t) k. kr: a
+// buffer of D floats. Where every channel is rotated in halves of whole registers, and the rows fit in
+// registers, the rotation and the sums stay in registers (one partial sum of 8 lanes per row).
+constexpr int64_t ROPE_ROWS = 9;
+static inline void rope_score(const float* kt, const float* ct, const float* st, const float* qb, int64_t R,
+                              int64_t D, int64_t rd, float* kr, float* out, int64_t stride) {
+    const int64_t half = rd / 2;
+    if (rd == D && half % 8 == 0 && R <= ROPE_ROWS) {
+        vec8 acc[ROPE_ROWS] = {};
+        for (int64_t d = 0; d < half; d += 8) {
+            const vec8 lo = load8(kt + d), hi = load8(kt + d + half);
+            const vec8 a = lo * load8(ct + d) - hi * load8(st + d);
+            const vec8 c = hi * load8(ct + d + half) + lo * load8(st + d + half);
+            for (int64_t j = 0; j < R; ++j) acc[j] += load8(qb + j * D + d) * a + load8(qb + j * D + d + half) * c;
+        }
+        for (int64_t j = 0; j < R; ++j) out[j * stride] = sum8(acc[j]);
+        return;
+    }
+    for (int64_t d = 0; d < half; ++d) kr[d] = kt[d] * ct[d] - kt[d + half] * st[d];
+    for (int64_t d = half; d < rd; ++d) kr[d] = kt[d] * ct[d] + kt[d - half] * st[d];
+    for (int64_t d = rd; d < D; ++d) kr[d] = kt[d];
+    for (int64_t j = 0; j < R; ++j) {
+        const float* qj = qb + j * D;
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) acc += qj[d] * kr[d];
+        out[j * stride] = acc;
+    }
+}
+
 // Scores of query rows over keys rebuilt before the rotary embedding, rotated on the fly: q (B, H, R, D), k (B, H,
 // C, D) float32 as factored (pre-rotary), cos / sin (C, rd) the tables of the keys' positions (Llama's layout:
 // each half repeats the frequencies; channels past rd are not rotated) → (B, H, R, S + C + L) with the exact sink
@@ -474,7 +504,6 @@ torch::Tensor values(torch::Tensor p, torch::Tensor sv, torch::Tensor tv, torch:
 torch::Tensor rope_scores(torch::Tensor q, torch::Tensor sk, torch::Tensor tk, torch::Tensor k, torch::Tensor cos,
                           torch::Tensor sin) {
     const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), C = k.size(2), rd = cos.size(1);
-    const int64_t half = rd / 2;
     const Exact e(sk, tk);
     const int64_t N = e.S + C + e.L;
     auto out = torch::empty({B, H, R, N}, q.options());
@@ -488,16 +517,7 @@ torch::Tensor rope_scores(torch::Tensor q, torch::Tensor sk, torch::Tensor tk, t
         for (int64_t u = u0; u < u1; ++u) {
             const int64_t bh = u / C, t = u % C;
             const float *qb = qp + bh * R * D, *kt = kp + (bh * C + t) * D, *ct = cp + t * rd, *st = sp + t * rd;
-            float* ob = op + bh * R * N + e.S;
-            for (int64_t d = 0; d < half; ++d) kr[d] = kt[d] * ct[d] - kt[d + half] * st[d];
-            for (int64_t d = half; d < rd; ++d) kr[d] = kt[d] * ct[d] + kt[d - half] * st[d];
-            for (int64_t d = rd; d < D; ++d) kr[d] = kt[d];
-            for (int64_t j = 0; j < R; ++j) {
-                const float* qj = qb + j * D;
-                float acc = 0.f;
-                for (int64_t d = 0; d < D; ++d) acc += qj[d] * kr[d];
-                ob[j * N + t] = acc;
-            }
+            rope_score(kt, ct, st, qb, R, D, rd, kr.data(), op + bh * R * N + e.S + t, N);
         }
     });
     return out;
@@ -517,7 +537,7 @@ torch::Tensor basis_rope_scores(torch::Tensor q, torch::Tensor sk, torch::Tensor
                                 torch::Tensor emeta, int64_t ebits, int64_t egs, torch::Tensor cos,
                                 torch::Tensor sin, int64_t C) {
     const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Dp = pad(D);
-    const int64_t Wb = basis.size(1), rd = cos.size(1), half = rd / 2;
+    const int64_t Wb = basis.size(1), rd = cos.size(1);
     const Exact e(sk, tk);
     const int64_t N = e.S + C + e.L;
     // Zeros: a head with no factor in a chunk (rank 0) scores 0 there, as its keys rebuilt would.
@@ -578,31 +598,7 @@ torch::Tensor basis_rope_scores(torch::Tensor q, torch::Tensor sk, torch::Tensor
                     for (int64_t t = 0; t < n; ++t) {
                         const float *kt = K.data() + t * Dp, *ct = cp + (start + t0 + t) * rd,
                                     *st = sp + (start + t0 + t) * rd;
-                        if (rd == D && half % 8 == 0) {
-                            // The common layout (every channel rotated, halves of whole registers): rotate and
-                            // score in registers, one partial sum of 8 lanes per query row.
-                            vec8 acc[TILE_ROWS * 3] = {};
-                            for (int64_t d = 0; d < half; d += 8) {
-                                const vec8 lo = load8(kt + d), hi = load8(kt + d + half);
-                                const vec8 a = lo * load8(ct + d) - hi * load8(st + d);
-                                const vec8 c = hi * load8(ct + d + half) + lo * load8(st + d + half);
-                                for (int64_t j = 0; j < R && j < TILE_ROWS * 3; ++j)
-                                    acc[j] += load8(qb + j * D + d) * a + load8(qb + j * D + d + half) * c;
-                            }
-                            if (R <= TILE_ROWS * 3) {
-                                for (int64_t j = 0; j < R; ++j) ob[j * N + t0 + t] = sum8(acc[j]);
-                                continue;
-                            }
-                        }
-                        for (int64_t d = 0; d < half; ++d) kr[d] = kt[d] * ct[d] - kt[d + half] * st[d];
-                        for (int64_t d = half; d < rd; ++d) kr[d] = kt[d] * ct[d] + kt[d - half] * st[d];
-                        for (int64_t d = rd; d < D; ++d) kr[d] = kt[d];
-                        for (int64_t j = 0; j < R; ++j) {
-                            const float* qj = qb + j * D;
-                            float acc = 0.f;
-                            for (int64_t d = 0; d < D; ++d) acc += qj[d] * kr[d];
-                            ob[j * N + t0 + t] = acc;
-                        }
+                        rope_score(kt, ct, st, qb, R, D, rd, kr.data(), ob + t0 + t, N);
                     }
                 }
             });

@@ -132,6 +132,22 @@ def test_method_from_spec():
         method_from_spec("gzip")
 
 
+def test_method_spec_overrides_config_fields():
+    """``chunked:PRESET@RATIO,KEY=VALUE,...``: the preset with those fields changed (values read as YAML), named
+    with them; a malformed item or a bad value is refused naming it."""
+    m = method_from_spec("chunked:aggressive@0.125, basis_sharing=keys,key_weight=6")
+    base = method_from_spec("chunked:aggressive@0.125")
+    assert m.config.basis_sharing == "keys" and m.config.key_weight == 6.0
+    assert base.config.basis_sharing == "none" and base.config.key_weight == 4.0
+    assert m.config.rank_allocation == base.config.rank_allocation == "pooled"  # the rest of the preset kept
+    assert m.config.compression_ratio == 0.125 and m.config.reference_dtype == "float16"
+    assert m.name == "chunked:aggressive@0.125,basis_sharing=keys,key_weight=6"
+    with pytest.raises(ValueError, match="KEY=VALUE.*'basis_sharing'"):
+        method_from_spec("chunked:aggressive@0.125,basis_sharing")
+    with pytest.raises(ValueError, match="basis_sharing"):
+        method_from_spec("chunked:aggressive@0.125,basis_sharing=sometimes")
+
+
 def test_chunked_exact_matches_full_cache(model):
     """Full rank, float32 factors, no quantisation: perplexity through the compressed cache equals the
     uncompressed one (the whole context is factored, not kept exact)."""

@@ -233,7 +233,8 @@ def _configure_longctx(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="SPEC",
-        help="'full', 'chunked[:PRESET][@RATIO]', 'quanto4', 'quanto2', 'hqq:BITS', 'kvpress:PRESS@RATIO' (kvpress "
+        help="'full', 'chunked[:PRESET][@RATIO][,KEY=VALUE...]' (config fields overridden, e.g. "
+        "'chunked:aggressive@0.125,basis_sharing=keys'), 'quanto4', 'quanto2', 'hqq:BITS', 'kvpress:PRESS@RATIO' (kvpress "
         f"in the peers environment); the uncompressed cache always runs (default: {' '.join(full)}; "
         f"{' '.join(quick)} with --quick)",
     )

@@ -333,7 +333,7 @@ class ChunkedDecompMethod(KVMethod):
 
 
 _SPEC_HELP = (
-    "method spec: 'full' | 'chunked[:PRESET][@RATIO]' | 'quanto4' / 'quanto2' / 'quanto:BITS' | "
+    "method spec: 'full' | 'chunked[:PRESET][@RATIO][,KEY=VALUE...]' | 'quanto4' / 'quanto2' / 'quanto:BITS' | "
     "'hqq:BITS' | 'kvpress:PRESS@RATIO' (RATIO = fraction kept, relative to a 16-bit cache)"
 )
 
@@ -344,7 +344,9 @@ def method_from_spec(spec: str) -> KVMethod:
     * ``"full"``
     * ``"chunked"``, ``"chunked:balanced"``, ``"chunked:balanced@0.25"``, ``"chunked@0.125"``: a preset of
       ``configs/compression_configs.yaml`` (``default`` when omitted) with ``compression_ratio`` overridden by
-      ``@RATIO`` and budgets counted against a 16-bit cache (``reference_dtype="float16"``).
+      ``@RATIO`` and budgets counted against a 16-bit cache (``reference_dtype="float16"``);
+      ``"chunked:aggressive@0.125,basis_sharing=keys"``: with config fields overridden (each value read as YAML,
+      as the benchmarks' ``--set``), named with them, so that each setting is its own method.
     * ``"quanto4"``, ``"quanto2"``, ``"quanto:4"``, ``"hqq:4"``: transformers' ``QuantizedCache``.
     * ``"kvpress:snapkv@0.25"``: a kvpress press keeping 25 % of the tokens.
     """
@@ -352,10 +354,21 @@ def method_from_spec(spec: str) -> KVMethod:
     lower = spec.lower()
     if lower in ("full", "dynamic", "baseline"):
         return FullCache()
-    match = re.fullmatch(r"chunked(?::([\w\-]+))?(?:@([0-9.]+))?", lower)
+    head, *items = lower.split(",")
+    match = re.fullmatch(r"chunked(?::([\w\-]+))?(?:@([0-9.]+))?", head.strip())
     if match:
+        from chunked_decomp.config.presets import parse_overrides
+
         preset, ratio = match.group(1), match.group(2)
-        return chunked_method(preset, float(ratio) if ratio else None)
+        items = [i.strip() for i in items]
+        try:
+            overrides = parse_overrides(items)
+        except ValueError as err:
+            raise ValueError(f"{_SPEC_HELP}; {spec!r}: each override is KEY=VALUE ({err})") from err
+        method = chunked_method(preset, float(ratio) if ratio else None, **overrides)
+        if items:
+            method.name = ",".join([method.name, *items])
+        return method
     match = re.fullmatch(r"(quanto|hqq):?([0-9])", lower)
     if match:
         from chunked_decomp.evaluation.peers import QuantizedCacheMethod

@@ -5,6 +5,11 @@ change of structure that is meant to change no behaviour can be shown to change 
 is used (``ChunkedSVDCache.from_model``, ``ChunkedDecomp``, ``memory_stats``, a layer's ``chunks``), so the same
 recorder runs before and after a move. Logits are compared through the SHA-256 of their float32 bytes.
 
+Those bits, and a rank choice at a near-tie, depend on the CPU's matrix kernels: the same code gives other bits
+on another machine. So each case also holds ``recorded_again``, its outputs recorded on a second kind of CPU
+(from the same code, once its first outputs had been checked there: every byte count, rank and token the same,
+except at such ties), with a sample of each forward's logits (`logit_sample`) compared to float tolerance.
+
 Regenerate only when a change is meant to alter the outputs, and say why in the commit.
 """
 
@@ -115,6 +120,16 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
+SAMPLES = 16
+
+
+def logit_sample(t: torch.Tensor) -> list[float]:
+    """``SAMPLES`` evenly spaced values of ``t`` (flattened), then its mean and mean magnitude, to 7 digits."""
+    flat = t.detach().double().flatten()
+    picked = flat[torch.linspace(0, flat.numel() - 1, SAMPLES).round().long()].tolist()
+    return [float(f"{x:.7g}") for x in [*picked, flat.mean().item(), flat.abs().mean().item()]]
+
+
 def _state(cache) -> dict:
     stats = cache.memory_stats()
     layers = []
@@ -177,6 +192,7 @@ def run_case(model_name: str, options: dict) -> dict:
         "states": [after_prefill, after_decode, after_compress_all],
         "tokens": tokens,
         "logits": [_digest(x) for x in logits],
+        "logit_samples": [logit_sample(x) for x in logits],
         "generated": out[0, PREFILL:].tolist(),
         "generate_stored_bytes": int(report["stored_bytes"]),
     }

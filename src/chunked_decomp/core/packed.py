@@ -319,16 +319,16 @@ class PackedFactors:
         bits and group size."""
         t = self.token
         table = self._table.to(torch.int64)
-        ranks = table[:, 4]
-        extra = torch.zeros(len(ranks), 3, dtype=torch.int64)
-        extra[:, 2] = ranks
+        # Built per call from plain lists in one tensor (held, it would be bytes the cache does not report).
+        rows, e0 = [], 0
+        for f, rank in enumerate(table[:, 4].tolist()):
+            if f in self._extra_rank:
+                rows.append((*self.extra.offsets[e0], self._extra_rank[f]))
+                e0 += 1
+            else:
+                rows.append((0, 0, rank))
+        extra = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
         if self.extra is not None:
-            e0 = 0
-            for f in range(len(ranks)):
-                if f in self._extra_rank:
-                    extra[f, 0], extra[f, 1] = self.extra.offsets[e0]
-                    extra[f, 2] = self._extra_rank[f]
-                    e0 += 1
             e = self.extra
             extras = (e.codes, e.scale, e.minimum, extra, e.bits, e.group_size)
         else:
